@@ -1,0 +1,190 @@
+"""``poise``: run studies, list what is registered, rebuild reports, print the environment.
+
+    poise run [RECIPE] [key=value ...]   run a study (default recipe: stability-gap)
+    poise list [KIND]                    recipes, strategies, metrics, streams, models
+    poise report RUN_DIR                 rebuild a run directory's plots and report.html
+    poise env                            versions and threads, for bug reports
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import textwrap
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _fields_epilog() -> str:
+    from poise.runs.config import field_help
+
+    lines = ["recipe fields (set in the TOML or as key=value overrides):", ""]
+    for key, tp, default, help_ in field_help():
+        lines.append(f"  {key}  ({tp}, default {default})")
+        lines.extend(textwrap.wrap(help_, 88, initial_indent="      ", subsequent_indent="      "))
+    lines += [
+        "",
+        "  each [[variants]] table: name (label), strategy (registry name), params (its",
+        "  keyword arguments; `poise list strategies` shows them).",
+        "",
+        "overrides: dotted keys, TOML values; variants.NAME.KEY addresses one variant:",
+        "  poise run train.lr=0.1 seeds=[0] variants.replay.params.mem_size=500",
+    ]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="poise", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run", help="run a study (every variant x seed) and write a run directory",
+        description="Run every variant x seed of a recipe with continual evaluation, and write "
+        "runs/<timestamp>-<recipe>/ with config.json, per-step metrics (JSON Lines), "
+        "summary.json, PNG plots and report.html. RECIPE is a built-in name (poise list recipes), "
+        "recipes/<name>.toml under the current folder, or a path; without it the default study "
+        "runs.",
+        epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    run.add_argument("--run-dir", default=None, help="write into this folder instead of a new one")
+    run.add_argument("--no-report", action="store_true", help="skip the plots and report.html")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the config, run nothing")
+    ls = sub.add_parser("list", help="list registered names")
+    ls.add_argument("kind", nargs="?", default=None,
+                    choices=["recipes", "strategies", "metrics", "streams", "models"])
+    rep = sub.add_parser("report", help="rebuild the plots and report.html of a run directory")
+    rep.add_argument("run_dir")
+    sub.add_parser("env", help="versions and threads")
+    return p
+
+
+def _split_recipe(recipe: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    # `poise run train.lr=0.1`: the first positional is an override, not a recipe
+    if recipe is not None and "=" in recipe:
+        return None, [recipe, *overrides]
+    return recipe, overrides
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from poise.runs.config import load_recipe
+    from poise.runs.study import run_study
+
+    recipe, overrides = _split_recipe(args.recipe, args.overrides)
+    cfg = load_recipe(recipe, overrides)
+    if args.dry_run:
+        import dataclasses
+
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    n = len(cfg.variants) * len(cfg.seeds)
+    print(f"poise run {cfg.name}: {len(cfg.variants)} variants x {len(cfg.seeds)} seeds = {n} runs, "
+          f"{cfg.workload.n_tasks} tasks x {cfg.train.steps_per_task} steps each", file=sys.stderr)
+    path = run_study(cfg, args.run_dir, progress=False if args.no_progress else None,
+                     report=not args.no_report)
+    summary = json.loads((path / "summary.json").read_text())
+    _print_summary(summary)
+    print(f"\nrun directory: {path}")
+    if (path / "report.html").exists():
+        print(f"report:        {path / 'report.html'}")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    cols = [("acc", "ACC"), ("forgetting", "FORG"), ("min_acc", "min-ACC"), ("wc_acc", "WC-ACC"),
+            ("gap_depth", "gap"), ("task0_acc_at_end", "t0 end"), ("task0_min_after", "t0 min")]
+
+    def f(s: dict) -> str:
+        m = s.get("mean")
+        return "   -  " if m is None or (isinstance(m, float) and math.isnan(m)) else f"{m:6.3f}"
+
+    print(f"\n{'variant':<12}" + "".join(f"{h:>9}" for _, h in cols) + f"   ({summary['wall_seconds']:.0f} s)")
+    for v, row in summary["variants"].items():
+        print(f"{v:<12}" + "".join(f"{f(row[k]):>9}" for k, _ in cols))
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import inspect
+
+    from poise import _registry
+    from poise.runs.config import recipe_names, strategy_params
+
+    kinds = [args.kind] if args.kind else ["recipes", "strategies", "metrics", "streams", "models"]
+    for kind in kinds:
+        print(f"{kind}:")
+        if kind == "recipes":
+            for n in recipe_names():
+                print(f"  {n}")
+        else:
+            reg = {"strategies": "strategy", "metrics": "metric", "streams": "stream", "models": "model"}[kind]
+            for n in _registry.names(reg):
+                obj = _registry.get(reg, n)
+                doc = (inspect.getdoc(obj) or "").split("\n")[0]
+                extra = ""
+                if reg == "strategy":
+                    ps = strategy_params(n)
+                    extra = "(" + ", ".join(f"{k}={p.default!r}" for k, p in ps.items()) + ")"
+                print(f"  {n}{extra}")
+                if doc:
+                    print(f"      {doc}")
+        print()
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from poise.runs.report import build_report
+
+    print(build_report(Path(args.run_dir)))
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    import numpy
+    import torch
+
+    import poise
+
+    print(f"poise    {poise.__version__}")
+    print(f"python   {platform.python_version()} ({platform.platform()})")
+    print(f"torch    {torch.__version__} (threads {torch.get_num_threads()}, "
+          f"interop {torch.get_num_interop_threads()}, cuda {torch.cuda.is_available()})")
+    print(f"numpy    {numpy.__version__}")
+    for mod in ("sklearn", "matplotlib", "jinja2", "tqdm", "transformers"):
+        try:
+            m = __import__(mod)
+            print(f"{mod:<8} {getattr(m, '__version__', '?')}")
+        except ImportError:
+            print(f"{mod:<8} (not installed)")
+    print(f"cpus     {os.cpu_count()}  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from poise.runs.config import ConfigError
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"run": _cmd_run, "list": _cmd_list, "report": _cmd_report, "env": _cmd_env}[args.command](args)
+    except ConfigError as e:
+        print(f"poise: bad config: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ImportError) as e:
+        print(f"poise: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("poise: interrupted; finished runs are kept in the run directory", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Continual-learning strategies as hooks around any training loop.
+
+Order of the hooks at each step: loss terms -> gradient transforms -> optimizer step ->
+update transforms -> after_step (see :mod:`poise.continual._base`).
+"""
+
+from poise.continual._base import Batch, Compose, Strategy, classification_loss
+from poise.continual.ema import EMA
+from poise.continual.loop import fit_stream, task_batch
+from poise.continual.projection import AGEM, OGD, OGPSA, EpisodicMemory, agem_project, project_out
+from poise.continual.regularization import EWC, LwF, diagonal_fisher
+from poise.continual.replay import FineTune, Replay, ReservoirBuffer
+
+__all__ = [
+    "AGEM",
+    "EMA",
+    "EWC",
+    "OGD",
+    "OGPSA",
+    "Batch",
+    "Compose",
+    "EpisodicMemory",
+    "FineTune",
+    "LwF",
+    "Replay",
+    "ReservoirBuffer",
+    "Strategy",
+    "agem_project",
+    "classification_loss",
+    "diagonal_fisher",
+    "fit_stream",
+    "project_out",
+    "task_batch",
+]

@@ -1,0 +1,44 @@
+"""Measure what an update did: continual evaluation, forgetting metrics, model probes."""
+
+from poise.measure.evaluator import ContinualEvaluator, EvalSchedule, EvalSet, logits_of
+from poise.measure.metrics import (
+    GapStats,
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    max_window_drop,
+    min_acc,
+    stability_gap,
+    wc_acc,
+    windowed_forgetting,
+    windowed_plasticity,
+)
+from poise.measure.probes import (
+    kl_drift,
+    model_kl_drift,
+    model_negative_flips,
+    negative_flip_rate,
+    positive_flip_rate,
+)
+
+__all__ = [
+    "ContinualEvaluator",
+    "EvalSchedule",
+    "EvalSet",
+    "GapStats",
+    "average_accuracy",
+    "backward_transfer",
+    "forgetting",
+    "kl_drift",
+    "logits_of",
+    "max_window_drop",
+    "min_acc",
+    "model_kl_drift",
+    "model_negative_flips",
+    "negative_flip_rate",
+    "positive_flip_rate",
+    "stability_gap",
+    "wc_acc",
+    "windowed_forgetting",
+    "windowed_plasticity",
+]

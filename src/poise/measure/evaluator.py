@@ -1,0 +1,322 @@
+"""Continual evaluation around any PyTorch training loop.
+
+>>> ev = ContinualEvaluator({0: (x0, y0), 1: (x1, y1)}, schedule=EvalSchedule(dense_steps=50, every=10))
+>>> for task in (0, 1):
+...     ev.begin_task(task)
+...     for x, y in loader(task):
+...         loss(model(x), y).backward(); opt.step(); opt.zero_grad()
+...         ev.maybe_eval(model, n_samples=len(x))   # a no-op unless due and within budget
+...     ev.end_task(model)                           # the boundary evaluation always runs
+>>> ev.metrics()["min_acc"]
+
+Evaluation never disturbs training: it runs under ``torch.no_grad``, puts the model in
+``eval()`` mode and restores every module's ``training`` flag afterwards, forks the global
+torch RNG (so dropout or sampling inside ``predict`` leaves the training stream
+unchanged), draws its subsets from its own seeded generator, and never sees the optimizer.
+
+Its cost is bounded three ways: each task is evaluated on a fixed seeded subset of at
+most ``subset_size`` samples; the :class:`EvalSchedule` evaluates densely right after a
+task boundary (where the stability gap lives) and sparsely after; and ``budget`` caps the
+scheduled evaluation samples at ``budget`` times the training samples seen (boundary
+evaluations always run and are counted too).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from poise.measure import metrics as M
+
+__all__ = ["ContinualEvaluator", "EvalSchedule", "EvalSet", "logits_of"]
+
+
+@dataclass(frozen=True)
+class EvalSchedule:
+    """When :meth:`ContinualEvaluator.maybe_eval` evaluates, counted in steps into a task.
+
+    Every step for the first ``dense_steps`` steps of each task, then every ``every`` steps.
+    ``EvalSchedule(dense_steps=0, every=1)`` is per-iteration evaluation.
+    """
+
+    dense_steps: int = 50
+    every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.dense_steps < 0:
+            raise ValueError(f"dense_steps={self.dense_steps} must be >= 0")
+        if self.every < 1:
+            raise ValueError(f"every={self.every} must be >= 1")
+
+    def due(self, step_in_task: int) -> bool:
+        return step_in_task <= self.dense_steps or step_in_task % self.every == 0
+
+
+@dataclass
+class EvalSet:
+    """One task's evaluation data. ``classes`` restricts the prediction to those output
+    units (task-incremental evaluation with a shared head); None means all of them."""
+
+    x: Tensor
+    y: Tensor
+    classes: Sequence[int] | None = None
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits of a model's output: a tensor, an object with ``.logits`` (Hugging Face),
+    or a tuple whose first element is the logits."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def _default_predict(model: nn.Module, x: Tensor, classes: Sequence[int] | None) -> Tensor:
+    logits = logits_of(model(x))
+    if classes is not None:
+        mask = torch.full_like(logits, float("-inf"))
+        mask[..., list(classes)] = 0.0
+        logits = logits + mask
+    return logits.argmax(-1)
+
+
+@dataclass
+class _Record:
+    step: int
+    task: Any
+    acc: dict[Any, float] = field(default_factory=dict)
+
+
+class ContinualEvaluator:
+    """Evaluate every seen task during training and compute the continual metrics.
+
+    Args:
+        eval_sets: task id -> :class:`EvalSet` or ``(x, y)``; the columns of every curve
+            follow this order.
+        schedule: when scheduled evaluations happen (:class:`EvalSchedule`).
+        subset_size: evaluate each task on a fixed seeded subset of this many samples
+            (None: all of them).
+        seed: seeds the subset choice; the evaluator has its own generator.
+        budget: scheduled evaluation samples <= ``budget`` x training samples seen
+            (None: no cap). Needs ``n_samples`` in :meth:`maybe_eval`.
+        batch_size: evaluation forward-pass batch size.
+        predict: ``predict(model, x, classes) -> labels``; default: argmax of the logits,
+            restricted to ``classes``.
+        include_unseen: also evaluate tasks whose training has not begun.
+        windows: the ``w`` of the windowed forgetting/plasticity metrics reported.
+        gap_eps: tolerance for the stability gap's recovery time.
+    """
+
+    def __init__(
+        self,
+        eval_sets: Mapping[Any, EvalSet | tuple[Tensor, Tensor]],
+        *,
+        schedule: EvalSchedule | None = None,
+        subset_size: int | None = None,
+        seed: int = 0,
+        budget: float | None = None,
+        batch_size: int = 1024,
+        predict: Callable[[nn.Module, Tensor, Sequence[int] | None], Tensor] | None = None,
+        include_unseen: bool = False,
+        windows: Sequence[int] = (10,),
+        gap_eps: float = 0.02,
+    ) -> None:
+        if not eval_sets:
+            raise ValueError("eval_sets is empty: give at least one task's (x, y)")
+        if subset_size is not None and subset_size < 1:
+            raise ValueError(f"subset_size={subset_size} must be >= 1 or None")
+        if budget is not None and budget <= 0:
+            raise ValueError(f"budget={budget} must be > 0 or None")
+        self.schedule = schedule or EvalSchedule()
+        self.budget = budget
+        self.batch_size = batch_size
+        self.predict = predict or _default_predict
+        self.include_unseen = include_unseen
+        self.windows = tuple(windows)
+        self.gap_eps = gap_eps
+        rng = np.random.default_rng(seed)
+        self.sets: dict[Any, EvalSet] = {}
+        for tid, s in eval_sets.items():
+            s = s if isinstance(s, EvalSet) else EvalSet(*s)
+            if len(s.x) != len(s.y):
+                raise ValueError(f"task {tid!r}: {len(s.x)} inputs but {len(s.y)} labels")
+            if subset_size is not None and len(s.y) > subset_size:
+                idx = torch.as_tensor(np.sort(rng.choice(len(s.y), subset_size, replace=False)))
+                s = EvalSet(s.x[idx], s.y[idx], s.classes)
+            self.sets[tid] = s
+        self.task_ids = list(self.sets)
+        self.step = 0
+        self.train_samples = 0
+        self.eval_samples = 0
+        self.boundary_eval_samples = 0
+        self.eval_seconds = 0.0
+        self.seen: list[Any] = []
+        self.boundaries: dict[Any, int] = {}
+        self.records: list[_Record] = []
+        self._task: Any = None
+        self._task_start = 0
+
+    # -- the loop API ------------------------------------------------------------------
+    def begin_task(self, task_id: Any) -> None:
+        if task_id not in self.sets:
+            raise KeyError(f"unknown task {task_id!r}; tasks with eval sets: {self.task_ids}")
+        if self._task is not None:
+            raise RuntimeError(f"begin_task({task_id!r}) before end_task of {self._task!r}")
+        self._task = task_id
+        self._task_start = self.step
+        if task_id not in self.seen:
+            self.seen.append(task_id)
+
+    def maybe_eval(
+        self, model: nn.Module, n_samples: int | None = None
+    ) -> dict[Any, float] | None:
+        """Call once after each optimizer step. Evaluates when the schedule says so and the
+        budget allows; returns the accuracies then, else None."""
+        if self._task is None:
+            raise RuntimeError("maybe_eval outside a task: call begin_task first")
+        self.step += 1
+        if n_samples is not None:
+            self.train_samples += int(n_samples)
+        elif self.budget is not None:
+            raise ValueError("a budget is set: pass n_samples (training samples in this step)")
+        if not self.schedule.due(self.step - self._task_start):
+            return None
+        if self.budget is not None:
+            cost = self._cost()
+            if self.eval_samples - self.boundary_eval_samples + cost > self.budget * self.train_samples:
+                return None
+        return self._evaluate(model, boundary=False)
+
+    def end_task(self, model: nn.Module) -> dict[Any, float]:
+        """Close the current task with a boundary evaluation (always run, counted)."""
+        if self._task is None:
+            raise RuntimeError("end_task without begin_task")
+        last = self.records[-1] if self.records else None
+        if last is not None and last.step == self.step and set(last.acc) >= set(self._targets()):
+            accs = last.acc  # the scheduled evaluation of this very step is the boundary one
+        else:
+            accs = self._evaluate(model, boundary=True)
+        self.boundaries[self._task] = self.step
+        self._task = None
+        return dict(accs)
+
+    def evaluate(self, model: nn.Module, task_ids: Sequence[Any] | None = None) -> dict[Any, float]:
+        """Accuracy of ``model`` on the given tasks now (default: all); records nothing."""
+        return {t: self._accuracy(model, self.sets[t]) for t in (task_ids or self.task_ids)}
+
+    # -- internals -----------------------------------------------------------------------
+    def _targets(self) -> list[Any]:
+        return self.task_ids if self.include_unseen else [t for t in self.task_ids if t in self.seen]
+
+    def _cost(self) -> int:
+        return sum(len(self.sets[t].y) for t in self._targets())
+
+    def _evaluate(self, model: nn.Module, boundary: bool) -> dict[Any, float]:
+        t0 = time.perf_counter()
+        accs = {t: self._accuracy(model, self.sets[t]) for t in self._targets()}
+        cost = self._cost()
+        self.eval_samples += cost
+        if boundary:
+            self.boundary_eval_samples += cost
+        self.eval_seconds += time.perf_counter() - t0
+        self.records.append(_Record(self.step, self._task, accs))
+        return accs
+
+    def _accuracy(self, model: nn.Module, s: EvalSet) -> float:
+        flags = {m: m.training for m in model.modules()}
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        correct = 0
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                for i in range(0, len(s.y), self.batch_size):
+                    x = s.x[i : i + self.batch_size].to(device)
+                    y = s.y[i : i + self.batch_size].to(device)
+                    correct += int((self.predict(model, x, s.classes) == y).sum())
+        finally:
+            for m, f in flags.items():
+                m.training = f
+        return correct / max(1, len(s.y))
+
+    # -- results -------------------------------------------------------------------------
+    def curves(self) -> tuple[np.ndarray, np.ndarray]:
+        """``steps`` (n,) and ``acc`` (n, tasks): every recorded evaluation, NaN where a task
+        was not evaluated; columns in ``task_ids`` order."""
+        steps = np.array([r.step for r in self.records], dtype=float)
+        acc = np.full((len(self.records), len(self.task_ids)), np.nan)
+        col = {t: j for j, t in enumerate(self.task_ids)}
+        for i, r in enumerate(self.records):
+            for t, a in r.acc.items():
+                acc[i, col[t]] = a
+        return steps, acc
+
+    def boundary_matrix(self) -> np.ndarray:
+        """``R[k, i]``: accuracy on task i at the end of the k-th finished task."""
+        finished = [t for t in self.seen if t in self.boundaries]
+        steps, acc = self.curves()
+        col = {t: j for j, t in enumerate(self.task_ids)}
+        R = np.full((len(finished), len(finished)), np.nan)
+        for k, tk in enumerate(finished):
+            row = np.nonzero(steps == self.boundaries[tk])[0][-1]
+            for i, ti in enumerate(finished[: k + 1]):
+                R[k, i] = acc[row, col[ti]]
+        return R
+
+    def metrics(self) -> dict[str, Any]:
+        """All continual metrics over the finished tasks, in training order."""
+        finished = [t for t in self.seen if t in self.boundaries]
+        if not finished:
+            raise RuntimeError("no task finished yet: call end_task first")
+        steps, acc_all = self.curves()
+        col = [self.task_ids.index(t) for t in finished]
+        acc = acc_all[:, col]
+        b = np.array([self.boundaries[t] for t in finished], dtype=float)
+        R = self.boundary_matrix()
+        out: dict[str, Any] = {
+            "acc": M.average_accuracy(R),
+            "forgetting": M.forgetting(R),
+            "bwt": M.backward_transfer(R),
+            "min_acc": M.min_acc(steps, acc, b),
+            "wc_acc": M.wc_acc(steps, acc, b),
+        }
+        for w in self.windows:
+            out[f"wf{w}"] = M.windowed_forgetting(acc, w)
+            out[f"wp{w}"] = M.windowed_plasticity(acc, w)
+        per_task = {}
+        depths, recs = [], []
+        for i, t in enumerate(finished):
+            after = (steps > b[i]) & ~np.isnan(acc[:, i])
+            info: dict[str, Any] = {
+                "acc_at_end": float(R[i, i]),
+                "acc_final": float(R[-1, i]),
+                "min_after": float(np.min(acc[after, i])) if after.any() else math.nan,
+            }
+            if i + 1 < len(finished):
+                g = M.stability_gap(steps, acc[:, i], b[i], b[i + 1], self.gap_eps)
+                info.update(gap_depth=g.depth, gap_min_step=g.min_step, gap_recovery=g.recovery_steps)
+                depths.append(g.depth)
+                recs.append(g.recovery_steps)
+            per_task[str(t)] = info
+        out["gap_depth"] = float(np.mean(depths)) if depths else math.nan
+        rec = np.array(recs, dtype=float)
+        out["gap_recovery"] = float(np.nanmean(rec)) if np.any(~np.isnan(rec)) else math.nan
+        out["gap_unrecovered"] = int(np.sum(np.isnan(rec)))
+        out["per_task"] = per_task
+        out["eval_samples"] = self.eval_samples
+        out["train_samples"] = self.train_samples
+        out["eval_seconds"] = self.eval_seconds
+        out["n_evals"] = len(self.records)
+        return out
