@@ -169,7 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     from poise.runs.config import ConfigError
 
     parser = _parser()
-    args = parser.parse_args(argv)
+    # overrides may follow options (`poise run tiny --no-report seeds=[0]`): argparse leaves
+    # those over, and they are overrides when they look like key=value
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "run"]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 2

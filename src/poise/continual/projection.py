@@ -69,13 +69,14 @@ def _flat_grad(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
                       for g, p in zip(gs, params, strict=True)])
 
 
-def agem_project(g: Tensor, g_ref: Tensor, eps: float = 1e-12) -> Tensor:
+def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
     r"""A-GEM's projection (Chaudhry et al., arXiv 1812.00420, eq. 11):
     ``\tilde g = g - \frac{\min(0, g^\top g_{ref})}{g_{ref}^\top g_{ref}} g_{ref}``, i.e.
     ``g`` unchanged when ``g^\top g_{ref} >= 0``, else its component along ``g_ref`` removed.
-    Branch-free (no ``.item()``)."""
+    Branch-free (no ``.item()``); a zero ``g_ref`` leaves ``g`` unchanged."""
     dot = torch.dot(g, g_ref)
-    return g - (dot.clamp(max=0) / torch.dot(g_ref, g_ref).clamp_min(eps)) * g_ref
+    sq = torch.dot(g_ref, g_ref).clamp_min(torch.finfo(g_ref.dtype).tiny)
+    return g - (dot.clamp(max=0) / sq) * g_ref
 
 
 def project_out(g: Tensor, basis: Tensor) -> Tensor:

@@ -1,0 +1,161 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from poise.measure import ContinualEvaluator, EvalSchedule, EvalSet
+from poise.measure import metrics as M
+
+
+class Scripted(nn.Module):
+    """Predicts the right label for the first ``k[task]`` samples of each task's eval set,
+    so the accuracy curve is whatever the test scripts."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+        self.acc = {}
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        task, idx = x[:, 0].long(), x[:, 1].long()
+        right = torch.tensor([idx_i < round(self.acc.get(int(t), 0.0) * self.n)
+                              for t, idx_i in zip(task.tolist(), idx.tolist(), strict=True)])
+        label = torch.where(right, torch.zeros_like(idx), torch.ones_like(idx))
+        return nn.functional.one_hot(label, 2).float()
+
+
+def _sets(n_tasks, n=10):
+    return {t: (torch.stack([torch.full((n,), float(t)), torch.arange(n).float()], 1),
+                torch.zeros(n, dtype=torch.long)) for t in range(n_tasks)}
+
+
+def test_evaluator_reproduces_scripted_curve_and_metrics():
+    m = Scripted(10)
+    ev = ContinualEvaluator(_sets(2), schedule=EvalSchedule(dense_steps=0, every=1))
+    t0 = [0.5, 0.8, 1.0, 0.7, 0.4, 0.9]
+    t1 = [None, None, None, 0.3, 0.6, 0.8]
+    for task, steps in ((0, range(3)), (1, range(3, 6))):
+        ev.begin_task(task)
+        for s in steps:
+            m.acc = {0: t0[s], 1: t1[s] or 0.0}
+            ev.maybe_eval(m)
+        ev.end_task(m)
+    steps, acc = ev.curves()
+    assert steps.tolist() == [1, 2, 3, 4, 5, 6]  # end_task reuses the step-3 and step-6 evaluations
+    np.testing.assert_allclose(acc[:, 0], t0)
+    assert np.isnan(acc[:3, 1]).all()  # unseen task not evaluated
+    res = ev.metrics()
+    assert res["min_acc"] == pytest.approx(0.4)
+    assert res["wc_acc"] == pytest.approx(0.6)
+    assert res["acc"] == pytest.approx((0.9 + 0.8) / 2)
+    assert res["forgetting"] == pytest.approx(0.1)
+    assert res["per_task"]["0"]["gap_depth"] == pytest.approx(0.6)
+    assert res["wf10"] == pytest.approx(M.windowed_forgetting(acc, 10))
+
+
+def test_schedule_dense_then_sparse():
+    s = EvalSchedule(dense_steps=5, every=10)
+    due = [k for k in range(1, 41) if s.due(k)]
+    assert due == [1, 2, 3, 4, 5, 10, 20, 30, 40]
+    with pytest.raises(ValueError, match="every=0"):
+        EvalSchedule(every=0)
+
+
+def test_subset_is_fixed_and_seeded():
+    x = torch.arange(100).float()[:, None]
+    y = torch.zeros(100, dtype=torch.long)
+    a = ContinualEvaluator({0: (x, y)}, subset_size=10, seed=3)
+    b = ContinualEvaluator({0: (x, y)}, subset_size=10, seed=3)
+    c = ContinualEvaluator({0: (x, y)}, subset_size=10, seed=4)
+    assert torch.equal(a.sets[0].x, b.sets[0].x)
+    assert not torch.equal(a.sets[0].x, c.sets[0].x)
+    assert len(a.sets[0].y) == 10
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.body(x) + 0.01 * torch.randn(len(x), 3)  # consumes the global RNG
+
+
+def test_maybe_eval_leaves_model_and_rng_untouched():
+    torch.manual_seed(0)
+    model = Noisy()
+    model.train()
+    model.body[2].eval()  # a mixed set of flags must come back exactly
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    flags = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = repr(opt.state_dict())
+    ev = ContinualEvaluator({0: (torch.randn(50, 4), torch.randint(0, 3, (50,)))},
+                            schedule=EvalSchedule(0, 1))
+    rng = torch.get_rng_state()
+    ev.begin_task(0)
+    assert ev.maybe_eval(model) is not None
+    assert [m.training for m in model.modules()] == flags
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BN stats too
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert repr(opt.state_dict()) == opt_state
+    assert all(p.grad is not None for p in model.parameters())  # grads not cleared either
+
+
+@settings(max_examples=60, deadline=None)
+@given(budget=st.floats(0.05, 3.0), batch=st.integers(1, 64), steps=st.integers(1, 60),
+       dense=st.integers(0, 10), every=st.integers(1, 7), n_tasks=st.integers(1, 3))
+def test_budget_never_exceeded(budget, batch, steps, dense, every, n_tasks):
+    model = nn.Linear(2, 2)
+    sets = {t: (torch.randn(20, 2), torch.randint(0, 2, (20,))) for t in range(n_tasks)}
+    ev = ContinualEvaluator(sets, schedule=EvalSchedule(dense, every), budget=budget)
+    for t in range(n_tasks):
+        ev.begin_task(t)
+        for _ in range(steps):
+            ev.maybe_eval(model, n_samples=batch)
+            assert ev.eval_samples - ev.boundary_eval_samples <= budget * ev.train_samples
+        ev.end_task(model)
+
+
+def test_budget_needs_sample_counts_and_errors_are_clear():
+    ev = ContinualEvaluator({0: (torch.randn(4, 2), torch.zeros(4, dtype=torch.long))}, budget=1.0)
+    ev.begin_task(0)
+    with pytest.raises(ValueError, match="n_samples"):
+        ev.maybe_eval(nn.Linear(2, 2))
+    with pytest.raises(KeyError, match="unknown task 7"):
+        ContinualEvaluator({0: (torch.randn(4, 2), torch.zeros(4, dtype=torch.long))}).begin_task(7)
+    with pytest.raises(RuntimeError, match="begin_task"):
+        ContinualEvaluator({0: (torch.randn(4, 2), torch.zeros(4))}).maybe_eval(nn.Linear(2, 2))
+
+
+def test_task_incremental_restricts_prediction():
+    # logits favour class 3 everywhere; restricted to classes [0, 1] the argmax is 1
+    model = nn.Linear(1, 4)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.0, 1.0, 0.0, 5.0]))
+    x, y = torch.zeros(5, 1), torch.ones(5, dtype=torch.long)
+    assert ContinualEvaluator({0: EvalSet(x, y, classes=[0, 1])}).evaluate(model)[0] == 1.0
+    assert ContinualEvaluator({0: EvalSet(x, y)}).evaluate(model)[0] == 0.0
+
+
+def test_hf_style_output_is_accepted():
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class HF(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return Out(self.lin(x))
+
+    ev = ContinualEvaluator({0: (torch.randn(6, 3), torch.zeros(6, dtype=torch.long))})
+    assert 0.0 <= ev.evaluate(HF())[0] <= 1.0
