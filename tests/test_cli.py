@@ -27,8 +27,8 @@ def test_run_tiny_recipe_end_to_end(tmp_path, capsys):
     assert summary["complete"] and set(summary["variants"]) == {"finetune", "replay"}
     assert summary["variants"]["replay"]["acc"]["n"] == 2
     html = (run_dir / "report.html").read_text()
-    assert html.count("<img") == 3 and "min-ACC" in html and "replay" in html
-    for png in ("task0_accuracy.png", "average_accuracy.png", "metrics.png"):
+    assert html.count("<img") == 4 and "min-ACC" in html and "replay" in html
+    for png in ("task0_accuracy.png", "task_curves.png", "average_accuracy.png", "metrics.png"):
         assert (run_dir / png).stat().st_size > 1000
     # the report can be rebuilt from the files alone
     (run_dir / "report.html").unlink()
