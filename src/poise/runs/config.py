@@ -1,0 +1,320 @@
+"""Typed study configuration: dataclasses, TOML recipes, ``key=value`` overrides.
+
+A recipe is a TOML file whose tables mirror :class:`StudyConfig`. Loading checks every key
+and type before anything runs: an unknown key, a value of the wrong type, or an unknown
+registry name (stream, model, strategy, optimizer) raises :class:`ConfigError` naming the
+key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from poise import _registry
+
+__all__ = [
+    "ConfigError",
+    "EvalConfig",
+    "StudyConfig",
+    "TrainConfig",
+    "VariantConfig",
+    "WorkloadConfig",
+    "apply_overrides",
+    "field_help",
+    "find_recipe",
+    "load_recipe",
+    "recipe_names",
+]
+
+DEFAULT_RECIPE = "stability-gap"
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class ConfigError(ValueError):
+    """A bad recipe or override; the message names the key and the valid choices."""
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class WorkloadConfig:
+    stream: str = _help("continual stream (registry 'stream')", default="split-digits")
+    scenario: str = _help("split-digits: 'class' (one head) or 'task' (task id known); "
+                          "rotated/permuted: 'domain'", default="class")
+    n_tasks: int = _help("number of tasks in the stream", default=5)
+    model: str = _help("classifier (registry 'model')", default="mlp")
+    hidden: int = _help("hidden width of the model", default=256)
+    depth: int = _help("hidden layers of the MLP", default=2)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = _help("torch optimizer: sgd, adam or adamw", default="sgd")
+    lr: float = _help("learning rate", default=0.05)
+    momentum: float = _help("SGD momentum", default=0.0)
+    weight_decay: float = _help("weight decay", default=0.0)
+    batch_size: int = _help("training samples per step (current task)", default=32)
+    steps_per_task: int = _help("optimizer steps on each task", default=300)
+
+
+@dataclass
+class EvalConfig:
+    dense_steps: int = _help("evaluate every step for this many steps after each task "
+                             "boundary", default=0)
+    every: int = _help("then evaluate every this many steps (1 = per-iteration)", default=1)
+    subset_size: int = _help("evaluate each task on a fixed seeded subset of this many "
+                             "samples (0 = all)", default=0)
+    budget: float = _help("cap scheduled evaluation samples at budget x training samples "
+                          "(0 = no cap)", default=0.0)
+    windows: list[int] = _help("window sizes w of WF^w / WP^w, in evaluations",
+                               default_factory=lambda: [10])
+    gap_eps: float = _help("stability-gap recovery tolerance (accuracy)", default=0.02)
+
+
+@dataclass
+class VariantConfig:
+    name: str = _help("label of this variant in tables and plots", default="")
+    strategy: str = _help("continual strategy (registry 'strategy')", default="finetune")
+    params: dict[str, Any] = _help("keyword arguments of the strategy", default_factory=dict)
+
+
+def _default_variants() -> list[VariantConfig]:
+    return [VariantConfig(n, n) for n in ("finetune", "replay", "ewc", "agem", "ogpsa")]
+
+
+@dataclass
+class StudyConfig:
+    name: str = _help("study name (names the run directory)", default=DEFAULT_RECIPE)
+    description: str = _help("one paragraph shown at the top of the report", default="")
+    seeds: list[int] = _help("seeds; every variant runs once per seed",
+                             default_factory=lambda: [0, 1, 2])
+    threads: int = _help("torch intra-op threads (tiny models run fastest on 1)", default=1)
+    out_dir: str = _help("parent folder of run directories", default="runs")
+    workload: WorkloadConfig = _help("the stream and model", default_factory=WorkloadConfig)
+    train: TrainConfig = _help("the optimizer and steps", default_factory=TrainConfig)
+    eval: EvalConfig = _help("continual evaluation", default_factory=EvalConfig)
+    variants: list[VariantConfig] = _help("the update rules compared ([[variants]] tables)",
+                                          default_factory=_default_variants)
+
+
+# -- loading ---------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {value!r}")
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool, float) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _from_dict(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in valid:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown key {where!r}; valid keys{' in ' + prefix if prefix else ''}: "
+                              f"{', '.join(valid)}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _choices(kind: str, value: str, key: str) -> None:
+    names = _registry.names(kind)
+    if value not in names:
+        raise ConfigError(f"{key}: unknown {kind} {value!r}; valid choices: {', '.join(names)}")
+
+
+# Strategy arguments that a recipe cannot set (callables, tensors, or set per run).
+_NOT_FROM_RECIPE = {"loss_fn", "reference", "seed"}
+
+
+def strategy_params(name: str) -> dict[str, inspect.Parameter]:
+    cls = _registry.get("strategy", name)
+    sig = inspect.signature(cls.__init__)
+    return {k: p for k, p in list(sig.parameters.items())[1:] if k not in _NOT_FROM_RECIPE}
+
+
+def validate(cfg: StudyConfig) -> StudyConfig:
+    """Check registry names, ranges and strategy parameters; raise :class:`ConfigError`."""
+    _choices("stream", cfg.workload.stream, "workload.stream")
+    _choices("model", cfg.workload.model, "workload.model")
+    if cfg.train.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer: unknown optimizer {cfg.train.optimizer!r}; "
+                          f"valid choices: {', '.join(OPTIMIZERS)}")
+    for key, v in [("train.lr", cfg.train.lr), ("train.batch_size", cfg.train.batch_size),
+                   ("train.steps_per_task", cfg.train.steps_per_task), ("eval.every", cfg.eval.every),
+                   ("workload.n_tasks", cfg.workload.n_tasks), ("workload.hidden", cfg.workload.hidden),
+                   ("threads", cfg.threads)]:
+        if v <= 0:
+            raise ConfigError(f"{key}={v} must be > 0")
+    for key, v in [("eval.dense_steps", cfg.eval.dense_steps), ("eval.subset_size", cfg.eval.subset_size),
+                   ("eval.budget", cfg.eval.budget)]:
+        if v < 0:
+            raise ConfigError(f"{key}={v} must be >= 0")
+    if not cfg.seeds:
+        raise ConfigError("seeds is empty: give at least one seed")
+    if not cfg.variants:
+        raise ConfigError("variants is empty: give at least one [[variants]] table")
+    seen = set()
+    for i, v in enumerate(cfg.variants):
+        key = f"variants[{i}]"
+        _choices("strategy", v.strategy, f"{key}.strategy")
+        v.name = v.name or v.strategy
+        if v.name in seen:
+            raise ConfigError(f"{key}.name: duplicate variant name {v.name!r}")
+        seen.add(v.name)
+        allowed = strategy_params(v.strategy)
+        for p, val in v.params.items():
+            if p not in allowed:
+                raise ConfigError(f"{key}.params.{p}: unknown parameter of strategy {v.strategy!r}; "
+                                  f"valid: {', '.join(allowed) or '(none)'}")
+            default = allowed[p].default
+            if default is not inspect.Parameter.empty and default is not None:
+                want = type(default)
+                ok = isinstance(val, want) and not (isinstance(val, bool) and want is not bool)
+                if want is float and isinstance(val, int) and not isinstance(val, bool):
+                    v.params[p] = float(val)
+                    ok = True
+                if not ok:
+                    raise ConfigError(f"{key}.params.{p}: expected {want.__name__}, "
+                                      f"got {type(val).__name__} {val!r}")
+    # the stream's own checks (scenario, n_tasks) run when it is built: build it now
+    try:
+        _registry.get("stream", cfg.workload.stream)(n_tasks=cfg.workload.n_tasks,
+                                                     scenario=cfg.workload.scenario)
+    except ValueError as e:
+        raise ConfigError(f"workload: {e}") from None
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> StudyConfig:
+    return validate(_from_dict(StudyConfig, data))
+
+
+# -- overrides -------------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides to a recipe's raw dict. Keys are dotted
+    (``train.lr=0.1``); ``variants.NAME.KEY`` addresses the variant called NAME
+    (``variants.replay.params.mem_size=500``); values are TOML literals (``seeds=[0,1]``),
+    anything else is taken as a string."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        i = 0
+        while i < len(parts) - 1:
+            part = parts[i]
+            if node is data and part == "variants":
+                if len(parts) < 3:
+                    raise ConfigError(f"override {key!r}: use variants.NAME.KEY=VALUE")
+                variants = data.setdefault("variants",
+                                           [dataclasses.asdict(v) for v in _default_variants()])
+                names = [v.get("name") or v.get("strategy") for v in variants]
+                if parts[1] not in names:
+                    raise ConfigError(f"override {key!r}: no variant {parts[1]!r}; "
+                                      f"variants: {', '.join(map(str, names))}")
+                node = variants[names.index(parts[1])]
+                i += 2
+                continue
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a table")
+            i += 1
+        node[parts[-1]] = _parse_value(text.strip())
+    return data
+
+
+# -- recipes ---------------------------------------------------------------------------------
+def _builtin_dir() -> Any:
+    return resources.files("poise") / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """Names of the built-in recipes."""
+    return sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def find_recipe(name_or_path: str | None) -> tuple[str, str]:
+    """``(name, TOML text)`` of a recipe: a file path, ``recipes/<name>.toml`` under the
+    current directory, or a built-in recipe name. None gives the default recipe."""
+    name_or_path = name_or_path or DEFAULT_RECIPE
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"recipe file {str(p)!r} does not exist")
+        return p.stem, p.read_text()
+    local = Path("recipes") / f"{name_or_path}.toml"
+    if local.is_file():
+        return name_or_path, local.read_text()
+    builtin = _builtin_dir() / f"{name_or_path}.toml"
+    if builtin.is_file():
+        return name_or_path, builtin.read_text()
+    raise ConfigError(f"unknown recipe {name_or_path!r}; valid choices: {', '.join(recipe_names())} "
+                      "(or a path to a .toml file)")
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> StudyConfig:
+    """Load, override and validate a recipe."""
+    name, text = find_recipe(name_or_path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {name!r} is not valid TOML: {e}") from None
+    data.setdefault("name", name)
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def field_help(cls: Any = StudyConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, help)`` for every field, nested tables flattened."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(field_help(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+            default = ", ".join(v.name for v in default)
+        rows.append((key, _type_name(tp), repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,248 @@
+"""Build the report of a run directory: PNG plots and one self-contained ``report.html``.
+
+Needs the ``report`` extra (matplotlib, jinja2). Reads only files in the run directory, so
+``poise report RUN_DIR`` rebuilds it at any time, including for an unfinished run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["build_report"]
+
+_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>poise · {{ study }}</title>
+<style>
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.note { color: #555; font-size: 0.9em; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+</style></head><body>
+<h1>{{ study }}</h1>
+<p>{{ description }}</p>
+<p class="note">{{ status }} · {{ n_runs }} runs ({{ variants|length }} variants × seeds {{ seeds }}) ·
+wall time {{ wall }} · poise {{ version }}, torch {{ torch }}, Python {{ python }}</p>
+
+<h2>Metrics per variant</h2>
+<p class="note">Mean ± sample std over seeds. ACC: final average accuracy; FORG: forgetting;
+min-ACC: mean over earlier tasks of their worst accuracy after being learned; WC-ACC:
+worst-case accuracy; WF<sup>w</sup>: windowed forgetting over w evaluations; gap depth: accuracy
+of a task at the switch minus its minimum during the next task, averaged over switches;
+recovery: steps after the switch until accuracy is back within ε of its switch value (mean
+over recovered switches). All accuracies on held-out data.</p>
+<table><tr><th>variant</th>{% for h in metric_heads %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in metric_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}
+</table>
+
+<h2>The stability gap on the first task</h2>
+<p class="note">Accuracy on task 0 at the end of its own training, its minimum at any
+evaluation after that, its final value, and the depth and recovery time of the dip right
+after the first switch.</p>
+<table><tr><th>variant</th>{% for h in gap_heads %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in gap_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}
+</table>
+
+{% for title, img in images %}<h3>{{ title }}</h3><img src="data:image/png;base64,{{ img }}" alt="{{ title }}">
+{% endfor %}
+
+<h2>Resolved config</h2>
+<pre>{{ config }}</pre>
+</body></html>
+"""
+
+
+def _fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None or (isinstance(stat["mean"], float) and math.isnan(stat["mean"])):
+        return "–"
+    m, s = stat["mean"], stat.get("std") or 0.0
+    if abs(m) >= 100:
+        return f"{m:.0f} ± {s:.0f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _load(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    config = json.loads((run_dir / "config.json").read_text())
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    results = [json.loads(p.read_text()) for p in sorted((run_dir / "results").glob("*.json"))]
+    order = {v["name"] or v["strategy"]: i for i, v in enumerate(config.get("variants", []))}
+    results.sort(key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
+    return config, summary, results
+
+
+def _curve_mean(results: list[dict[str, Any]], col: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and spread over seeds of task ``col``'s accuracy, or of the mean over seen tasks."""
+    per_seed = []
+    for r in results:
+        steps = np.array(r["curves"]["steps"], dtype=float)
+        acc = np.array([[np.nan if a is None else a for a in row] for row in r["curves"]["acc"]], dtype=float)
+        y = acc[:, col] if col is not None else np.nanmean(acc, axis=1)
+        per_seed.append((steps, y))
+    grid = per_seed[0][0]
+    ys = np.array([np.interp(grid, s, np.where(np.isnan(y), np.nan, y), left=np.nan) if len(s) else grid * np.nan
+                   for s, y in per_seed])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: a task not yet seen
+        return grid, np.nanmean(ys, 0), np.nanstd(ys, 0)
+
+
+def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    by_v = {v: [r for r in results if r["variant"] == v] for v in variants}
+    colors = plt.get_cmap("tab10")
+    boundaries = results[0]["boundaries"]
+    out: list[tuple[str, Path]] = []
+
+    def bounds(ax: Any) -> None:
+        for b in boundaries[:-1]:
+            ax.axvline(b, color="#999", ls="--", lw=0.8)
+
+    # 1. first task's accuracy over the whole stream, with a zoom on the first switch
+    fig, (ax, az) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    for i, v in enumerate(variants):
+        x, m, s = _curve_mean(by_v[v], 0)
+        ax.plot(x, m, color=colors(i), lw=1.2, label=v)
+        ax.fill_between(x, m - s, m + s, color=colors(i), alpha=0.15)
+        az.plot(x, m, color=colors(i), lw=1.4, label=v)
+        az.fill_between(x, m - s, m + s, color=colors(i), alpha=0.15)
+    bounds(ax)
+    bounds(az)
+    ax.set(xlabel="optimizer step", ylabel="accuracy on task 0", ylim=(-0.02, 1.02),
+           title="Task 0 accuracy during the whole stream (mean ± std over seeds)")
+    if len(boundaries) > 1:
+        b0 = boundaries[0]
+        span = (boundaries[1] - b0) if len(boundaries) > 1 else b0
+        az.set_xlim(b0 - 0.1 * span, b0 + 0.6 * span)
+    az.set(xlabel="optimizer step", ylim=(-0.02, 1.02), title="Zoom: the first task switch")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    p = run_dir / "task0_accuracy.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    out.append(("Accuracy on the first task: the dip after each switch is the stability gap", p))
+
+    # 2. every task's curve, one panel per variant (the figure of De Lange et al.)
+    n_tasks = len(boundaries)
+    cols = min(3, len(variants))
+    rows = -(-len(variants) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    tcolors = plt.get_cmap("viridis")
+    for k, v in enumerate(variants):
+        ax = axes[k // cols][k % cols]
+        for t in range(n_tasks):
+            x, m, _ = _curve_mean(by_v[v], t)
+            ax.plot(x, m, color=tcolors(t / max(1, n_tasks - 1)), lw=1.0, label=f"task {t}")
+        bounds(ax)
+        ax.set(title=v, ylim=(-0.02, 1.02), xlabel="optimizer step")
+        if k % cols == 0:
+            ax.set_ylabel("accuracy")
+    for k in range(len(variants), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    p = run_dir / "task_curves.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    out.append(("Every task's accuracy, per variant (mean over seeds)", p))
+
+    # 3. average accuracy over seen tasks
+    fig, ax = plt.subplots(figsize=(13, 3.8))
+    for i, v in enumerate(variants):
+        x, m, s = _curve_mean(by_v[v], None)
+        ax.plot(x, m, color=colors(i), lw=1.2, label=v)
+        ax.fill_between(x, m - s, m + s, color=colors(i), alpha=0.15)
+    bounds(ax)
+    ax.set(xlabel="optimizer step", ylabel="mean accuracy over seen tasks", ylim=(-0.02, 1.02),
+           title="Average accuracy on the tasks seen so far")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    p = run_dir / "average_accuracy.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    out.append(("Average accuracy over the tasks seen so far", p))
+
+    # 4. final metrics side by side
+    names = ["acc", "min_acc", "wc_acc", "forgetting", "gap_depth"]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / max(1, len(variants))
+    for i, v in enumerate(variants):
+        vals = [[r["metrics"].get(k) for r in by_v[v]] for k in names]
+        vals = [[np.nan if a is None else a for a in row] for row in vals]
+        ax.bar(np.arange(len(names)) + i * width, [np.nanmean(a) for a in vals], width,
+               yerr=[np.nanstd(a) for a in vals], color=colors(i), label=v, capsize=2)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, ["ACC", "min-ACC", "WC-ACC", "FORG", "gap depth"])
+    ax.set(ylim=(0, 1.05), title="Final metrics per variant")
+    ax.legend(fontsize=8, ncol=len(variants))
+    fig.tight_layout()
+    p = run_dir / "metrics.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    out.append(("Final metrics per variant (mean ± std over seeds)", p))
+    return out
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write the plots and ``report.html`` of ``run_dir``; return the report's path."""
+    try:
+        import jinja2
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ImportError("the report needs matplotlib and jinja2: pip install 'poise[report]'") from e
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    config, summary, results = _load(run_dir)
+    if not results:
+        raise FileNotFoundError(f"{run_dir} has no finished runs yet (results/ is empty)")
+    from poise.runs.study import summarize
+
+    windows = config["eval"]["windows"]
+    table = summarize(results, windows)
+    images = _plots(run_dir, config, results)
+    metric_keys = ["acc", "forgetting", "bwt", "min_acc", "wc_acc", *[f"wf{w}" for w in windows],
+                   "gap_depth", "gap_recovery"]
+    metric_heads = ["ACC", "FORG", "BWT", "min-ACC", "WC-ACC", *[f"WF<sup>{w}</sup>" for w in windows],
+                    "gap depth", "recovery (steps)"]
+    gap_keys = ["task0_acc_at_end", "task0_min_after", "task0_acc_final", "task0_gap_depth",
+                "task0_gap_recovery"]
+    gap_heads = ["acc at end of task 0", "min after", "final", "gap depth", "recovery (steps)"]
+    import torch
+
+    import poise
+
+    env = jinja2.Environment(autoescape=False)
+    page = env.from_string(_TEMPLATE).render(
+        study=html.escape(config["name"]),
+        description=html.escape(config.get("description", "")),
+        status="complete" if summary.get("complete") else "INCOMPLETE (some runs missing)",
+        n_runs=len(results), variants=list(table), seeds=config["seeds"],
+        wall=f"{summary.get('wall_seconds', float('nan')):.0f} s",
+        version=poise.__version__, torch=torch.__version__, python=platform.python_version(),
+        metric_heads=metric_heads,
+        metric_rows=[[html.escape(v)] + [_fmt(row[k]) for k in metric_keys] for v, row in table.items()],
+        gap_heads=gap_heads,
+        gap_rows=[[html.escape(v)] + [_fmt(row[k]) for k in gap_keys] for v, row in table.items()],
+        images=[(html.escape(t), base64.b64encode(p.read_bytes()).decode()) for t, p in images],
+        config=html.escape(json.dumps(config, indent=2)),
+    )
+    out = run_dir / "report.html"
+    out.write_text(page)
+    return out

@@ -1,0 +1,182 @@
+"""Run a study: every variant x seed of a recipe, continually evaluated, into a run dir.
+
+Layout of a run directory::
+
+    config.json                 the resolved config (after overrides and defaults)
+    metrics/<variant>-s<seed>.jsonl   one line per optimizer step, flushed as written
+    results/<variant>-s<seed>.json    final metrics and evaluation curves of that run
+    summary.json                mean and std over seeds per variant (rewritten after each run)
+    *.png, report.html          the report (``poise report RUN_DIR`` rebuilds it)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from poise import _registry
+from poise.continual.loop import fit_stream
+from poise.measure.evaluator import ContinualEvaluator, EvalSchedule, EvalSet
+from poise.runs.config import StudyConfig
+from poise.runs.store import JsonlWriter, atomic_write_json, new_run_dir
+from poise.tasks.models import build_model
+
+__all__ = ["run_study", "summarize"]
+
+SCALARS = ("acc", "forgetting", "bwt", "min_acc", "wc_acc", "gap_depth", "gap_recovery")
+
+
+def _optimizer(cfg: StudyConfig, params: Any) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _strategy(name: str, params: dict[str, Any], seed: int) -> Any:
+    cls = _registry.get("strategy", name)
+    kwargs = dict(params)
+    if "seed" in inspect.signature(cls.__init__).parameters:
+        kwargs["seed"] = seed
+    return cls(**kwargs)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path | None = None,
+            progress: Any = None) -> dict[str, Any]:
+    """Train one variant with one seed; returns metrics and curves."""
+    w = cfg.workload
+    stream = _registry.get("stream", w.stream)(n_tasks=w.n_tasks, scenario=w.scenario)
+    v = cfg.variants[variant_index]
+    torch.manual_seed(seed)
+    in_features = int(np.prod(stream.input_shape))
+    model = build_model(w.model, in_features, stream.n_classes, w.hidden, w.depth)
+    strategy = _strategy(v.strategy, v.params, seed)
+    opt = _optimizer(cfg, model.parameters())
+    e = cfg.eval
+    evaluator = ContinualEvaluator(
+        {t.id: EvalSet(t.x_test, t.y_test, t.classes if t.restrict else None) for t in stream.tasks},
+        schedule=EvalSchedule(e.dense_steps, e.every),
+        subset_size=e.subset_size or None,
+        budget=e.budget or None,
+        seed=seed,
+        windows=e.windows,
+        gap_eps=e.gap_eps,
+    )
+    writer = JsonlWriter(metrics_path) if metrics_path else None
+    t0 = time.perf_counter()
+    try:
+        metrics = fit_stream(
+            model, stream.tasks, strategy, opt, evaluator,
+            steps_per_task=cfg.train.steps_per_task, batch_size=cfg.train.batch_size,
+            n_classes=stream.n_classes, seed=seed,
+            log=writer.write if writer else None, progress=progress,
+        )
+    finally:
+        if writer:
+            writer.close()
+    steps, acc = evaluator.curves()
+    return {
+        "variant": v.name, "strategy": v.strategy, "seed": seed,
+        "wall_seconds": time.perf_counter() - t0,
+        "metrics": metrics,
+        "boundaries": [evaluator.boundaries[t] for t in evaluator.seen],
+        "task_names": [t.name for t in stream.tasks],
+        "curves": {"steps": steps.tolist(), "acc": acc.tolist()},
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float | int]:
+    a = np.array([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))],
+                 dtype=float)
+    if len(a) == 0:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
+
+
+def summarize(results: list[dict[str, Any]], windows: list[int]) -> dict[str, Any]:
+    """Mean and sample std over seeds of every scalar metric, per variant; plus the first
+    task's accuracy at its end, its minimum afterwards, and its gap."""
+    names = ([*SCALARS, *[f"wf{w}" for w in windows]])
+    out: dict[str, Any] = {}
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        rs = [r for r in results if r["variant"] == variant]
+        row = {k: _stats([r["metrics"].get(k) for r in rs]) for k in names}
+        t0 = [r["metrics"]["per_task"].get("0", {}) for r in rs]
+        for k in ("acc_at_end", "min_after", "acc_final", "gap_depth", "gap_recovery"):
+            row[f"task0_{k}"] = _stats([t.get(k) for t in t0])
+        row["seeds"] = [r["seed"] for r in rs]
+        row["wall_seconds"] = _stats([r["wall_seconds"] for r in rs])
+        out[variant] = row
+    return out
+
+
+def run_study(cfg: StudyConfig, run_dir: str | Path | None = None, progress: bool | None = None,
+              report: bool = True) -> Path:
+    """Run every variant x seed; write the run directory; return its path."""
+    torch.set_num_threads(cfg.threads)
+    path = Path(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / "config.json", dataclasses.asdict(cfg))
+    if progress is None:
+        progress = sys.stderr.isatty() and os.environ.get("CI") != "true"
+    steps = cfg.train.steps_per_task * cfg.workload.n_tasks
+    bar = _Progress(steps * len(cfg.variants) * len(cfg.seeds), progress)
+    results: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    try:
+        for seed in cfg.seeds:
+            for i, v in enumerate(cfg.variants):
+                bar.describe(f"{v.name} seed {seed}")
+                tag = f"{v.name}-s{seed}"
+                r = run_one(cfg, i, seed, path / "metrics" / f"{tag}.jsonl", bar.update)
+                atomic_write_json(path / "results" / f"{tag}.json", r)
+                results.append(r)
+                atomic_write_json(path / "summary.json", {
+                    "study": cfg.name, "complete": False,
+                    "wall_seconds": time.perf_counter() - t0,
+                    "variants": summarize(results, cfg.eval.windows)})
+    finally:
+        bar.close()
+    atomic_write_json(path / "summary.json", {
+        "study": cfg.name, "complete": True, "wall_seconds": time.perf_counter() - t0,
+        "runs": len(results), "variants": summarize(results, cfg.eval.windows)})
+    if report:
+        from poise.runs.report import build_report
+
+        build_report(path)
+    return path
