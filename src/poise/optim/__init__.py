@@ -1,0 +1,9 @@
+"""Drop-in ``torch.optim.Optimizer`` classes, each visibly a chain of transforms."""
+
+from poise.optim._adapter import NonFiniteGradientError, TransformOptimizer
+from poise.optim.adamw import AdamW
+from poise.optim.galore import GaLoreAdamW
+from poise.optim.soap import SOAP
+from poise.optim.stable_spam import StableSPAM
+
+__all__ = ["SOAP", "AdamW", "GaLoreAdamW", "NonFiniteGradientError", "StableSPAM", "TransformOptimizer"]

@@ -1,0 +1,39 @@
+"""AdamW as a chain of transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from poise._registry import register
+from poise.optim import _check
+from poise.optim._adapter import TransformOptimizer
+from poise.transforms import add_decayed_weights, chain, scale_by_adam, scale_by_learning_rate
+
+__all__ = ["AdamW"]
+
+
+@register("optimizer", "adamw")
+class AdamW(TransformOptimizer):
+    r"""AdamW (Loshchilov & Hutter, arXiv 1711.05101) =
+    ``chain(scale_by_adam(convention), scale_by_learning_rate(), add_decayed_weights(when))``.
+
+    ``convention="torch"`` (default) matches ``torch.optim.AdamW``:
+    ``p <- p (1 - lr wd) - lr (m/bc1) / (sqrt(v/bc2) + eps)``.
+    ``convention="hf"`` matches the transformers AdamW that SOAP, SPAM and GaLore build on:
+    ``p <- p - lr sqrt(bc2)/bc1 m/(sqrt(v)+eps)``, then ``p <- p (1 - lr wd)``.
+    Arguments as torch's: ``lr, betas, eps, weight_decay``.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, convention: str = "torch",
+                 nonfinite: str = "raise"):
+        _check.common(lr, eps, weight_decay)
+        _check.betas(betas)
+        if convention not in ("torch", "hf"):
+            raise ValueError(f"convention={convention!r}; valid choices: torch, hf")
+        t = chain(scale_by_adam(convention), scale_by_learning_rate(),
+                  add_decayed_weights("before" if convention == "torch" else "after"), name="adamw")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), t, nonfinite)

@@ -1,0 +1,45 @@
+"""Gradient transforms: ``(init, update)`` pairs composed with :func:`chain`.
+
+See :mod:`poise.transforms._base` for the contract (state in place, hyperparameters from the
+parameter group, ``None`` = skip).
+"""
+
+from poise.transforms._adam import (
+    add_decayed_weights,
+    scale_by_adam,
+    scale_by_bias_correction,
+    scale_by_learning_rate,
+)
+from poise.transforms._base import Transform, apply_updates, chain, identity, init_state, tick
+from poise.transforms._clipping import (
+    clip_by_global_norm,
+    clip_spikes_by_max_ema,
+    cosine_momentum_schedule,
+    normalize_by_norm_ema,
+    normalize_by_rms,
+)
+from poise.transforms._lowrank import project_low_rank
+from poise.transforms._reset import periodic_reset
+from poise.transforms._soap import merge_dims, scale_by_soap
+
+__all__ = [
+    "Transform",
+    "add_decayed_weights",
+    "apply_updates",
+    "chain",
+    "clip_by_global_norm",
+    "clip_spikes_by_max_ema",
+    "cosine_momentum_schedule",
+    "identity",
+    "init_state",
+    "merge_dims",
+    "normalize_by_norm_ema",
+    "normalize_by_rms",
+    "periodic_reset",
+    "project_low_rank",
+    "scale_by_adam",
+    "scale_by_bias_correction",
+    "scale_by_learning_rate",
+    "scale_by_soap",
+    "tick",
+]

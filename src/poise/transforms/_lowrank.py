@@ -1,0 +1,92 @@
+"""Low-rank gradient projection (GaLore)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from poise.transforms._base import Hyper, State, Transform, Updates, scoped
+
+__all__ = ["PROJ_TYPES", "project_low_rank"]
+
+PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+
+
+def _side(shape: tuple[int, int], proj_type: str) -> str:
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    return proj_type
+
+
+def project_low_rank(inner: Transform) -> Transform:
+    r"""GaLore (Zhao et al., arXiv 2403.03507): run ``inner`` on a rank-``r`` projection of
+    each matrix gradient and project its output back, times ``alpha``. Replays
+    jiaweizzhao/GaLore ``galore_projector.py`` (pip ``galore-torch`` 1.0).
+
+    For ``G`` (``m x n``) with SVD ``G = U S V^T``: right projection ``P = V[:, :r]^T``,
+    ``R = G P^T`` (``m x r``), back ``inner(R) P``; left ``P = U[:, :r]``, ``R = P^T G``,
+    back ``P inner(R)``; ``full`` does both. ``proj_type`` ``std`` projects the larger side
+    away (right when ``m >= n``), ``reverse_std`` the other. ``P`` is recomputed from the
+    current gradient (SVD in float32) on the first step and every ``update_proj_gap`` steps
+    after (the official timing: shared steps ``1, gap+1, 2 gap+1, ...``); ``inner``'s state
+    (Adam's moments) is *not* reprojected when ``P`` changes, as in the official code.
+
+    Applies to parameters of groups that have ``hyper["rank"]``; others pass straight to
+    ``inner``. Tensors of more than two dims are projected as ``(shape[0], -1)`` matrices
+    (the official ``GaLoreProjectorTensor`` is broken; see docs/algorithms/galore.md).
+    Reads ``rank, update_proj_gap, scale, proj_type``. State: ``proj`` (and ``proj_b`` for
+    ``full``) as plain tensors, so checkpoints load with ``weights_only=True``.
+    """
+
+    def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
+        if "rank" not in hyper:
+            return inner.update(updates, scoped(states, "inner."), params, hyper)
+        rank, gap, scale = hyper["rank"], hyper["update_proj_gap"], hyper["scale"]
+        proj_type = hyper.get("proj_type", "std")
+        if proj_type not in PROJ_TYPES:
+            raise ValueError(f"proj_type={proj_type!r}; valid choices: {', '.join(PROJ_TYPES)}")
+        low: Updates = []
+        sides: list[str | None] = []
+        for u, s in zip(updates, states, strict=True):
+            if u is None or u.dim() < 2:
+                low.append(u)
+                sides.append(None)
+                continue
+            g = u.reshape(u.shape[0], -1)
+            side = _side((g.shape[0], g.shape[1]), proj_type)
+            if "proj" not in s or (int(s["step"]) - 1) % gap == 0:
+                U, _, Vh = torch.linalg.svd(g.float(), full_matrices=False)
+                if side in ("left", "full"):
+                    s["proj"] = U[:, :rank].to(g.dtype)
+                if side == "right":
+                    s["proj"] = Vh[:rank, :].to(g.dtype)
+                if side == "full":
+                    s["proj_b"] = Vh[:rank, :].to(g.dtype)
+            P = s["proj"]
+            if side == "right":
+                low.append(g @ P.t())
+            elif side == "left":
+                low.append(P.t() @ g)
+            else:
+                low.append((P.t() @ g) @ s["proj_b"].t())
+            sides.append(side)
+        res = inner.update(low, scoped(states, "inner."), params, hyper)
+        out: Updates = []
+        for r, u, s, side in zip(res, updates, states, sides, strict=True):
+            if r is None or side is None:
+                out.append(r)
+                continue
+            P = s["proj"]
+            if side == "right":
+                full = r @ P
+            elif side == "left":
+                full = P @ r
+            else:
+                full = (P @ r) @ s["proj_b"]
+            out.append((full * scale).reshape(u.shape))
+        return out
+
+    return Transform(lambda p, h: {}, update, "galore")
