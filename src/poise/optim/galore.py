@@ -29,15 +29,18 @@ class GaLoreAdamW(TransformOptimizer):
     Projected parameters are those of param groups with ``rank`` (and ``update_proj_gap``,
     ``scale``, ``proj_type``), as in the authors' API; other groups get plain (HF-style)
     AdamW. Defaults are the authors': ``lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
-    weight_decay=0``.
+    weight_decay=0``. ``fused=True`` (default) lets the projection apply the update itself
+    (back projection, ``-lr * scale`` and the addition in one ``addmm_``), tested equal to
+    the chain; ``fused=False`` runs the chain as written.
     """
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, nonfinite: str = "raise"):
+                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, fused: bool = True,
+                 nonfinite: str = "raise"):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
-        t = chain(project_low_rank(scale_by_adam("hf")), scale_by_learning_rate(), add_decayed_weights("after"),
-                  name="galore_adamw")
+        t = chain(project_low_rank(scale_by_adam("hf"), apply=fused), scale_by_learning_rate(),
+                  add_decayed_weights("after"), name="galore_adamw")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       correct_bias=correct_bias), t, nonfinite)
         for i, g in enumerate(self.param_groups):

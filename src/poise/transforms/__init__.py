@@ -6,6 +6,7 @@ parameter group, ``None`` = skip).
 
 from poise.transforms._adam import (
     add_decayed_weights,
+    fused_adamw,
     scale_by_adam,
     scale_by_bias_correction,
     scale_by_learning_rate,
@@ -29,6 +30,7 @@ __all__ = [
     "chain",
     "clip_by_global_norm",
     "clip_spikes_by_max_ema",
+    "fused_adamw",
     "cosine_momentum_schedule",
     "identity",
     "init_state",

@@ -9,7 +9,9 @@ from torch import Tensor
 
 from poise.transforms._base import Hyper, State, Transform, Updates
 
-__all__ = ["add_decayed_weights", "scale_by_adam", "scale_by_bias_correction", "scale_by_learning_rate"]
+__all__ = [
+    "add_decayed_weights", "fused_adamw", "scale_by_adam", "scale_by_bias_correction", "scale_by_learning_rate",
+]
 
 CONVENTIONS = ("torch", "hf")
 
@@ -19,7 +21,7 @@ def _check(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r}; valid choices: {', '.join(choices)}")
 
 
-def scale_by_adam(convention: str = "torch", bias_correction: bool = True) -> Transform:
+def scale_by_adam(convention: str = "torch", bias_correction: bool = True, foreach: bool = True) -> Transform:
     r"""Adam's direction, without the learning rate (Kingma & Ba, arXiv 1412.6980).
 
     ``m <- b1 m + (1-b1) u``, ``v <- b2 v + (1-b2) u^2``, with ``t`` = the shared step and
@@ -34,38 +36,65 @@ def scale_by_adam(convention: str = "torch", bias_correction: bool = True) -> Tr
     ``hyper["correct_bias"] = False``) drops both corrections. State: ``exp_avg``,
     ``exp_avg_sq``, in the update's shape (created on first use, so the transform also
     works on projected, lower-rank updates).
+
+    ``foreach=True`` runs the same arithmetic with ``torch._foreach_*`` kernels over the
+    group (fewer Python round trips); ``foreach=False`` is the readable per-tensor
+    reference it is tested equal to.
     """
     _check("convention", convention, CONVENTIONS)
 
-    def init(param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
-        return {}
+    def coefficients(s: State, b1_base: float, b2: float, correct: bool) -> tuple[float, float, float]:
+        b1 = b1_base * float(s["momentum_scale"]) if "momentum_scale" in s else b1_base
+        t = float(s["step"])
+        return b1, (1 - b1**t if correct else 1.0), (1 - b2**t if correct else 1.0)
+
+    def single(u: Tensor, s: State, b1: float, b2: float, bc1: float, bc2: float, eps: float) -> Tensor:
+        m, v = s["exp_avg"], s["exp_avg_sq"]
+        m.lerp_(u, 1 - b1)
+        v.mul_(b2).addcmul_(u, u, value=1 - b2)
+        if convention == "torch":
+            denom = v.sqrt().div_(math.sqrt(bc2)).add_(eps)
+            return torch.div(m, denom, out=denom).div_(bc1)
+        denom = v.sqrt().add_(eps)
+        return torch.div(m, denom, out=denom).mul_(math.sqrt(bc2) / bc1)
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
         b1_base, b2 = hyper["betas"]
         eps = hyper["eps"]
         correct = bias_correction and hyper.get("correct_bias", True)
-        out: Updates = []
-        for u, s in zip(updates, states, strict=True):
-            if u is None:
-                out.append(None)
-                continue
-            b1 = b1_base * float(s["momentum_scale"]) if "momentum_scale" in s else b1_base
+        live = [i for i, u in enumerate(updates) if u is not None]
+        for i in live:
+            s = states[i]
             if "exp_avg" not in s:
-                s["exp_avg"] = torch.zeros_like(u)
-                s["exp_avg_sq"] = torch.zeros_like(u)
-            m, v = s["exp_avg"], s["exp_avg_sq"]
-            t = float(s["step"])
-            m.mul_(b1).add_(u, alpha=1 - b1)
-            v.mul_(b2).addcmul_(u, u, value=1 - b2)
-            bc1 = 1 - b1**t if correct else 1.0
-            bc2 = 1 - b2**t if correct else 1.0
-            if convention == "torch":
-                out.append((m / bc1) / (v.sqrt() / math.sqrt(bc2)).add_(eps))
-            else:
-                out.append((m / v.sqrt().add_(eps)).mul_(math.sqrt(bc2) / bc1))
+                s["exp_avg"] = torch.zeros_like(updates[i])
+                s["exp_avg_sq"] = torch.zeros_like(updates[i])
+        out: Updates = list(updates)
+        coef = [coefficients(states[i], b1_base, b2, correct) for i in live]
+        if not foreach or len(live) < 2:
+            for i, (b1, bc1, bc2) in zip(live, coef, strict=True):
+                out[i] = single(updates[i], states[i], b1, b2, bc1, bc2, eps)
+            return out
+        us = [updates[i] for i in live]
+        ms = [states[i]["exp_avg"] for i in live]
+        vs = [states[i]["exp_avg_sq"] for i in live]
+        torch._foreach_lerp_(ms, us, [1 - b1 for b1, _, _ in coef])
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, us, us, value=1 - b2)
+        denom = torch._foreach_sqrt(vs)
+        if convention == "torch":
+            torch._foreach_div_(denom, [math.sqrt(bc2) for _, _, bc2 in coef])
+            torch._foreach_add_(denom, eps)
+            res = torch._foreach_div(ms, denom)
+            torch._foreach_div_(res, [bc1 for _, bc1, _ in coef])
+        else:
+            torch._foreach_add_(denom, eps)
+            res = torch._foreach_div(ms, denom)
+            torch._foreach_mul_(res, [math.sqrt(bc2) / bc1 for _, bc1, bc2 in coef])
+        for i, r in zip(live, res, strict=True):
+            out[i] = r
         return out
 
-    return Transform(init, update, "adam")
+    return Transform(lambda p, h: {}, update, "adam")
 
 
 def scale_by_bias_correction(step_offset: int = 0) -> Transform:
@@ -84,7 +113,7 @@ def scale_by_bias_correction(step_offset: int = 0) -> Transform:
                 out.append(None)
                 continue
             t = float(s["step"]) - step_offset
-            out.append(u * (math.sqrt(1 - b2**t) / (1 - b1**t)))
+            out.append(u.mul_(math.sqrt(1 - b2**t) / (1 - b1**t)))
         return out
 
     return Transform(lambda p, h: {}, update, "bias_correction")
@@ -95,7 +124,7 @@ def scale_by_learning_rate() -> Transform:
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
         lr = hyper["lr"]
-        return [None if u is None else u * (-lr) for u in updates]
+        return [None if u is None else u.mul_(-lr) for u in updates]
 
     return Transform(lambda p, h: {}, update, "lr")
 
@@ -117,8 +146,59 @@ def add_decayed_weights(when: str = "before") -> Transform:
         if not wd:
             return updates
         c = hyper["lr"] * wd
+        if isinstance(c, Tensor):
+            c = float(c)
         if when == "before":
-            return [None if u is None else u - c * p for u, p in zip(updates, params, strict=True)]
-        return [None if u is None else u - c * (p + u) for u, p in zip(updates, params, strict=True)]
+            return [None if u is None else u.add_(p, alpha=-c) for u, p in zip(updates, params, strict=True)]
+        return [None if u is None else u.mul_(1 - c).add_(p, alpha=-c) for u, p in zip(updates, params, strict=True)]
 
     return Transform(lambda p, h: {}, update, "weight_decay")
+
+
+def fused_adamw() -> Transform:
+    r"""Terminal fast path of ``chain(scale_by_adam("torch"), scale_by_learning_rate(),
+    add_decayed_weights("before"))``: applies the AdamW step to the parameters itself with
+    torch's fused kernel (``torch._fused_adamw_``, one pass over each tensor) and returns
+    ``None`` for every parameter it updated. Same state (``exp_avg``, ``exp_avg_sq``, the
+    shared ``step``), same hyperparameters (``lr, betas, eps, weight_decay`` and the shared
+    ``momentum_scale``). Parameters the kernel cannot take (a dtype other than the update's,
+    sparse) go through the per-tensor reference arithmetic instead. Tested equal to the
+    chain it replaces (tests/transforms/test_fast_paths.py).
+    """
+    reference = scale_by_adam("torch", foreach=False)
+
+    def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
+        b1_base, b2 = hyper["betas"]
+        lr, wd, eps = hyper["lr"], hyper.get("weight_decay", 0.0), hyper["eps"]
+        lr_f = float(lr) if isinstance(lr, Tensor) else lr
+        out: Updates = list(updates)
+        groups: dict[tuple, list[int]] = {}
+        for i, u in enumerate(updates):
+            if u is None:
+                continue
+            s = states[i]
+            if "exp_avg" not in s:
+                s["exp_avg"] = torch.zeros_like(u)
+                s["exp_avg_sq"] = torch.zeros_like(u)
+            b1 = b1_base * float(s["momentum_scale"]) if "momentum_scale" in s else b1_base
+            ok = (u.dtype == params[i].dtype and u.device == params[i].device and not u.is_sparse
+                  and u.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+                  and s["step"].device.type == "cpu")
+            groups.setdefault((b1, ok, u.dtype, u.device), []).append(i)
+        for (b1, ok, _, _), idx in groups.items():
+            if ok:
+                torch._fused_adamw_(
+                    [params[i] for i in idx], [updates[i] for i in idx],
+                    [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx], [],
+                    [states[i]["step"] for i in idx], amsgrad=False, lr=lr_f, beta1=b1, beta2=b2,
+                    weight_decay=wd, eps=eps, maximize=False, grad_scale=None, found_inf=None)
+            else:
+                sub = reference.update([updates[i] for i in idx], [states[i] for i in idx],
+                                       [params[i] for i in idx], hyper)
+                for i, u in zip(idx, sub, strict=True):
+                    params[i].mul_(1 - lr_f * wd).add_(u.to(params[i].dtype), alpha=-lr_f)
+            for i in idx:
+                out[i] = None
+        return out
+
+    return Transform(lambda p, h: {}, update, "adam")

@@ -9,6 +9,12 @@ The optax design, in PyTorch. A transform works on one parameter group at a time
   the state each step). An entry ``None`` in ``updates`` means "no update for this
   parameter this step" and every later transform passes it through.
 
+A transform may modify the updates it receives **in place** (that is what makes a chain
+cheap: no temporaries per stage). The optimizer hands the first transform ``p.grad``
+itself, as torch's fused kernels and the authors' Stable-SPAM do, so after ``step()`` a
+parameter's ``.grad`` holds whatever the first in-place stage made of it (clipped, scaled);
+read gradients before ``step()``.
+
 ``hyper`` is the parameter group's dict (``lr``, ``betas``, ...): hyperparameters are read
 from it at every step, never cached, so LR schedulers and per-group settings work. The
 final updates are *added* to the parameters (they already carry ``-lr``).

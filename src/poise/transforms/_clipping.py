@@ -32,9 +32,21 @@ def clip_by_global_norm() -> Transform:
         coef = (hyper["max_norm"] / (norm + 1e-6)).clamp(max=1.0)
         for s in states:
             s["clip_norm"] = norm.detach()
-        return [None if u is None else u * coef for u in updates]
+        return [None if u is None else u.mul_(coef) for u in updates]
 
     return Transform(lambda p, h: {}, update, "clip_global_norm")
+
+
+def _scalars(states: list[State], key: str, device: torch.device) -> Tensor:
+    """Stack one 0-d state entry of every parameter into a vector (created as zeros)."""
+    for s in states:
+        if key not in s:
+            s[key] = torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack([s[key] for s in states])
+
+
+def _store(states: list[State], key: str, values: Tensor) -> None:
+    torch._foreach_copy_([s[key] for s in states], list(values.unbind()))
 
 
 def clip_spikes_by_max_ema() -> Transform:
@@ -43,25 +55,34 @@ def clip_spikes_by_max_ema() -> Transform:
 
     ``M <- theta M + (1 - theta) max|g|``, ``\hat M = M / (1 - theta^t)``; entries with
     ``|g_i| > \hat M`` become ``g_i / max|g| * \hat M``. ``theta`` = ``hyper["gamma3"]``,
-    ``t`` the shared step. State: ``m_max_t``; records ``clipped_frac``.
+    ``t`` the shared step. State: ``m_max_t``; records ``clipped_frac``. The per-tensor
+    scalars of the whole group are updated as one vector; only tensors that hold a spike
+    are touched elementwise beyond the max.
     """
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
         theta = hyper["gamma3"]
-        out: Updates = []
-        for u, s in zip(updates, states, strict=True):
-            if u is None:
-                out.append(None)
-                continue
-            if "m_max_t" not in s:
-                s["m_max_t"] = torch.zeros((), dtype=torch.float32, device=u.device)
-            gmax = u.abs().max()
-            m = s["m_max_t"]
-            m.copy_(theta * m + (1 - theta) * gmax)
-            m_hat = m / (1 - theta ** float(s["step"]))
-            mask = u.abs() > m_hat
-            s["clipped_frac"] = mask.float().mean()
-            out.append(torch.where(mask, u / gmax * m_hat, u))
+        live = [i for i, u in enumerate(updates) if u is not None]
+        if not live:
+            return updates
+        us = [updates[i] for i in live]
+        sts = [states[i] for i in live]
+        gmax = torch.stack(torch._foreach_norm(us, float("inf")))  # max|g| per tensor
+        m = _scalars(sts, "m_max_t", us[0].device).mul_(theta).add_(gmax, alpha=1 - theta)
+        _store(sts, "m_max_t", m)
+        steps = torch.stack([s["step"] for s in sts]).to(m.device)
+        m_hat = m / (1 - torch.pow(theta, steps))
+        spikes = (gmax > m_hat).tolist()  # one host sync for the group (the authors sync per tensor)
+        out: Updates = list(updates)
+        for j, i in enumerate(live):
+            u, s = us[j], sts[j]
+            if spikes[j]:
+                a = u.abs().gt_(m_hat[j])  # 0/1 mask of the spikes
+                s["clipped_frac"] = a.mean()
+                # spikes become g / max|g| * M_hat: multiply by 1 + mask * (M_hat / max|g| - 1)
+                out[i] = u.mul_(a.mul_(m_hat[j] / gmax[j] - 1).add_(1))
+            else:
+                s["clipped_frac"] = torch.zeros((), device=u.device)
         return out
 
     return Transform(lambda p, h: {}, update, "spike_clip")
@@ -73,27 +94,34 @@ def normalize_by_norm_ema() -> Transform:
     ``g <- g / n * \hat m / (sqrt(\hat v) + eps)`` (bias-corrected by the shared step;
     unchanged when ``n = 0``). ``g1`` = ``hyper["gamma1"]`` times the shared
     ``momentum_scale`` if a schedule sets one, ``g2`` = ``hyper["gamma2"]``, ``eps`` =
-    ``hyper["eps"]``. State: ``m_norm_t``, ``v_norm_t``.
+    ``hyper["eps"]``. State: ``m_norm_t``, ``v_norm_t``; the group's scalars are updated as
+    one vector.
     """
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
         g2, eps = hyper["gamma2"], hyper["eps"]
-        out: Updates = []
-        for u, s in zip(updates, states, strict=True):
-            if u is None:
-                out.append(None)
-                continue
-            g1 = hyper["gamma1"] * (float(s["momentum_scale"]) if "momentum_scale" in s else 1.0)
-            if "m_norm_t" not in s:
-                s["m_norm_t"] = torch.zeros((), dtype=torch.float32, device=u.device)
-                s["v_norm_t"] = torch.zeros((), dtype=torch.float32, device=u.device)
-            t = float(s["step"])
-            n = torch.linalg.vector_norm(u)
-            m, v = s["m_norm_t"], s["v_norm_t"]
-            m.copy_(g1 * m + (1 - g1) * n)
-            v.copy_(g2 * v + (1 - g2) * n**2)
-            c = (m / (1 - g1**t)) / (torch.sqrt(v / (1 - g2**t)) + eps)
-            out.append(torch.where(n > 0, u / n * c, u))
+        live = [i for i, u in enumerate(updates) if u is not None]
+        if not live:
+            return updates
+        us = [updates[i] for i in live]
+        sts = [states[i] for i in live]
+        dev = us[0].device
+        g1 = torch.tensor([hyper["gamma1"] * (float(s["momentum_scale"]) if "momentum_scale" in s else 1.0)
+                           for s in sts], device=dev)
+        steps = torch.stack([s["step"] for s in sts]).to(dev)
+        n = torch.stack(torch._foreach_norm(us))
+        m = _scalars(sts, "m_norm_t", dev)
+        v = _scalars(sts, "v_norm_t", dev)
+        m = g1 * m + (1 - g1) * n
+        v = g2 * v + (1 - g2) * n * n
+        _store(sts, "m_norm_t", m)
+        _store(sts, "v_norm_t", v)
+        c = (m / (1 - torch.pow(g1, steps))) / (torch.sqrt(v / (1 - torch.pow(g2, steps))) + eps)
+        factor = torch.where(n > 0, c / n, torch.ones_like(n))
+        torch._foreach_mul_(us, factor.tolist())
+        out: Updates = list(updates)
+        for j, i in enumerate(live):
+            out[i] = us[j]
         return out
 
     return Transform(lambda p, h: {}, update, "norm_ema")
@@ -124,6 +152,6 @@ def normalize_by_rms(eps: float = 1e-30) -> Transform:
     """``u <- u / (eps + rms(u))`` per tensor (SOAP's ``normalize_grads``)."""
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
-        return [None if u is None else u / (eps + torch.mean(u**2) ** 0.5) for u in updates]
+        return [None if u is None else u.div_(eps + torch.mean(u**2) ** 0.5) for u in updates]
 
     return Transform(lambda p, h: {}, update, "rms_normalize")

@@ -173,13 +173,17 @@ def scale_by_soap(data_format: str = "channels_first") -> Transform:
             m, v = s["exp_avg"], s["exp_avg_sq"]
             m.mul_(b1).add_(gp, alpha=1.0 - b1)
             v.mul_(b2).add_(gp.square(), alpha=1.0 - b2)
-            direction = rotate(m / v.sqrt().add_(hyper["eps"]), s, hyper, back=True)
+            denom = v.sqrt().add_(hyper["eps"])
+            direction = rotate(torch.div(m, denom, out=denom), s, hyper, back=True)
             # update the preconditioner with this gradient, after it was used
-            s["exp_avg"] = rotate(m, s, hyper, back=True)
             accumulate(g, s, hyper, sb)
             if t > 0 and t % hyper["precondition_frequency"] == 0:
+                # m lives in the eigenbasis: take it out with the old bases, back in with the
+                # new ones (the authors do this round trip every step; between refreshes it is
+                # the identity up to rounding, so it is done only when the bases change)
+                s["exp_avg"] = rotate(m, s, hyper, back=True)
                 refresh(s, hyper)
-            s["exp_avg"] = rotate(s["exp_avg"], s, hyper, back=False)
+                s["exp_avg"] = rotate(s["exp_avg"], s, hyper, back=False)
             out.append(direction)
         return out
 

@@ -1,0 +1,52 @@
+"""Every fast path equals the readable reference it replaces (torch's
+test_foreach_matches_forloop idea): fused kernels vs chains, foreach vs per-tensor."""
+
+import pytest
+import torch
+
+from poise.optim import AdamW, GaLoreAdamW, StableSPAM, TransformOptimizer
+from poise.transforms import chain, scale_by_adam, scale_by_learning_rate
+from tests.optim._replay import replay_pair
+
+SHAPES = [(24, 16), (16,), (8, 24), (8, 4, 3, 3)]
+TOL = 1e-6  # same arithmetic, different kernels: rounding only
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_fused_adamw_equals_chain_and_torch(wd):
+    err = replay_pair(SHAPES, lambda ps: AdamW(ps, lr=1e-2, weight_decay=wd, fused=True),
+                      lambda ps: AdamW(ps, lr=1e-2, weight_decay=wd, fused=False))
+    assert err <= TOL
+    err = replay_pair(SHAPES, lambda ps: AdamW(ps, lr=1e-2, weight_decay=wd),
+                      lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=wd))
+    assert err <= TOL
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(total_T=15, update_proj_gap=6), dict(weight_decay=0.1, update_proj_gap=5,
+                                                                              reset_semantics="clean")])
+def test_fused_stable_spam_equals_chain(kw):
+    err = replay_pair(SHAPES, lambda ps: StableSPAM(ps, fused=True, **kw), lambda ps: StableSPAM(ps, fused=False, **kw),
+                      steps=20, spikes=((7, 0, 50.0), (11, 2, 80.0)))
+    assert err <= TOL
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_fused_galore_equals_chain(proj_type, wd):
+    def groups(ps):
+        return [{"params": [ps[0], ps[2], ps[3]], "rank": 3, "update_proj_gap": 5, "scale": 0.5,
+                 "proj_type": proj_type}, {"params": [ps[1]]}]
+
+    err = replay_pair(SHAPES, lambda ps: GaLoreAdamW(groups(ps), lr=1e-2, weight_decay=wd, fused=True),
+                      lambda ps: GaLoreAdamW(groups(ps), lr=1e-2, weight_decay=wd, fused=False), steps=15)
+    assert err <= TOL
+
+
+@pytest.mark.parametrize("convention", ["torch", "hf"])
+def test_foreach_adam_equals_per_tensor(convention):
+    def opt(foreach):
+        return lambda ps: TransformOptimizer(
+            ps, dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8),
+            chain(scale_by_adam(convention, foreach=foreach), scale_by_learning_rate()))
+
+    assert replay_pair(SHAPES, opt(True), opt(False)) <= TOL
