@@ -185,3 +185,13 @@ def test_bad_hyperparameters_fail_at_construction(name, bad):
         make(name, model().parameters(), **bad)
     with pytest.raises(ValueError, match="nonfinite='maybe'; valid choices: raise, skip, ignore"):
         make(name, model().parameters(), nonfinite="maybe")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_diagnostics_are_tensors_and_sensible(name):
+    m = model()
+    opt = make(name, m.parameters(), lr=1e-2, diagnostics=True, **small_kw(name))
+    train(m, opt, 6)
+    d = opt.last_diagnostics
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in d.values())
+    assert 0 < float(d["update_ratio"]) < 1

@@ -35,10 +35,17 @@ class TransformOptimizer(torch.optim.Optimizer):
     skips the whole step (no state or parameter changes) and counts it in
     ``self.skipped_steps``; ``"ignore"`` checks nothing (fastest; a NaN then spreads into the
     state). The check costs one sum per gradient and one host sync per step.
+
+    ``diagnostics=True`` fills ``self.last_diagnostics`` after each step with 0-d tensors
+    (no ``.item()``, no host sync): ``update_ratio`` (``||p_new - p_old|| / ||p_old||`` over
+    all parameters; costs a copy of the parameters per step), ``clipped_frac`` (mean over
+    tensors of the fraction of entries a clipping stage changed), ``spike_tensors`` (tensors
+    with at least one clipped entry), ``resets`` and ``refreshes`` (tensors whose moments
+    were reset / whose projection or preconditioner bases were recomputed this step).
     """
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], transform: Transform,
-                 nonfinite: str = "raise"):
+                 nonfinite: str = "raise", diagnostics: bool = False):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r}; valid choices: {', '.join(NONFINITE_POLICIES)}")
         defaults = dict(defaults)
@@ -49,6 +56,8 @@ class TransformOptimizer(torch.optim.Optimizer):
         self.transform = transform
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        self.diagnostics = diagnostics
+        self.last_diagnostics: dict[str, Tensor] = {}
 
     def _names(self) -> dict[int, str]:
         out = {}
@@ -87,6 +96,8 @@ class TransformOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.nonfinite != "ignore" and not self._finite():
             return loss
+        before = ([p.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+                  if self.diagnostics else None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -105,7 +116,33 @@ class TransformOptimizer(torch.optim.Optimizer):
             for p, u in zip(params, updates, strict=True):
                 if u is not None:
                     p.add_(u.to(p.dtype))
+        if before is not None:
+            self.last_diagnostics = self._diagnose(before)
         return loss
+
+    def _diagnose(self, before: list[Tensor]) -> dict[str, Tensor]:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return {}
+        delta = torch.stack(torch._foreach_norm(torch._foreach_sub([p.detach() for p in params], before)))
+        base = torch.stack(torch._foreach_norm(before))
+        out = {"update_ratio": delta.norm() / base.norm().clamp_min(1e-30)}
+        states = [self.state[p] for p in params]
+        steps = [st["step"] for st in states]
+
+        def collect(suffix: str) -> list[Tensor]:
+            return [v for st in states for k, v in st.items() if k.endswith(suffix) and isinstance(v, Tensor)]
+
+        clipped = collect("clipped_frac")
+        if clipped:
+            c = torch.stack(clipped)
+            out["clipped_frac"] = c.mean()
+            out["spike_tensors"] = (c > 0).sum().float()
+        out["resets"] = (torch.stack(steps) == 1).sum().float() - (torch.stack([st["clock"] for st in states]) == 1).sum()
+        refreshed = collect("refreshed")
+        if refreshed:
+            out["refreshes"] = torch.stack(refreshed).sum()
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = {pid: {k: v.dtype for k, v in st.items() if isinstance(v, Tensor)}

@@ -31,7 +31,7 @@ class AdamW(TransformOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, convention: str = "torch",
-                 fused: bool | None = None, nonfinite: str = "raise"):
+                 fused: bool | None = None, nonfinite: str = "raise", diagnostics: bool = False):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
         if convention not in ("torch", "hf"):
@@ -45,4 +45,4 @@ class AdamW(TransformOptimizer):
         else:
             t = chain(scale_by_adam(convention), scale_by_learning_rate(),
                       add_decayed_weights("before" if convention == "torch" else "after"), name="adamw")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), t, nonfinite)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), t, nonfinite, diagnostics)

@@ -43,7 +43,7 @@ class SOAP(TransformOptimizer):
                  shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, normalize_grads: bool = False,
-                 data_format: str = "channels_first", correct_bias: bool = True, nonfinite: str = "raise"):
+                 data_format: str = "channels_first", correct_bias: bool = True, nonfinite: str = "raise", diagnostics: bool = False):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
         if shampoo_beta != -1:
@@ -58,4 +58,4 @@ class SOAP(TransformOptimizer):
             lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
             precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
             merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
-            correct_bias=correct_bias), chain(*parts, name="soap"), nonfinite)
+            correct_bias=correct_bias), chain(*parts, name="soap"), nonfinite, diagnostics)

@@ -63,7 +63,9 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
                 continue
             g = u.reshape(u.shape[0], -1)
             side = _side((g.shape[0], g.shape[1]), proj_type)
-            if "proj" not in s or (int(s["step"]) - 1) % gap == 0:
+            refresh = "proj" not in s or (int(s["step"]) - 1) % gap == 0
+            s["refreshed"] = torch.tensor(float(refresh))
+            if refresh:
                 U, _, Vh = torch.linalg.svd(g.float(), full_matrices=False)
                 # own contiguous copies: a slice would keep the whole SVD alive and is slower in matmul
                 if side in ("left", "full"):

@@ -177,7 +177,9 @@ def scale_by_soap(data_format: str = "channels_first") -> Transform:
             direction = rotate(torch.div(m, denom, out=denom), s, hyper, back=True)
             # update the preconditioner with this gradient, after it was used
             accumulate(g, s, hyper, sb)
-            if t > 0 and t % hyper["precondition_frequency"] == 0:
+            due = t > 0 and t % hyper["precondition_frequency"] == 0
+            s["refreshed"] = torch.tensor(float(due))
+            if due:
                 # m lives in the eigenbasis: take it out with the old bases, back in with the
                 # new ones (the authors do this round trip every step; between refreshes it is
                 # the identity up to rounding, so it is done only when the bases change)
