@@ -52,7 +52,9 @@ def test_bad_recipe_fails_before_training(tmp_path, capsys, monkeypatch, args, m
 def test_help_explains_every_field():
     r = subprocess.run([sys.executable, "-m", "poise.cli", "run", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for key, _, _, help_ in field_help():
+    from poise.runs.config import OptimStudyConfig
+
+    for key, _, _, help_ in [*field_help(), *field_help(OptimStudyConfig)]:
         assert key in r.stdout
         assert help_.split()[0] in r.stdout
 

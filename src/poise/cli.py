@@ -21,10 +21,14 @@ __all__ = ["main"]
 
 
 def _fields_epilog() -> str:
-    from poise.runs.config import field_help
+    from poise.runs.config import OptimStudyConfig, field_help
 
     lines = ["recipe fields (set in the TOML or as key=value overrides):", ""]
     for key, tp, default, help_ in field_help():
+        lines.append(f"  {key}  ({tp}, default {default})")
+        lines.extend(textwrap.wrap(help_, 88, initial_indent="      ", subsequent_indent="      "))
+    lines += ["", "recipes with kind = \"optimizers\" (e.g. `poise run optimizers`) have these fields instead:", ""]
+    for key, tp, default, help_ in field_help(OptimStudyConfig):
         lines.append(f"  {key}  ({tp}, default {default})")
         lines.extend(textwrap.wrap(help_, 88, initial_indent="      ", subsequent_indent="      "))
     lines += [
@@ -58,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="validate and print the config, run nothing")
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", nargs="?", default=None,
-                    choices=["recipes", "strategies", "metrics", "streams", "models"])
+                    choices=["recipes", "strategies", "optimizers", "metrics", "streams", "models"])
     rep = sub.add_parser("report", help="rebuild the plots and report.html of a run directory")
     rep.add_argument("run_dir")
     sub.add_parser("env", help="versions and threads")
@@ -73,7 +77,8 @@ def _split_recipe(recipe: str | None, overrides: list[str]) -> tuple[str | None,
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from poise.runs.config import load_recipe
+    from poise.runs.config import OptimStudyConfig, load_recipe
+    from poise.runs.optim_study import run_optim_study
     from poise.runs.study import run_study
 
     recipe, overrides = _split_recipe(args.recipe, args.overrides)
@@ -84,12 +89,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
     n = len(cfg.variants) * len(cfg.seeds)
+    optim = isinstance(cfg, OptimStudyConfig)
+    what = f"{cfg.lm.steps} steps" if optim else f"{cfg.workload.n_tasks} tasks x {cfg.train.steps_per_task} steps"
     print(f"poise run {cfg.name}: {len(cfg.variants)} variants x {len(cfg.seeds)} seeds = {n} runs, "
-          f"{cfg.workload.n_tasks} tasks x {cfg.train.steps_per_task} steps each", file=sys.stderr)
-    path = run_study(cfg, args.run_dir, progress=False if args.no_progress else None,
-                     report=not args.no_report)
+          f"{what} each", file=sys.stderr)
+    runner = run_optim_study if optim else run_study
+    path = runner(cfg, args.run_dir, progress=False if args.no_progress else None, report=not args.no_report)
     summary = json.loads((path / "summary.json").read_text())
-    _print_summary(summary)
+    (_print_optim_summary if optim else _print_summary)(summary)
     print(f"\nrun directory: {path}")
     if (path / "report.html").exists():
         print(f"report:        {path / 'report.html'}")
@@ -109,20 +116,31 @@ def _print_summary(summary: dict) -> None:
         print(f"{v:<12}" + "".join(f"{f(row[k]):>9}" for k, _ in cols))
 
 
+def _print_optim_summary(summary: dict) -> None:
+    print(f"\n{'variant':<14}{'final val':>10}{'spikes':>8}{'diverged':>10}{'ms/step':>9}   "
+          f"({summary['wall_seconds']:.0f} s)")
+    for v, row in summary["variants"].items():
+        m = row["final_val_loss"]["mean"]
+        val = "   -  " if m is None or (isinstance(m, float) and math.isnan(m)) else f"{m:8.3f}"
+        print(f"{v:<14}{val:>10}{row['spikes']['mean']:>8.1f}"
+              f"{row['diverged']['count']:>6} / {row['diverged']['runs']}{row['seconds_per_step']['mean'] * 1e3:>9.1f}")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import inspect
 
     from poise import _registry
     from poise.runs.config import recipe_names, strategy_params
 
-    kinds = [args.kind] if args.kind else ["recipes", "strategies", "metrics", "streams", "models"]
+    kinds = [args.kind] if args.kind else ["recipes", "strategies", "optimizers", "metrics", "streams", "models"]
     for kind in kinds:
         print(f"{kind}:")
         if kind == "recipes":
             for n in recipe_names():
                 print(f"  {n}")
         else:
-            reg = {"strategies": "strategy", "metrics": "metric", "streams": "stream", "models": "model"}[kind]
+            reg = {"strategies": "strategy", "optimizers": "optimizer", "metrics": "metric", "streams": "stream",
+                   "models": "model"}[kind]
             for n in _registry.names(reg):
                 obj = _registry.get(reg, n)
                 doc = (inspect.getdoc(obj) or "").split("\n")[0]

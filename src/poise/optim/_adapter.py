@@ -138,7 +138,9 @@ class TransformOptimizer(torch.optim.Optimizer):
             c = torch.stack(clipped)
             out["clipped_frac"] = c.mean()
             out["spike_tensors"] = (c > 0).sum().float()
-        out["resets"] = (torch.stack(steps) == 1).sum().float() - (torch.stack([st["clock"] for st in states]) == 1).sum()
+        # a reset sets the step back to 1 while the clock runs on
+        clocks = torch.stack([st["clock"] for st in states])
+        out["resets"] = ((torch.stack(steps) == 1) & (clocks > 1)).sum().float()
         refreshed = collect("refreshed")
         if refreshed:
             out["refreshes"] = torch.stack(refreshed).sum()

@@ -45,4 +45,5 @@ class AdamW(TransformOptimizer):
         else:
             t = chain(scale_by_adam(convention), scale_by_learning_rate(),
                       add_decayed_weights("before" if convention == "torch" else "after"), name="adamw")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), t, nonfinite, diagnostics)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, t, nonfinite, diagnostics)

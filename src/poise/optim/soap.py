@@ -43,7 +43,8 @@ class SOAP(TransformOptimizer):
                  shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, normalize_grads: bool = False,
-                 data_format: str = "channels_first", correct_bias: bool = True, nonfinite: str = "raise", diagnostics: bool = False):
+                 data_format: str = "channels_first", correct_bias: bool = True, nonfinite: str = "raise",
+                 diagnostics: bool = False):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
         if shampoo_beta != -1:

@@ -26,6 +26,9 @@ __all__ = [
     "StudyConfig",
     "TrainConfig",
     "VariantConfig",
+    "LMConfig",
+    "OptimStudyConfig",
+    "OptimVariantConfig",
     "WorkloadConfig",
     "apply_overrides",
     "field_help",
@@ -105,6 +108,87 @@ class StudyConfig:
     eval: EvalConfig = _help("continual evaluation", default_factory=EvalConfig)
     variants: list[VariantConfig] = _help("the update rules compared ([[variants]] tables)",
                                           default_factory=_default_variants)
+
+
+@dataclass
+class LMConfig:
+    corpus: str = _help("generated corpus: 'arithmetic' (a+b=c and a*b=c lines)", default="arithmetic")
+    digits: int = _help("operand digits of the arithmetic corpus", default=2)
+    n_layer: int = _help("GPT layers", default=2)
+    n_head: int = _help("GPT attention heads", default=2)
+    n_embd: int = _help("GPT width", default=64)
+    block_size: int = _help("context length in characters", default=32)
+    batch_size: int = _help("sequences per step", default=32)
+    steps: int = _help("optimizer steps per run", default=300)
+    eval_every: int = _help("validation loss every this many steps", default=25)
+
+
+@dataclass
+class OptimVariantConfig:
+    name: str = _help("label of this variant", default="")
+    optimizer: str = _help("optimizer (registry 'optimizer')", default="adamw")
+    params: dict[str, Any] = _help("constructor arguments; for galore_adamw also the group keys rank, "
+                                   "update_proj_gap, scale, proj_type (applied to 2-D weights)",
+                                   default_factory=dict)
+
+
+@dataclass
+class OptimStudyConfig:
+    kind: str = _help("'optimizers': optimizers compared on a tiny language model", default="optimizers")
+    name: str = _help("study name (names the run directory)", default="optimizers")
+    description: str = _help("one paragraph shown at the top of the report", default="")
+    seeds: list[int] = _help("seeds; every variant runs once per seed", default_factory=lambda: [0, 1, 2])
+    threads: int = _help("torch intra-op threads", default=1)
+    out_dir: str = _help("parent folder of run directories", default="runs")
+    spike_factor: float = _help("a loss spike: training loss above this factor times its running EMA",
+                                default=1.5)
+    divergence_factor: float = _help("diverged: loss non-finite or above this factor times the initial loss",
+                                     default=2.0)
+    lm: LMConfig = _help("the tiny GPT and its data", default_factory=LMConfig)
+    variants: list[OptimVariantConfig] = _help("the optimizers compared ([[variants]] tables)",
+                                               default_factory=list)
+
+
+GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
+def validate_optim(cfg: OptimStudyConfig) -> OptimStudyConfig:
+    if cfg.lm.corpus != "arithmetic":
+        raise ConfigError(f"lm.corpus: unknown corpus {cfg.lm.corpus!r}; valid choices: arithmetic")
+    for key in ("digits", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "steps", "eval_every"):
+        if getattr(cfg.lm, key) <= 0:
+            raise ConfigError(f"lm.{key}={getattr(cfg.lm, key)} must be > 0")
+    if cfg.lm.n_embd % cfg.lm.n_head:
+        raise ConfigError(f"lm.n_embd={cfg.lm.n_embd} must be a multiple of lm.n_head={cfg.lm.n_head}")
+    if not cfg.seeds:
+        raise ConfigError("seeds is empty: give at least one seed")
+    if not cfg.variants:
+        raise ConfigError("variants is empty: give at least one [[variants]] table")
+    seen = set()
+    for i, v in enumerate(cfg.variants):
+        key = f"variants[{i}]"
+        _choices("optimizer", v.optimizer, f"{key}.optimizer")
+        v.name = v.name or v.optimizer
+        if v.name in seen:
+            raise ConfigError(f"{key}.name: duplicate variant name {v.name!r}")
+        seen.add(v.name)
+        cls = _registry.get("optimizer", v.optimizer)
+        allowed = [k for k in list(inspect.signature(cls.__init__).parameters)[2:] if k != "diagnostics"]
+        if v.optimizer.startswith("galore"):
+            allowed += list(GALORE_GROUP_KEYS)
+        for p in v.params:
+            if p not in allowed:
+                raise ConfigError(f"{key}.params.{p}: unknown argument of optimizer {v.optimizer!r}; "
+                                  f"valid: {', '.join(allowed)}")
+        try:  # let the optimizer's own checks run now, before any training
+            from torch import nn
+
+            from poise.runs.optim_study import make_optimizer
+
+            make_optimizer(v, nn.Linear(4, 4))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+    return cfg
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -217,7 +301,17 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     return cfg
 
 
-def from_dict(data: dict[str, Any]) -> StudyConfig:
+KINDS = ("continual", "optimizers")
+
+
+def from_dict(data: dict[str, Any]) -> StudyConfig | OptimStudyConfig:
+    """Build and validate the config of a recipe; ``kind`` picks the schema."""
+    kind = data.get("kind", "continual")
+    if kind == "optimizers":
+        return validate_optim(_from_dict(OptimStudyConfig, data))
+    if kind != "continual":
+        raise ConfigError(f"kind: unknown study kind {kind!r}; valid choices: {', '.join(KINDS)}")
+    data = {k: v for k, v in data.items() if k != "kind"}
     return validate(_from_dict(StudyConfig, data))
 
 
@@ -248,7 +342,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     raise ConfigError(f"override {key!r}: use variants.NAME.KEY=VALUE")
                 variants = data.setdefault("variants",
                                            [dataclasses.asdict(v) for v in _default_variants()])
-                names = [v.get("name") or v.get("strategy") for v in variants]
+                names = [v.get("name") or v.get("strategy") or v.get("optimizer") for v in variants]
                 if parts[1] not in names:
                     raise ConfigError(f"override {key!r}: no variant {parts[1]!r}; "
                                       f"variants: {', '.join(map(str, names))}")
@@ -292,7 +386,8 @@ def find_recipe(name_or_path: str | None) -> tuple[str, str]:
                       "(or a path to a .toml file)")
 
 
-def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> StudyConfig:
+def load_recipe(name_or_path: str | None = None,
+                overrides: list[str] | None = None) -> StudyConfig | OptimStudyConfig:
     """Load, override and validate a recipe."""
     name, text = find_recipe(name_or_path)
     try:

@@ -33,27 +33,15 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 </style></head><body>
 <h1>{{ study }}</h1>
 <p>{{ description }}</p>
-<p class="note">{{ status }} · {{ n_runs }} runs ({{ variants|length }} variants × seeds {{ seeds }}) ·
+<p class="note">{{ status }} · {{ n_runs }} runs ({{ n_variants }} variants × seeds {{ seeds }}) ·
 wall time {{ wall }} · poise {{ version }}, torch {{ torch }}, Python {{ python }}</p>
 
-<h2>Metrics per variant</h2>
-<p class="note">Mean ± sample std over seeds. ACC: final average accuracy; FORG: forgetting;
-min-ACC: mean over earlier tasks of their worst accuracy after being learned; WC-ACC:
-worst-case accuracy; WF<sup>w</sup>: windowed forgetting over w evaluations; gap depth: accuracy
-of a task at the switch minus its minimum during the next task, averaged over switches;
-recovery: steps after the switch until accuracy is back within ε of its switch value (mean
-over recovered switches). All accuracies on held-out data.</p>
-<table><tr><th>variant</th>{% for h in metric_heads %}<th>{{ h }}</th>{% endfor %}</tr>
-{% for row in metric_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}
+{% for t in tables %}<h2>{{ t.title }}</h2>
+<p class="note">{{ t.note }}</p>
+<table><tr><th>variant</th>{% for h in t.heads %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in t.rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}
 </table>
-
-<h2>The stability gap on the first task</h2>
-<p class="note">Accuracy on task 0 at the end of its own training, its minimum at any
-evaluation after that, its final value, and the depth and recovery time of the dip right
-after the first switch.</p>
-<table><tr><th>variant</th>{% for h in gap_heads %}<th>{{ h }}</th>{% endfor %}</tr>
-{% for row in gap_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}
-</table>
+{% endfor %}
 
 {% for title, img in images %}<h3>{{ title }}</h3><img src="data:image/png;base64,{{ img }}" alt="{{ title }}">
 {% endfor %}
@@ -78,7 +66,7 @@ def _load(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str,
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     results = [json.loads(p.read_text()) for p in sorted((run_dir / "results").glob("*.json"))]
-    order = {v["name"] or v["strategy"]: i for i, v in enumerate(config.get("variants", []))}
+    order = {v["name"] or v.get("strategy") or v.get("optimizer"): i for i, v in enumerate(config.get("variants", []))}
     results.sort(key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
     return config, summary, results
 
@@ -199,6 +187,85 @@ def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]])
     return out
 
 
+METRICS_NOTE = (
+    "Mean ± sample std over seeds. ACC: final average accuracy; FORG: forgetting; min-ACC: mean over earlier "
+    "tasks of their worst accuracy after being learned; WC-ACC: worst-case accuracy; WF<sup>w</sup>: windowed "
+    "forgetting over w evaluations; gap depth: accuracy of a task at the switch minus its minimum during the next "
+    "task, averaged over switches; recovery: steps after the switch until accuracy is back within ε of its switch "
+    "value (mean over recovered switches). All accuracies on held-out data.")
+GAP_NOTE = ("Accuracy on task 0 at the end of its own training, its minimum at any evaluation after that, its "
+            "final value, and the depth and recovery time of the dip right after the first switch.")
+
+
+def _continual_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from poise.runs.study import summarize
+
+    windows = config["eval"]["windows"]
+    table = summarize(results, windows)
+    metric_keys = ["acc", "forgetting", "bwt", "min_acc", "wc_acc", *[f"wf{w}" for w in windows],
+                   "gap_depth", "gap_recovery"]
+    metric_heads = ["ACC", "FORG", "BWT", "min-ACC", "WC-ACC", *[f"WF<sup>{w}</sup>" for w in windows],
+                    "gap depth", "recovery (steps)"]
+    gap_keys = ["task0_acc_at_end", "task0_min_after", "task0_acc_final", "task0_gap_depth", "task0_gap_recovery"]
+    gap_heads = ["acc at end of task 0", "min after", "final", "gap depth", "recovery (steps)"]
+    return [
+        {"title": "Metrics per variant", "note": METRICS_NOTE, "heads": metric_heads,
+         "rows": [[html.escape(v)] + [_fmt(row[k]) for k in metric_keys] for v, row in table.items()]},
+        {"title": "The stability gap on the first task", "note": GAP_NOTE, "heads": gap_heads,
+         "rows": [[html.escape(v)] + [_fmt(row[k]) for k in gap_keys] for v, row in table.items()]},
+    ]
+
+
+def _optim_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from poise.runs.optim_study import summarize_optim
+
+    table = summarize_optim(results)
+    note = (f"Mean ± sample std over seeds. A loss spike: training loss above {config['spike_factor']}x its "
+            f"running average (EMA 0.9). Diverged: loss non-finite or above {config['divergence_factor']}x its "
+            "initial value; the run stops there and has no final validation loss.")
+    heads = ["final val loss", "min train loss", "loss spikes", "diverged", "ms / step"]
+    rows = []
+    for v, row in table.items():
+        sps = row["seconds_per_step"]
+        ms = {k: (x * 1e3 if isinstance(x, float) and k in ("mean", "std") else x) for k, x in sps.items()}
+        rows.append([html.escape(v), _fmt(row["final_val_loss"]), _fmt(row["min_train_loss"]),
+                     _fmt(row["spikes"], 1), f"{row['diverged']['count']} / {row['diverged']['runs']}",
+                     _fmt(ms, 1)])
+    return [{"title": "Optimizers", "note": note, "heads": heads, "rows": rows}]
+
+
+def _optim_plots(run_dir: Path, results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    colors = plt.get_cmap("tab10")
+    fig, (ax, av) = plt.subplots(1, 2, figsize=(13, 4.2))
+    for i, v in enumerate(variants):
+        for j, r in enumerate(r for r in results if r["variant"] == v):
+            y = np.array([np.nan if x is None else x for x in r["losses"]], dtype=float)
+            ax.plot(np.arange(1, len(y) + 1), y, color=colors(i), lw=0.8, alpha=0.8, label=v if j == 0 else None)
+            if r["spikes"]:
+                sp = np.array(r["spikes"])
+                ax.scatter(sp, y[sp - 1], color=colors(i), marker="x", s=18)
+            if r["diverged_at"]:
+                ax.axvline(r["diverged_at"], color=colors(i), ls=":", lw=1)
+            av.plot(r["val_steps"], r["val_losses"], color=colors(i), lw=1.2, marker=".",
+                    label=v if j == 0 else None)
+    ax.set(xlabel="step", ylabel="training loss", yscale="log",
+           title="Training loss per seed (x: loss spikes, dotted: divergence)")
+    av.set(xlabel="step", ylabel="validation loss", yscale="log", title="Validation loss per seed")
+    ax.legend(fontsize=8)
+    av.legend(fontsize=8)
+    fig.tight_layout()
+    p = run_dir / "loss_curves.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [("Loss curves", p)]
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write the plots and ``report.html`` of ``run_dir``; return the report's path."""
     try:
@@ -212,18 +279,10 @@ def build_report(run_dir: str | Path) -> Path:
     config, summary, results = _load(run_dir)
     if not results:
         raise FileNotFoundError(f"{run_dir} has no finished runs yet (results/ is empty)")
-    from poise.runs.study import summarize
-
-    windows = config["eval"]["windows"]
-    table = summarize(results, windows)
-    images = _plots(run_dir, config, results)
-    metric_keys = ["acc", "forgetting", "bwt", "min_acc", "wc_acc", *[f"wf{w}" for w in windows],
-                   "gap_depth", "gap_recovery"]
-    metric_heads = ["ACC", "FORG", "BWT", "min-ACC", "WC-ACC", *[f"WF<sup>{w}</sup>" for w in windows],
-                    "gap depth", "recovery (steps)"]
-    gap_keys = ["task0_acc_at_end", "task0_min_after", "task0_acc_final", "task0_gap_depth",
-                "task0_gap_recovery"]
-    gap_heads = ["acc at end of task 0", "min after", "final", "gap depth", "recovery (steps)"]
+    if config.get("kind") == "optimizers":
+        tables, images = _optim_tables(config, results), _optim_plots(run_dir, results)
+    else:
+        tables, images = _continual_tables(config, results), _plots(run_dir, config, results)
     import torch
 
     import poise
@@ -233,13 +292,10 @@ def build_report(run_dir: str | Path) -> Path:
         study=html.escape(config["name"]),
         description=html.escape(config.get("description", "")),
         status="complete" if summary.get("complete") else "INCOMPLETE (some runs missing)",
-        n_runs=len(results), variants=list(table), seeds=config["seeds"],
+        n_runs=len(results), n_variants=len({r["variant"] for r in results}), seeds=config["seeds"],
         wall=f"{summary.get('wall_seconds', float('nan')):.0f} s",
         version=poise.__version__, torch=torch.__version__, python=platform.python_version(),
-        metric_heads=metric_heads,
-        metric_rows=[[html.escape(v)] + [_fmt(row[k]) for k in metric_keys] for v, row in table.items()],
-        gap_heads=gap_heads,
-        gap_rows=[[html.escape(v)] + [_fmt(row[k]) for k in gap_keys] for v, row in table.items()],
+        tables=tables,
         images=[(html.escape(t), base64.b64encode(p.read_bytes()).decode()) for t, p in images],
         config=html.escape(json.dumps(config, indent=2)),
     )
