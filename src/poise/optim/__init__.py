@@ -3,7 +3,11 @@
 from poise.optim._adapter import NonFiniteGradientError, TransformOptimizer
 from poise.optim.adamw import AdamW
 from poise.optim.galore import GaLoreAdamW
+from poise.optim.more import CLASSP, FRUGAL, SPAM, QGaLoreAdamW
 from poise.optim.soap import SOAP
 from poise.optim.stable_spam import StableSPAM
 
-__all__ = ["SOAP", "AdamW", "GaLoreAdamW", "NonFiniteGradientError", "StableSPAM", "TransformOptimizer"]
+__all__ = [
+    "CLASSP", "FRUGAL", "SOAP", "SPAM", "AdamW", "GaLoreAdamW", "NonFiniteGradientError", "QGaLoreAdamW", "StableSPAM",
+    "TransformOptimizer",
+]

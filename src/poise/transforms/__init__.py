@@ -19,9 +19,13 @@ from poise.transforms._clipping import (
     normalize_by_norm_ema,
     normalize_by_rms,
 )
-from poise.transforms._lowrank import project_low_rank
+from poise.transforms._frugal import split_frugal
+from poise.transforms._lowrank import dequantize, project_low_rank, quantize
+from poise.transforms._projection import project_orthogonal
 from poise.transforms._reset import periodic_reset
 from poise.transforms._soap import merge_dims, scale_by_soap
+from poise.transforms._spam import spam, spam_warmup_scale
+from poise.transforms._sparse import ignore_top_k, scale_by_classp
 
 __all__ = [
     "Transform",
@@ -32,16 +36,24 @@ __all__ = [
     "clip_spikes_by_max_ema",
     "fused_adamw",
     "cosine_momentum_schedule",
+    "dequantize",
     "identity",
+    "ignore_top_k",
     "init_state",
     "merge_dims",
     "normalize_by_norm_ema",
     "normalize_by_rms",
     "periodic_reset",
     "project_low_rank",
+    "project_orthogonal",
+    "quantize",
     "scale_by_adam",
     "scale_by_bias_correction",
+    "scale_by_classp",
     "scale_by_learning_rate",
     "scale_by_soap",
+    "spam",
+    "spam_warmup_scale",
+    "split_frugal",
     "tick",
 ]

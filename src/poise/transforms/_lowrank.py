@@ -7,7 +7,38 @@ from torch import Tensor
 
 from poise.transforms._base import Hyper, State, Transform, Updates, scoped
 
-__all__ = ["PROJ_TYPES", "project_low_rank"]
+__all__ = ["PROJ_TYPES", "dequantize", "project_low_rank", "quantize"]
+
+
+def quantize(x: Tensor, bits: int, group_size: int, stochastic: bool = False,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Asymmetric min-max uniform quantization per group of ``group_size`` consecutive
+    entries (Q-GaLore's ``proj_bits``/``weight_bits``): ``s = (max - min) / (2^b - 1)``,
+    ``q = clamp(round((x - min) / s), 0, 2^b - 1)`` stored as uint8 (one code a byte, no
+    packing, as the authors); ``stochastic`` rounds up with probability equal to the
+    fractional part. Returns ``(codes, scales, mins)``; :func:`dequantize` inverts it."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits} is out of range; valid: 1..8")
+    flat = x.reshape(-1).float()
+    pad = (-flat.numel()) % group_size
+    g = torch.cat([flat, flat.new_zeros(pad)]).view(-1, group_size)
+    lo, hi = g.min(1, keepdim=True).values, g.max(1, keepdim=True).values
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-12)
+    t = (g - lo) / scale
+    if stochastic:
+        t = torch.floor(t + torch.rand(t.shape, generator=generator, device=t.device))
+    else:
+        t = torch.round(t)
+    return t.clamp_(0, 2**bits - 1).to(torch.uint8), scale.squeeze(1), lo.squeeze(1)
+
+
+def dequantize(codes: Tensor, scale: Tensor, lo: Tensor, shape: torch.Size | tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    g = codes.float() * scale[:, None] + lo[:, None]
+    n = 1
+    for d in shape:
+        n *= d
+    return g.reshape(-1)[:n].view(shape).to(dtype)
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 
@@ -33,6 +64,14 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
     current gradient (SVD in float32) on the first step and every ``update_proj_gap`` steps
     after (the official timing: shared steps ``1, gap+1, 2 gap+1, ...``); ``inner``'s state
     (Adam's moments) is *not* reprojected when ``P`` changes, as in the official code.
+
+    Q-GaLore (Zhang et al., arXiv 2407.08296; VITA-Group/Q-GaLore): with
+    ``hyper["proj_bits"]`` the projector is stored quantized (uint8 codes of
+    ``proj_bits`` bits per ``proj_group_size`` group, see :func:`quantize`) and used
+    dequantized; with ``hyper["cos_threshold"]`` each refresh pushes the cosine between the
+    new and the previous first singular vector into a queue of ``queue_size``; once it is
+    full and its mean is at least ``cos_threshold``, this tensor's gap is multiplied by
+    ``gamma_proj`` (the queue is kept, so the gap can keep growing, as the authors').
 
     Applies to parameters of groups that have ``hyper["rank"]``; others pass straight to
     ``inner``. Tensors of more than two dims are projected as ``(shape[0], -1)`` matrices
@@ -63,7 +102,8 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
                 continue
             g = u.reshape(u.shape[0], -1)
             side = _side((g.shape[0], g.shape[1]), proj_type)
-            refresh = "proj" not in s or (int(s["step"]) - 1) % gap == 0
+            gap = int(s["gap"]) if "gap" in s else gap
+            refresh = ("proj" not in s and "proj_codes" not in s) or (int(s["step"]) - 1) % gap == 0
             s["refreshed"] = torch.tensor(float(refresh))
             if refresh:
                 U, _, Vh = torch.linalg.svd(g.float(), full_matrices=False)
@@ -74,7 +114,9 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
                     s["proj"] = Vh[:rank, :].to(g.dtype, copy=True).contiguous()
                 if side == "full":
                     s["proj_b"] = Vh[:rank, :].to(g.dtype, copy=True).contiguous()
-            P = s["proj"]
+                if "proj_bits" in hyper:
+                    _q_galore_refresh(s, hyper, U, Vh, side, gap)
+            P = _projector(s, g.dtype)
             if side == "right":
                 low.append(g @ P.t())
             elif side == "left":
@@ -90,7 +132,7 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
             if r is None or side is None:
                 out.append(r)
                 continue
-            P = s["proj"]
+            P = _projector(s, r.dtype)
             if apply and side in ("right", "left") and p.dtype == r.dtype and p.is_contiguous():
                 p2 = p.view(p.shape[0], -1)
                 if side == "right":
@@ -117,3 +159,30 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
         return out
 
     return Transform(lambda p, h: {}, update, "galore")
+
+
+def _q_galore_refresh(s: State, hyper: Hyper, U: Tensor, Vh: Tensor, side: str, gap: int) -> None:
+    """Quantize the fresh projector and adapt this tensor's refresh gap (Q-GaLore)."""
+    bits, gs = hyper["proj_bits"], hyper.get("proj_group_size", 256)
+    P = s.pop("proj")
+    codes, scale, lo = quantize(P, bits, gs)
+    s["proj_codes"], s["proj_scales"], s["proj_mins"] = codes, scale, lo
+    s["proj_shape"] = torch.tensor(list(P.shape))
+    if hyper.get("cos_threshold") is None:
+        return
+    vec = (Vh[0] if side == "right" else U[:, 0]).float()
+    if "last_vec" in s and s["last_vec"].shape == vec.shape:
+        cos = torch.dot(vec, s["last_vec"]) / (vec.norm() * s["last_vec"].norm()).clamp_min(1e-30)
+        q = torch.cat([s.get("cos_queue", torch.zeros(0)), cos.reshape(1)])[-hyper.get("queue_size", 5):]
+        s["cos_queue"] = q
+        if len(q) == hyper.get("queue_size", 5) and float(q.mean()) >= hyper["cos_threshold"]:
+            s["gap"] = torch.tensor(int(gap * hyper.get("gamma_proj", 2)))
+    s["last_vec"] = vec
+
+
+def _projector(s: State, dtype: torch.dtype) -> Tensor:
+    """The projector: stored as is, or dequantized from its codes (Q-GaLore)."""
+    if "proj" in s:
+        return s["proj"]
+    shape = tuple(int(d) for d in s["proj_shape"])
+    return dequantize(s["proj_codes"], s["proj_scales"], s["proj_mins"], shape, dtype)

@@ -1,0 +1,79 @@
+"""SPAM: spike-aware clipping against Adam's second moment, periodic momentum reset, and a
+cosine warm-up after each reset."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from poise.transforms._base import Hyper, State, Transform, Updates, scoped
+
+__all__ = ["spam", "spam_warmup_scale"]
+
+
+def spam_warmup_scale(warmup_step: float, warmup_steps: int) -> float:
+    r"""``1 - d`` with the authors' ``CosineDecay(0.99, warmup_steps).get_dr``:
+    ``d = 0.99 (1 + cos(pi s / (W + 1))) / 2`` for ``s < W``, else 0. So 0.01 right after a
+    reset, rising to 1 over ``W`` steps."""
+    if warmup_step >= warmup_steps:
+        return 1.0
+    return 1.0 - 0.99 * (1 + math.cos(math.pi * warmup_step / (warmup_steps + 1))) / 2
+
+
+def spam(inner: Transform) -> Transform:
+    r"""SPAM around an Adam transform ``inner`` (Huang et al., "SPAM: Spike-Aware Adam with
+    Momentum Reset for Stable LLM Training", arXiv 2501.06842; TianjinYellow/SPAM-Optimizer).
+
+    With ``c`` the shared clock, ``T`` = ``hyper["DeltaT"]``, ``theta`` = ``hyper["threshold"]``,
+    ``A`` = ``hyper["grad_accu_steps"]``, ``W`` = ``hyper["warmup_steps"]``:
+
+    * momentum reset: when ``c % T == 0`` the moments of ``inner`` are zeroed (the shared step
+      is *not* reset: the authors keep bias-correcting from the old count);
+    * spike clipping: when ``theta > 0``, ``c >= A`` and ``c % T >= A``, entries with
+      ``g^2 > theta v`` (``v`` = ``inner``'s second moment before this step) become
+      ``sign(g) sqrt(theta v)``; records ``clipped_frac``;
+    * warm-up: ``inner``'s output is multiplied by :func:`spam_warmup_scale` of a counter that
+      restarts at 0 on the step before each reset (state ``warmup_step``, starting at
+      ``W + 1``: no warm-up at the start of training).
+
+    Dense only: the authors' sparse-momentum ``density`` masks are not implemented.
+    """
+
+    def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
+        T, theta = hyper["DeltaT"], hyper["threshold"]
+        A, W = hyper["grad_accu_steps"], hyper["warmup_steps"]
+        inner_states = scoped(states, "inner.")
+        scales: list[float] = []
+        for u, s, si in zip(updates, states, inner_states, strict=True):
+            if u is None:
+                scales.append(1.0)
+                continue
+            c = int(s["clock"])
+            if "warmup_step" not in s:
+                s["warmup_step"] = torch.tensor(float(W + 1))
+            if c % T == 0 and "exp_avg" in si:
+                si["exp_avg"].zero_()
+                si["exp_avg_sq"].zero_()
+            if theta and c >= A and c % T >= A and "exp_avg_sq" in si:
+                v = si["exp_avg_sq"]
+                bound = (theta * v).sqrt_()
+                mask = u.abs() > bound
+                s["clipped_frac"] = mask.float().mean()
+                u.copy_(torch.where(mask, u.sign() * bound, u))
+            else:
+                s["clipped_frac"] = torch.zeros(())
+            scales.append(spam_warmup_scale(float(s["warmup_step"]), W))
+        out = inner.update(updates, inner_states, params, hyper)
+        for i, (u, s) in enumerate(zip(out, states, strict=True)):
+            if updates[i] is None:
+                continue
+            if u is not None:
+                u.mul_(scales[i])
+            s["warmup_step"] += 1
+            if (int(s["clock"]) + 1) % T == 0:
+                s["warmup_step"].zero_()
+        return out
+
+    return Transform(lambda p, h: {}, update, "spam")
