@@ -75,6 +75,10 @@ def scale_by_soap(data_format: str = "channels_first") -> Transform:
         return [s[f"Q{i}"] for i in range(n_factors(s))]
 
     def rotate(g: Tensor, s: State, hyper: Hyper, back: bool) -> Tensor:
+        if g.dim() == 2 and not hyper["merge_dims"]:
+            ql, qr = s["Q0"], s["Q1"]
+            if ql.numel() > 0 and qr.numel() > 0:  # the common case, as two plain matmuls
+                return ql @ g @ qr.T if back else ql.T @ g @ qr
         original = g.shape
         merged, g2 = shape_of(g, hyper)
         permuted = g2.shape
@@ -112,6 +116,11 @@ def scale_by_soap(data_format: str = "channels_first") -> Transform:
         merged, g2 = shape_of(g, hyper)
         if merged is not None:
             g2 = g2.reshape(merged)
+        if g2.dim() == 2:  # G G^T and G^T G as plain matmuls
+            for i, gram in ((0, lambda: g2 @ g2.T), (1, lambda: g2.T @ g2)):
+                if s[f"GG{i}"].numel() > 0:
+                    s[f"GG{i}"].lerp_(gram(), 1 - beta)
+            return
         for i in range(g2.dim()):
             gg = s[f"GG{i}"]
             if gg.numel() > 0:
