@@ -21,28 +21,54 @@ def diagonal_fisher(
     r"""Empirical diagonal Fisher ``F_k = 1/N \sum_n (\partial_k \log p(y_n|x_n))^2`` from
     per-sample gradients (not squared minibatch means, which Avalanche uses and which is
     biased low by the batch size). ``loss_fn`` must be the per-sample negative
-    log-likelihood when given a batch of one."""
+    log-likelihood when given a batch of one.
+
+    Per-sample gradients come from ``torch.func.vmap(grad(...))``; a model whose forward
+    cannot be vmapped (data-dependent Python branches, as some Hugging Face models have)
+    falls back to one backward pass per sample, with the same result."""
     params = dict(trainable(model))
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     was = model.training
     model.eval()
     try:
-        from torch.func import grad, vmap
-
-        def one(p: dict[str, Tensor], x: Tensor, y: Tensor, m: Tensor | None) -> Tensor:
-            b = Batch(x[None], y[None], None if m is None else m[None])
-            return loss_fn(_Bound(model, p), b)
-
-        detached = {n: p.detach() for n, p in params.items()}
-        for i in range(0, len(data), batch_size):
-            b = data.index(torch.arange(i, min(i + batch_size, len(data))))
-            in_dims = (None, 0, 0, None if b.mask is None else 0)
-            g = vmap(grad(one), in_dims=in_dims)(detached, b.x, b.y, b.mask)
-            for n in fisher:
-                fisher[n] += g[n].pow(2).sum(0)
+        try:
+            fisher = _fisher_vmap(model, params, data, loss_fn, batch_size)
+        except RuntimeError as e:
+            if "vmap" not in str(e):
+                raise
+            fisher = _fisher_loop(model, params, data, loss_fn)
     finally:
         model.train(was)
     return {n: f / max(1, len(data)) for n, f in fisher.items()}
+
+
+def _fisher_vmap(model: nn.Module, params: dict[str, nn.Parameter], data: Batch, loss_fn: LossFn,
+                 batch_size: int) -> dict[str, Tensor]:
+    from torch.func import grad, vmap
+
+    def one(p: dict[str, Tensor], x: Tensor, y: Tensor, m: Tensor | None) -> Tensor:
+        b = Batch(x[None], y[None], None if m is None else m[None])
+        return loss_fn(_Bound(model, p), b)
+
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    detached = {n: p.detach() for n, p in params.items()}
+    for i in range(0, len(data), batch_size):
+        b = data.index(torch.arange(i, min(i + batch_size, len(data))))
+        in_dims = (None, 0, 0, None if b.mask is None else 0)
+        g = vmap(grad(one), in_dims=in_dims)(detached, b.x, b.y, b.mask)
+        for n in fisher:
+            fisher[n] += g[n].pow(2).sum(0)
+    return fisher
+
+
+def _fisher_loop(model: nn.Module, params: dict[str, nn.Parameter], data: Batch, loss_fn: LossFn) -> dict[str, Tensor]:
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    names, ps = list(params), list(params.values())
+    for i in range(len(data)):
+        gs = torch.autograd.grad(loss_fn(model, data.index(torch.tensor([i]))), ps, allow_unused=True)
+        for n, g in zip(names, gs, strict=True):
+            if g is not None:
+                fisher[n] += g.pow(2)
+    return fisher
 
 
 class _Bound(nn.Module):
