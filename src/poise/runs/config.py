@@ -160,18 +160,8 @@ def validate_optim(cfg: OptimStudyConfig) -> OptimStudyConfig:
             raise ConfigError(f"lm.{key}={getattr(cfg.lm, key)} must be > 0")
     if cfg.lm.n_embd % cfg.lm.n_head:
         raise ConfigError(f"lm.n_embd={cfg.lm.n_embd} must be a multiple of lm.n_head={cfg.lm.n_head}")
-    if not cfg.seeds:
-        raise ConfigError("seeds is empty: give at least one seed")
-    if not cfg.variants:
-        raise ConfigError("variants is empty: give at least one [[variants]] table")
-    seen = set()
-    for i, v in enumerate(cfg.variants):
+    for i, v in enumerate(_check_variants(cfg, "optimizer")):
         key = f"variants[{i}]"
-        _choices("optimizer", v.optimizer, f"{key}.optimizer")
-        v.name = v.name or v.optimizer
-        if v.name in seen:
-            raise ConfigError(f"{key}.name: duplicate variant name {v.name!r}")
-        seen.add(v.name)
         cls = _registry.get("optimizer", v.optimizer)
         allowed = [k for k in list(inspect.signature(cls.__init__).parameters)[2:] if k != "diagnostics"]
         if v.optimizer.startswith("galore"):
@@ -248,6 +238,24 @@ def strategy_params(name: str) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in list(sig.parameters.items())[1:] if k not in _NOT_FROM_RECIPE}
 
 
+def _check_variants(cfg: Any, field_name: str) -> list[Any]:
+    """Seeds and variants present; each variant's ``field_name`` a registered name (the
+    registry kind of the same name); names filled in and unique."""
+    if not cfg.seeds:
+        raise ConfigError("seeds is empty: give at least one seed")
+    if not cfg.variants:
+        raise ConfigError("variants is empty: give at least one [[variants]] table")
+    seen = set()
+    for i, v in enumerate(cfg.variants):
+        key = f"variants[{i}]"
+        _choices(field_name, getattr(v, field_name), f"{key}.{field_name}")
+        v.name = v.name or getattr(v, field_name)
+        if v.name in seen:
+            raise ConfigError(f"{key}.name: duplicate variant name {v.name!r}")
+        seen.add(v.name)
+    return cfg.variants
+
+
 def validate(cfg: StudyConfig) -> StudyConfig:
     """Check registry names, ranges and strategy parameters; raise :class:`ConfigError`."""
     _choices("stream", cfg.workload.stream, "workload.stream")
@@ -265,18 +273,8 @@ def validate(cfg: StudyConfig) -> StudyConfig:
                    ("eval.budget", cfg.eval.budget)]:
         if v < 0:
             raise ConfigError(f"{key}={v} must be >= 0")
-    if not cfg.seeds:
-        raise ConfigError("seeds is empty: give at least one seed")
-    if not cfg.variants:
-        raise ConfigError("variants is empty: give at least one [[variants]] table")
-    seen = set()
-    for i, v in enumerate(cfg.variants):
+    for i, v in enumerate(_check_variants(cfg, "strategy")):
         key = f"variants[{i}]"
-        _choices("strategy", v.strategy, f"{key}.strategy")
-        v.name = v.name or v.strategy
-        if v.name in seen:
-            raise ConfigError(f"{key}.name: duplicate variant name {v.name!r}")
-        seen.add(v.name)
         allowed = strategy_params(v.strategy)
         for p, val in v.params.items():
             if p not in allowed:

@@ -7,10 +7,7 @@ results/*.json per run, summary.json rewritten after each run, plots and report.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +19,8 @@ from torch import nn
 from poise import _registry
 from poise.optim import NonFiniteGradientError
 from poise.runs.config import GALORE_GROUP_KEYS, OptimStudyConfig, OptimVariantConfig
-from poise.runs.store import JsonlWriter, atomic_write_json, new_run_dir
-from poise.runs.study import _Progress, _stats
+from poise.runs.store import JsonlWriter
+from poise.runs.study import _stats, execute
 from poise.tasks.gpt import GPT, GPTConfig
 from poise.tasks.text import CharTokenizer, arithmetic_corpus
 
@@ -161,33 +158,5 @@ def summarize_optim(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_optim_study(cfg: OptimStudyConfig, run_dir: str | Path | None = None, progress: bool | None = None,
                     report: bool = True) -> Path:
-    torch.set_num_threads(cfg.threads)
-    path = Path(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path / "config.json", dataclasses.asdict(cfg))
-    if progress is None:
-        progress = sys.stderr.isatty() and os.environ.get("CI") != "true"
-    bar = _Progress(cfg.lm.steps * len(cfg.variants) * len(cfg.seeds), progress)
-    results: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    try:
-        for seed in cfg.seeds:
-            for i, v in enumerate(cfg.variants):
-                bar.describe(f"{v.name} seed {seed}")
-                tag = f"{v.name}-s{seed}"
-                r = run_one_optim(cfg, i, seed, path / "metrics" / f"{tag}.jsonl", bar.update)
-                atomic_write_json(path / "results" / f"{tag}.json", r)
-                results.append(r)
-                atomic_write_json(path / "summary.json", {
-                    "study": cfg.name, "kind": "optimizers", "complete": False,
-                    "wall_seconds": time.perf_counter() - t0, "variants": summarize_optim(results)})
-    finally:
-        bar.close()
-    atomic_write_json(path / "summary.json", {
-        "study": cfg.name, "kind": "optimizers", "complete": True, "wall_seconds": time.perf_counter() - t0,
-        "runs": len(results), "variants": summarize_optim(results)})
-    if report:
-        from poise.runs.report import build_report
-
-        build_report(path)
-    return path
+    """Run every optimizer x seed; write the run directory; return its path."""
+    return execute(cfg, run_dir, progress, report, cfg.lm.steps, run_one_optim, summarize_optim, "optimizers")

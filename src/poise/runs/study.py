@@ -145,38 +145,46 @@ def summarize(results: list[dict[str, Any]], windows: list[int]) -> dict[str, An
     return out
 
 
-def run_study(cfg: StudyConfig, run_dir: str | Path | None = None, progress: bool | None = None,
-              report: bool = True) -> Path:
-    """Run every variant x seed; write the run directory; return its path."""
+def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report: bool, steps_per_run: int,
+            run_one_fn: Any, summarize_fn: Any, kind: str) -> Path:
+    """Run every variant x seed of ``cfg`` with ``run_one_fn(cfg, i, seed, metrics_path,
+    progress)``, write each result and a fresh ``summary.json`` (``summarize_fn(results)``)
+    after every run, then the report. Shared by every study kind."""
     torch.set_num_threads(cfg.threads)
     path = Path(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path / "config.json", dataclasses.asdict(cfg))
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("CI") != "true"
-    steps = cfg.train.steps_per_task * cfg.workload.n_tasks
-    bar = _Progress(steps * len(cfg.variants) * len(cfg.seeds), progress)
+    bar = _Progress(steps_per_run * len(cfg.variants) * len(cfg.seeds), progress)
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+
+    def summary(complete: bool) -> dict[str, Any]:
+        return {"study": cfg.name, "kind": kind, "complete": complete, "wall_seconds": time.perf_counter() - t0,
+                "runs": len(results), "variants": summarize_fn(results)}
+
     try:
         for seed in cfg.seeds:
             for i, v in enumerate(cfg.variants):
                 bar.describe(f"{v.name} seed {seed}")
                 tag = f"{v.name}-s{seed}"
-                r = run_one(cfg, i, seed, path / "metrics" / f"{tag}.jsonl", bar.update)
+                r = run_one_fn(cfg, i, seed, path / "metrics" / f"{tag}.jsonl", bar.update)
                 atomic_write_json(path / "results" / f"{tag}.json", r)
                 results.append(r)
-                atomic_write_json(path / "summary.json", {
-                    "study": cfg.name, "complete": False,
-                    "wall_seconds": time.perf_counter() - t0,
-                    "variants": summarize(results, cfg.eval.windows)})
+                atomic_write_json(path / "summary.json", summary(False))
     finally:
         bar.close()
-    atomic_write_json(path / "summary.json", {
-        "study": cfg.name, "complete": True, "wall_seconds": time.perf_counter() - t0,
-        "runs": len(results), "variants": summarize(results, cfg.eval.windows)})
+    atomic_write_json(path / "summary.json", summary(True))
     if report:
         from poise.runs.report import build_report
 
         build_report(path)
     return path
+
+
+def run_study(cfg: StudyConfig, run_dir: str | Path | None = None, progress: bool | None = None,
+              report: bool = True) -> Path:
+    """Run every variant x seed of a continual study; write the run directory; return its path."""
+    return execute(cfg, run_dir, progress, report, cfg.train.steps_per_task * cfg.workload.n_tasks, run_one,
+                   lambda rs: summarize(rs, cfg.eval.windows), "continual")
