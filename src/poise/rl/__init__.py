@@ -1,0 +1,60 @@
+"""RL objectives for LLM post-training as pure per-token functions.
+
+``poise.rl.get_loss("ppo_clip")(logp, old_logp, adv, mask) -> LossOut(values, metrics)``;
+then ``poise.rl.aggregate(values, mask, mode, num_tokens=..., num_seqs=...)``.
+No model, no ``.item()``, no distributed calls inside.
+"""
+
+from typing import Any
+
+from poise import _registry
+from poise.rl._common import AGG_MODES, LossOut, aggregate, broadcast, masked_mean, masked_sum, masked_whiten
+from poise.rl.advantages import (
+    batch_normalized_advantage,
+    dr_grpo_advantage,
+    global_stat_advantage,
+    group_advantage,
+    reinforce_advantage,
+    rloo_advantage,
+)
+from poise.rl.correction import (
+    ISWeights,
+    decompose_ratio,
+    is_weights,
+    log_ratio,
+    prox_logp_loglinear,
+    sequence_log_ratio,
+)
+from poise.rl.losses import (
+    cispo_loss,
+    decoupled_ppo_loss,
+    gspo_loss,
+    kl_penalty,
+    minirl_loss,
+    pacs_loss,
+    pg_loss,
+    ppo_clip_loss,
+    sapo_loss,
+)
+from poise.rl.sampling import dynamic_sampling_keep, overlong_penalty
+from poise.rl.tokens import entropy_topk_mask, steer_weights
+
+
+def get_loss(name: str) -> Any:
+    """A registered loss by name; an unknown name raises listing the valid ones."""
+    return _registry.get("loss", name)
+
+
+def names() -> list[str]:
+    """Names of the registered losses."""
+    return _registry.names("loss")
+
+
+__all__ = [
+    "AGG_MODES", "ISWeights", "LossOut", "aggregate", "batch_normalized_advantage", "broadcast", "cispo_loss",
+    "decompose_ratio", "decoupled_ppo_loss", "dr_grpo_advantage", "dynamic_sampling_keep", "entropy_topk_mask",
+    "get_loss", "global_stat_advantage", "group_advantage", "gspo_loss", "is_weights", "kl_penalty", "log_ratio",
+    "masked_mean", "masked_sum", "masked_whiten", "minirl_loss", "names", "overlong_penalty", "pacs_loss", "pg_loss",
+    "ppo_clip_loss", "prox_logp_loglinear", "reinforce_advantage", "rloo_advantage", "sapo_loss",
+    "sequence_log_ratio", "steer_weights",
+]
