@@ -36,8 +36,18 @@ from poise.rl.losses import (
     ppo_clip_loss,
     sapo_loss,
 )
-from poise.rl.sampling import dynamic_sampling_keep, overlong_penalty
-from poise.rl.tokens import entropy_topk_mask, steer_weights
+from poise.rl.sampling import AdaSampler, StalenessBuffer, dynamic_sampling_keep, overlong_penalty
+from poise.rl.tokens import (
+    bapo_bounds,
+    capo_mask,
+    capo_token_kl,
+    echo_clip_eps,
+    entropy_topk_mask,
+    gtpo_conflict_weights,
+    gtpo_entropy_filter,
+    masked_entropy_stats,
+    steer_weights,
+)
 
 
 def get_loss(name: str) -> Any:
@@ -51,10 +61,47 @@ def names() -> list[str]:
 
 
 __all__ = [
-    "AGG_MODES", "ISWeights", "LossOut", "aggregate", "batch_normalized_advantage", "broadcast", "cispo_loss",
-    "decompose_ratio", "decoupled_ppo_loss", "dr_grpo_advantage", "dynamic_sampling_keep", "entropy_topk_mask",
-    "get_loss", "global_stat_advantage", "group_advantage", "gspo_loss", "is_weights", "kl_penalty", "log_ratio",
-    "masked_mean", "masked_sum", "masked_whiten", "minirl_loss", "names", "overlong_penalty", "pacs_loss", "pg_loss",
-    "ppo_clip_loss", "prox_logp_loglinear", "reinforce_advantage", "rloo_advantage", "sapo_loss",
-    "sequence_log_ratio", "steer_weights",
+    "AGG_MODES",
+    "AdaSampler",
+    "ISWeights",
+    "LossOut",
+    "StalenessBuffer",
+    "aggregate",
+    "bapo_bounds",
+    "batch_normalized_advantage",
+    "broadcast",
+    "capo_mask",
+    "capo_token_kl",
+    "cispo_loss",
+    "decompose_ratio",
+    "decoupled_ppo_loss",
+    "dr_grpo_advantage",
+    "dynamic_sampling_keep",
+    "echo_clip_eps",
+    "entropy_topk_mask",
+    "get_loss",
+    "global_stat_advantage",
+    "group_advantage",
+    "gspo_loss",
+    "gtpo_conflict_weights",
+    "gtpo_entropy_filter",
+    "is_weights",
+    "kl_penalty",
+    "log_ratio",
+    "masked_entropy_stats",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
+    "minirl_loss",
+    "names",
+    "overlong_penalty",
+    "pacs_loss",
+    "pg_loss",
+    "ppo_clip_loss",
+    "prox_logp_loglinear",
+    "reinforce_advantage",
+    "rloo_advantage",
+    "sapo_loss",
+    "sequence_log_ratio",
+    "steer_weights",
 ]
