@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="validate and print the config, run nothing")
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", nargs="?", default=None,
-                    choices=["recipes", "strategies", "optimizers", "metrics", "streams", "models"])
+                    choices=["recipes", "strategies", "optimizers", "losses", "advantages", "metrics", "streams",
+                             "models"])
     rep = sub.add_parser("report", help="rebuild the plots and report.html of a run directory")
     rep.add_argument("run_dir")
     sub.add_parser("env", help="versions and threads")
@@ -132,15 +133,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from poise import _registry
     from poise.runs.config import recipe_names, strategy_params
 
-    kinds = [args.kind] if args.kind else ["recipes", "strategies", "optimizers", "metrics", "streams", "models"]
+    kinds = [args.kind] if args.kind else ["recipes", "strategies", "optimizers", "losses", "advantages", "metrics",
+                                           "streams", "models"]
     for kind in kinds:
         print(f"{kind}:")
         if kind == "recipes":
             for n in recipe_names():
                 print(f"  {n}")
         else:
-            reg = {"strategies": "strategy", "optimizers": "optimizer", "metrics": "metric", "streams": "stream",
-                   "models": "model"}[kind]
+            reg = {"strategies": "strategy", "optimizers": "optimizer", "losses": "loss", "advantages": "advantage",
+                   "metrics": "metric", "streams": "stream", "models": "model"}[kind]
             for n in _registry.names(reg):
                 obj = _registry.get(reg, n)
                 doc = (inspect.getdoc(obj) or "").split("\n")[0]

@@ -86,7 +86,7 @@ def batch_normalized_advantage(rewards: Tensor, group_id: Tensor, eps: float = 1
 @register("advantage", "reinforce_ada")
 def global_stat_advantage(rewards: Tensor, group_id: Tensor, pos_count: Tensor, neg_count: Tensor,
                           eps: float = 1e-6) -> Tensor:
-    r"""Reinforce-Ada's global-statistics baseline (RLHFlow/Reinforce-Ada,
+    r"""Reinforce-Ada's global-statistics baseline (arXiv 2510.04996; RLHFlow/Reinforce-Ada,
     ``compute_grpo_outcome_advantage(..., grpo_uid_to_pos_count, grpo_uid_to_neg_count)``):
     for binary rewards, the group's mean and unbiased std are taken over *all* samples drawn
     for the prompt (``pos_count`` positives, ``neg_count`` negatives, per sequence), not only

@@ -29,7 +29,7 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float =
 
 
 class AdaSampler:
-    r"""Reinforce-Ada's adaptive sampling (RLHFlow/Reinforce-Ada
+    r"""Reinforce-Ada's adaptive sampling (Xiong et al., arXiv 2510.04996; RLHFlow/Reinforce-Ada
     ``_generate_multi_round_adaptive_downsampling``): successive elimination over rounds.
 
     Each round every *active* prompt gets ``round_repeat`` more samples (you generate them;

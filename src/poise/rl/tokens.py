@@ -34,7 +34,7 @@ def entropy_topk_mask(entropy: Tensor, mask: Tensor, ratio: float = 0.2) -> Tens
 
 def steer_weights(adv: Tensor, entropy: Tensor, old_logp: Tensor, logp: Tensor, mask: Tensor, *,
                   w_min: float = 0.8, w_max: float = 1.0, linear: bool = False) -> Tensor:
-    r"""STEER's entropy-change weights (zz-haooo/STEER ``compute_token_weights``): with
+    r"""STEER's entropy-change weights (Hao et al., arXiv 2510.10150; zz-haooo/STEER ``compute_token_weights``): with
     ``p = clamp(exp(logp), 1e-8, 1 - 1e-8)`` and ``H`` the token's entropy,
     ``Omega_t = |A_t / pi_old(y_t) * p (1 - p) (log p + H_t)|`` estimates the entropy change a
     step on that token causes; tokens that would change entropy most are down-weighted:
@@ -62,7 +62,8 @@ def steer_weights(adv: Tensor, entropy: Tensor, old_logp: Tensor, logp: Tensor, 
 
 def gtpo_conflict_weights(token_ids: Tensor, adv: Tensor, group_id: Tensor, mask: Tensor, *,
                           w_conflict: float = 2.0) -> Tensor:
-    r"""GTPO's conflict-token protection (winstonsmith1897/GTPO ``build_conflict_mask``).
+    r"""GTPO's conflict-token protection (Simoni et al., arXiv 2508.03772; winstonsmith1897/GTPO
+    ``build_conflict_mask``).
 
     Within a group, position ``t`` is a conflict when its token id appears there in at least
     one positive-advantage and one negative-advantage completion, counting only the
@@ -114,8 +115,10 @@ def gtpo_entropy_filter(adv: Tensor, seq_entropy: Tensor, *, threshold: float = 
 
 def bapo_bounds(ratio: Tensor, adv: Tensor, mask: Tensor, *, target: float = 1.0, c_low: float = 0.6,
                 c_low_max: float = 0.8, step_low: float = 0.05, c_high: float = 1.2, c_high_max: float = 2.0,
-                step_high: float = 0.05, measure: str = "value") -> tuple[float, float, dict[str, Tensor]]:
-    r"""BAPO's adaptive clipping bounds (WooooDyy/BAPO ``compute_policy_loss_bapo``).
+                step_high: float = 0.05, measure: str = "value",
+                target_kind: str = "ratio") -> tuple[float, float, dict[str, Tensor]]:
+    r"""BAPO's adaptive clipping bounds (Xi et al., arXiv 2510.18927; WooooDyy/BAPO
+    ``compute_policy_loss_bapo``).
 
     The positive/negative contribution ratio ``rho = sum max(e, 0) / (sum max(-e, 0) + 1e-8)`` with
     ``e_t = (A >= 0 ? min(r, c_high) : max(r, c_low)) A`` (``measure="value"``, the authors'
@@ -128,10 +131,15 @@ def bapo_bounds(ratio: Tensor, adv: Tensor, mask: Tensor, *, target: float = 1.0
     and raising ``c_low`` makes negative tokens' values larger, so the first loop can only
     lower ``rho``; the paper's intent, that clipped tokens contribute no gradient, is
     ``measure="unclipped"``: ``e_t = r A`` on the tokens the bounds leave unclipped, 0 elsewhere.
+    The target also differs: the code compares ``pos / neg`` with ``target``; the paper's
+    ``rho_0`` is the positive *share* ``pos / (pos + neg)`` (0.5 there):
+    ``target_kind="share"``.
     Needs the global sums under data parallelism: all-reduce before calling (not done here).
     """
     if measure not in ("value", "unclipped"):
         raise ValueError(f"measure={measure!r}; valid choices: value, unclipped")
+    if target_kind not in ("ratio", "share"):
+        raise ValueError(f"target_kind={target_kind!r}; valid choices: ratio, share")
     r, a = ratio.detach(), adv.detach() if adv.dim() == 2 else adv.detach()[:, None].expand_as(ratio)
 
     def contribution(lo: float, hi: float) -> Tensor:
@@ -141,7 +149,8 @@ def bapo_bounds(ratio: Tensor, adv: Tensor, mask: Tensor, *, target: float = 1.0
             active = torch.where(a >= 0, r <= hi, r >= lo)
             e = torch.where(active, r * a, torch.zeros_like(r))
         e = e * mask
-        return e.clamp_min(0).sum() / (-e).clamp_min(0).sum().add(1e-8)
+        pos, neg = e.clamp_min(0).sum(), (-e).clamp_min(0).sum()
+        return pos / neg.add(1e-8) if target_kind == "ratio" else pos / (pos + neg).add(1e-8)
 
     rho = contribution(c_low, c_high)
     while float(rho) < target and c_low < c_low_max - 1e-12:
@@ -150,8 +159,8 @@ def bapo_bounds(ratio: Tensor, adv: Tensor, mask: Tensor, *, target: float = 1.0
     while float(rho) < target and c_high < c_high_max - 1e-12:
         c_high = min(c_high + step_high, c_high_max)
         rho = contribution(c_low, c_high)
-    return c_low, c_high, {"bapo/pos_neg_ratio": rho, "bapo/c_low": torch.tensor(c_low),
-                           "bapo/c_high": torch.tensor(c_high)}
+    key = "bapo/pos_neg_ratio" if target_kind == "ratio" else "bapo/pos_share"
+    return c_low, c_high, {key: rho, "bapo/c_low": torch.tensor(c_low), "bapo/c_high": torch.tensor(c_high)}
 
 
 def echo_clip_eps(confidence: Tensor, mask: Tensor, *, tail: int = 16, eps_min: float = 0.05, eps_max: float = 0.2,
