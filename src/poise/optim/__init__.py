@@ -2,9 +2,12 @@
 
 from poise.optim._adapter import NonFiniteGradientError, TransformOptimizer
 from poise.optim.adamw import AdamW
+from poise.optim.classp import CLASSP
+from poise.optim.frugal import FRUGAL
 from poise.optim.galore import GaLoreAdamW
-from poise.optim.more import CLASSP, FRUGAL, SPAM, QGaLoreAdamW
+from poise.optim.qgalore import QGaLoreAdamW
 from poise.optim.soap import SOAP
+from poise.optim.spam import SPAM
 from poise.optim.stable_spam import StableSPAM
 
 __all__ = [
