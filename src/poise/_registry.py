@@ -59,3 +59,4 @@ def kinds() -> list[str]:
 def _load_builtins() -> None:
     # Importing the subpackages runs their @register decorators.
     from poise import continual, measure, optim, rl, tasks  # noqa: F401
+    from poise.tasks import reasoning  # noqa: F401
