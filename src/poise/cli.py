@@ -78,8 +78,9 @@ def _split_recipe(recipe: str | None, overrides: list[str]) -> tuple[str | None,
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from poise.runs.config import OptimStudyConfig, load_recipe
+    from poise.runs.config import OptimStudyConfig, RLStudyConfig, load_recipe
     from poise.runs.optim_study import run_optim_study
+    from poise.runs.rl_study import run_rl_study
     from poise.runs.study import run_study
 
     recipe, overrides = _split_recipe(args.recipe, args.overrides)
@@ -90,14 +91,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
     n = len(cfg.variants) * len(cfg.seeds)
-    optim = isinstance(cfg, OptimStudyConfig)
-    what = f"{cfg.lm.steps} steps" if optim else f"{cfg.workload.n_tasks} tasks x {cfg.train.steps_per_task} steps"
+    if isinstance(cfg, OptimStudyConfig):
+        what, runner, show = f"{cfg.lm.steps} steps", run_optim_study, _print_optim_summary
+    elif isinstance(cfg, RLStudyConfig):
+        what, runner, show = f"{cfg.train.steps} RL steps", run_rl_study, _print_rl_summary
+    else:
+        what = f"{cfg.workload.n_tasks} tasks x {cfg.train.steps_per_task} steps"
+        runner, show = run_study, _print_summary
     print(f"poise run {cfg.name}: {len(cfg.variants)} variants x {len(cfg.seeds)} seeds = {n} runs, "
           f"{what} each", file=sys.stderr)
-    runner = run_optim_study if optim else run_study
     path = runner(cfg, args.run_dir, progress=False if args.no_progress else None, report=not args.no_report)
-    summary = json.loads((path / "summary.json").read_text())
-    (_print_optim_summary if optim else _print_summary)(summary)
+    show(json.loads((path / "summary.json").read_text()))
     print(f"\nrun directory: {path}")
     if (path / "report.html").exists():
         print(f"report:        {path / 'report.html'}")
@@ -125,6 +129,19 @@ def _print_optim_summary(summary: dict) -> None:
         val = "   -  " if m is None or (isinstance(m, float) and math.isnan(m)) else f"{m:8.3f}"
         print(f"{v:<14}{val:>10}{row['spikes']['mean']:>8.1f}"
               f"{row['diverged']['count']:>6} / {row['diverged']['runs']}{row['seconds_per_step']['mean'] * 1e3:>9.1f}")
+
+
+def _print_rl_summary(summary: dict) -> None:
+    print(f"\n{'variant':<18}{'held-out acc':>14}{'start':>8}{'reward':>8}{'entropy':>9}{'collapsed':>11}"
+          f"{'s/step':>8}   ({summary['wall_seconds']:.0f} s)")
+    def f(row: dict, k: str) -> float:
+        m = row[k]["mean"]
+        return float("nan") if m is None else m
+
+    for v, row in summary["variants"].items():
+        print(f"{v:<18}{f(row, 'final_acc'):>14.3f}{f(row, 'start_acc'):>8.3f}{f(row, 'final_reward'):>8.3f}"
+              f"{f(row, 'final_entropy'):>9.3f}{row['collapsed']['count']:>7} / {row['collapsed']['runs']}"
+              f"{f(row, 'seconds_per_step'):>8.2f}")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -8,7 +8,16 @@ No model, no ``.item()``, no distributed calls inside.
 from typing import Any
 
 from poise import _registry
-from poise.rl._common import AGG_MODES, LossOut, aggregate, broadcast, masked_mean, masked_sum, masked_whiten
+from poise.rl._common import (
+    AGG_MODES,
+    LossOut,
+    aggregate,
+    broadcast,
+    completion_stats,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+)
 from poise.rl.advantages import (
     batch_normalized_advantage,
     dr_grpo_advantage,
@@ -70,6 +79,7 @@ __all__ = [
     "bapo_bounds",
     "batch_normalized_advantage",
     "broadcast",
+    "completion_stats",
     "capo_mask",
     "capo_token_kl",
     "cispo_loss",

@@ -98,3 +98,12 @@ def aggregate(values: Tensor, mask: Tensor, mode: str = "token_mean", *, num_tok
     if horizon is None:
         raise ValueError("mode='seq_sum_norm' needs horizon (the maximum completion length)")
     return (values * m).sum() / (n_seq * horizon)
+
+
+def completion_stats(entropy: Tensor, mask: Tensor, mismatch_log_ratio: Tensor | None = None) -> dict[str, float]:
+    """Plain-float summary of one batch for logging: mean token entropy and, given
+    ``log(pi_old / mu)``, the mean absolute mismatch log-ratio (host-side; for logs only)."""
+    out = {"entropy/mean": float(masked_mean(entropy.detach(), mask))}
+    if mismatch_log_ratio is not None:
+        out["mismatch/abs_log_ratio"] = float(masked_mean(mismatch_log_ratio.detach().abs(), mask))
+    return out

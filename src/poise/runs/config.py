@@ -29,6 +29,7 @@ __all__ = [
     "LMConfig",
     "OptimStudyConfig",
     "OptimVariantConfig",
+    "RLStudyConfig",
     "WorkloadConfig",
     "apply_overrides",
     "field_help",
@@ -181,6 +182,110 @@ def validate_optim(cfg: OptimStudyConfig) -> OptimStudyConfig:
     return cfg
 
 
+@dataclass
+class RLTaskConfig:
+    name: str = _help("task with verifiable rewards: 'arithmetic' or 'countdown'", default="arithmetic")
+    level: int = _help("difficulty: arithmetic digits (1-4), countdown numbers (2-4)", default=1)
+    ops: str = _help("arithmetic operators, a subset of '+-*'", default="+")
+
+
+@dataclass
+class RLTrainConfig:
+    n_layer: int = _help("GPT layers", default=1)
+    n_head: int = _help("GPT heads", default=2)
+    n_embd: int = _help("GPT width", default=48)
+    block_size: int = _help("GPT context length", default=24)
+    sft_steps: int = _help("supervised warm-start steps before RL (0 = none)", default=150)
+    sft_lr: float = _help("warm-start learning rate", default=3e-3)
+    steps: int = _help("RL steps (rollout batches)", default=30)
+    prompts: int = _help("prompts per rollout batch", default=16)
+    group_size: int = _help("completions per prompt", default=8)
+    max_new_tokens: int = _help("completion length limit", default=5)
+    temperature: float = _help("sampling temperature", default=1.0)
+    sampler_dtype: str = _help("sampler precision: 'bfloat16' (a real train-inference mismatch) or 'float32'",
+                               default="bfloat16")
+    lr: float = _help("RL learning rate (AdamW)", default=1e-3)
+    minibatches: int = _help("optimizer steps per rollout batch (1 = on-policy; k > 1 makes later "
+                             "minibatches k-1 updates stale)", default=1)
+    eval_every: int = _help("held-out greedy accuracy every this many steps", default=5)
+    eval_problems: int = _help("held-out problems", default=100)
+    collapse_reward: float = _help("collapsed: held-out accuracy below this after having been above twice it",
+                                   default=0.05)
+
+
+@dataclass
+class RLVariantConfig:
+    name: str = _help("label of this variant", default="")
+    loss: str = _help("objective (registry 'loss': pg, ppo_clip, gspo, cispo, sapo, minirl, decoupled_ppo)",
+                      default="ppo_clip")
+    advantage: str = _help("advantage estimator (registry 'advantage')", default="grpo")
+    aggregation: str = _help("token_mean, seq_mean_token_mean, seq_mean_token_sum, token_sum", default="token_mean")
+    is_level: str = _help("IS correction of the sampler mismatch: 'none', 'token', 'sequence', 'geometric'",
+                          default="none")
+    is_mode: str = _help("'truncate' (TIS) or 'mask' (MIS)", default="truncate")
+    is_max: float = _help("IS bound", default=2.0)
+    minibatches: int = _help("optimizer steps per rollout batch for this variant (0 = train.minibatches)",
+                             default=0)
+    params: dict[str, Any] = _help("keyword arguments of the loss (eps_low, eps_high, ...)", default_factory=dict)
+
+
+@dataclass
+class RLStudyConfig:
+    kind: str = _help("'rl': RL objectives on a tiny LM with verifiable rewards", default="rl")
+    name: str = _help("study name", default="rl")
+    description: str = _help("shown at the top of the report", default="")
+    seeds: list[int] = _help("seeds", default_factory=lambda: [0, 1, 2])
+    threads: int = _help("torch threads", default=1)
+    out_dir: str = _help("parent folder of run directories", default="runs")
+    task: RLTaskConfig = _help("the task", default_factory=RLTaskConfig)
+    train: RLTrainConfig = _help("model, warm start and RL loop", default_factory=RLTrainConfig)
+    variants: list[RLVariantConfig] = _help("the objectives compared ([[variants]] tables)", default_factory=list)
+
+
+def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
+    _choices("rl_task", cfg.task.name, "task.name")
+    t = cfg.train
+    if t.sampler_dtype not in ("bfloat16", "float32"):
+        raise ConfigError(f"train.sampler_dtype: {t.sampler_dtype!r}; valid choices: bfloat16, float32")
+    for key in ("steps", "prompts", "group_size", "max_new_tokens", "minibatches", "eval_every", "eval_problems",
+                "n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
+    if t.group_size < 2:
+        raise ConfigError(f"train.group_size={t.group_size} must be >= 2 (group-relative advantages)")
+    try:
+        _registry.get("rl_task", cfg.task.name)(level=cfg.task.level, **({"ops": cfg.task.ops}
+                                                                        if cfg.task.name == "arithmetic" else {}))
+    except ValueError as e:
+        raise ConfigError(f"task: {e}") from None
+    from poise.rl import AGG_MODES
+
+    for i, v in enumerate(_check_variants(cfg, "loss")):
+        key = f"variants[{i}]"
+        if v.loss not in RL_LOSSES:
+            raise ConfigError(f"{key}.loss: {v.loss!r} is not a policy loss; valid choices: {', '.join(RL_LOSSES)}")
+        _choices("advantage", v.advantage, f"{key}.advantage")
+        if v.aggregation not in AGG_MODES or v.aggregation == "seq_sum_norm":
+            raise ConfigError(f"{key}.aggregation: {v.aggregation!r}; valid choices: "
+                              f"{', '.join(m for m in AGG_MODES if m != 'seq_sum_norm')}")
+        if v.is_level not in ("none", "token", "sequence", "geometric"):
+            raise ConfigError(f"{key}.is_level: {v.is_level!r}; valid choices: none, token, sequence, geometric")
+        if v.minibatches < 0:
+            raise ConfigError(f"{key}.minibatches={v.minibatches} must be >= 0")
+        if v.is_mode not in ("truncate", "mask"):
+            raise ConfigError(f"{key}.is_mode: {v.is_mode!r}; valid choices: truncate, mask")
+        allowed = [k for k, prm in inspect.signature(_registry.get("loss", v.loss)).parameters.items()
+                   if prm.kind == inspect.Parameter.KEYWORD_ONLY]
+        for p in v.params:
+            if p not in allowed:
+                raise ConfigError(f"{key}.params.{p}: unknown argument of loss {v.loss!r}; "
+                                  f"valid: {', '.join(allowed) or '(none)'}")
+    return cfg
+
+
+RL_LOSSES = ("pg", "ppo_clip", "gspo", "cispo", "sapo", "minirl", "decoupled_ppo")
+
+
 # -- loading ---------------------------------------------------------------------------------
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -299,14 +404,16 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     return cfg
 
 
-KINDS = ("continual", "optimizers")
+KINDS = ("continual", "optimizers", "rl")
 
 
-def from_dict(data: dict[str, Any]) -> StudyConfig | OptimStudyConfig:
+def from_dict(data: dict[str, Any]) -> StudyConfig | OptimStudyConfig | RLStudyConfig:
     """Build and validate the config of a recipe; ``kind`` picks the schema."""
     kind = data.get("kind", "continual")
     if kind == "optimizers":
         return validate_optim(_from_dict(OptimStudyConfig, data))
+    if kind == "rl":
+        return validate_rl(_from_dict(RLStudyConfig, data))
     if kind != "continual":
         raise ConfigError(f"kind: unknown study kind {kind!r}; valid choices: {', '.join(KINDS)}")
     data = {k: v for k, v in data.items() if k != "kind"}
@@ -340,7 +447,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     raise ConfigError(f"override {key!r}: use variants.NAME.KEY=VALUE")
                 variants = data.setdefault("variants",
                                            [dataclasses.asdict(v) for v in _default_variants()])
-                names = [v.get("name") or v.get("strategy") or v.get("optimizer") for v in variants]
+                names = [v.get("name") or v.get("strategy") or v.get("optimizer") or v.get("loss") for v in variants]
                 if parts[1] not in names:
                     raise ConfigError(f"override {key!r}: no variant {parts[1]!r}; "
                                       f"variants: {', '.join(map(str, names))}")
@@ -385,7 +492,7 @@ def find_recipe(name_or_path: str | None) -> tuple[str, str]:
 
 
 def load_recipe(name_or_path: str | None = None,
-                overrides: list[str] | None = None) -> StudyConfig | OptimStudyConfig:
+                overrides: list[str] | None = None) -> StudyConfig | OptimStudyConfig | RLStudyConfig:
     """Load, override and validate a recipe."""
     name, text = find_recipe(name_or_path)
     try:

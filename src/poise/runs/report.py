@@ -66,7 +66,8 @@ def _load(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str,
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     results = [json.loads(p.read_text()) for p in sorted((run_dir / "results").glob("*.json"))]
-    order = {v["name"] or v.get("strategy") or v.get("optimizer"): i for i, v in enumerate(config.get("variants", []))}
+    order = {v["name"] or v.get("strategy") or v.get("optimizer") or v.get("loss"): i
+             for i, v in enumerate(config.get("variants", []))}
     results.sort(key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
     return config, summary, results
 
@@ -266,6 +267,54 @@ def _optim_plots(run_dir: Path, results: list[dict[str, Any]]) -> list[tuple[str
     return [("Loss curves", p)]
 
 
+def _rl_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from poise.runs.rl_study import summarize_rl
+
+    table = summarize_rl(results)
+    note = (
+        "Mean ± sample std over seeds. Held-out accuracy: greedy decoding on problems never trained on, "
+        "at the start of RL (after the warm start) and at the end. Reward: mean training reward over the "
+        "last 5 steps. Entropy: mean token entropy of the trainer at the last step. |log ρ|: mean absolute "
+        "log-ratio between the trainer and the (bfloat16) sampler on sampled tokens, the train-inference "
+        f"mismatch. Collapsed: held-out accuracy fell below {config['train']['collapse_reward']} after having "
+        "reached twice that, or the loss diverged.")
+    heads = ["held-out acc (end)", "held-out acc (start)", "reward", "entropy", "|log ρ|", "collapsed", "s / step"]
+    rows = [[html.escape(v), _fmt(r["final_acc"]), _fmt(r["start_acc"]), _fmt(r["final_reward"]),
+             _fmt(r["final_entropy"]), _fmt(r["mismatch_abs"], 4),
+             f"{r['collapsed']['count']} / {r['collapsed']['runs']}", _fmt(r["seconds_per_step"], 2)]
+            for v, r in table.items()]
+    return [{"title": "Objectives", "note": note, "heads": heads, "rows": rows}]
+
+
+def _rl_plots(run_dir: Path, results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7.5))
+    panels = [("reward", "training reward"), ("entropy", "token entropy"), ("grad_norm", "gradient norm"),
+              (None, "held-out accuracy (greedy)")]
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        for i, v in enumerate(variants):
+            for j, r in enumerate(x for x in results if x["variant"] == v):
+                if key is None:
+                    ax.plot(r["eval_steps"], r["eval_acc"], color=colors(i), marker=".", lw=1,
+                            label=v if j == 0 else None)
+                else:
+                    y = r["curves"][key]
+                    ax.plot(range(1, len(y) + 1), y, color=colors(i), lw=0.9, alpha=0.8, label=v if j == 0 else None)
+        ax.set(title=title, xlabel="RL step")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    p = run_dir / "rl_curves.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return [("Reward, entropy, gradient norm and held-out accuracy per seed", p)]
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write the plots and ``report.html`` of ``run_dir``; return the report's path."""
     try:
@@ -281,6 +330,8 @@ def build_report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{run_dir} has no finished runs yet (results/ is empty)")
     if config.get("kind") == "optimizers":
         tables, images = _optim_tables(config, results), _optim_plots(run_dir, results)
+    elif config.get("kind") == "rl":
+        tables, images = _rl_tables(config, results), _rl_plots(run_dir, results)
     else:
         tables, images = _continual_tables(config, results), _plots(run_dir, config, results)
     import torch

@@ -49,10 +49,11 @@ def _by_length(items: Sequence[int], length: Callable[[int], int]) -> dict[int, 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: CharTokenizer, problems: Sequence[Problem], *, group_size: int = 8,
              max_new_tokens: int = 8, temperature: float = 1.0, generator: torch.Generator | None = None,
-             dtype: torch.dtype | None = None) -> list[Rollout]:
+             dtype: torch.dtype | None = None, greedy: bool = False) -> list[Rollout]:
     """Sample ``group_size`` completions per problem (stopping at EOS or ``max_new_tokens``)
     and record the sampler's log-probabilities. ``dtype=torch.bfloat16`` runs the sampler's
-    forward in bfloat16 autocast: a real train-inference mismatch against a float32 trainer."""
+    forward in bfloat16 autocast: a real train-inference mismatch against a float32 trainer.
+    ``greedy`` takes the most likely token (evaluation)."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     eos = tokenizer.encode(EOS)[0]
@@ -71,7 +72,10 @@ def generate(model: nn.Module, tokenizer: CharTokenizer, problems: Sequence[Prob
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                     logits = logits_of(model(x))[:, -1].float()
                 lp = F.log_softmax(logits / temperature, -1)
-                tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)
+                if greedy:
+                    tok = lp.argmax(-1)
+                else:
+                    tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)
                 logps[:, t] = lp.gather(1, tok[:, None]).squeeze(1)
                 x = torch.cat([x, tok[:, None]], 1)
                 newly = (~done) & (tok == eos)
@@ -103,12 +107,14 @@ def completion_batch(rollouts: Sequence[Rollout]) -> tuple[Tensor, Tensor]:
     return logp, mask
 
 
-def trainer_logprobs(model: nn.Module, rollouts: Sequence[Rollout], temperature: float = 1.0) -> Tensor:
+def trainer_logprobs(model: nn.Module, rollouts: Sequence[Rollout], temperature: float = 1.0,
+                     with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """log pi(completion token | prefix) ``[N, T]`` under ``model`` (with grad), right-padded
-    like :func:`completion_batch` (zeros on padding)."""
+    like :func:`completion_batch` (zeros on padding); with ``with_entropy`` also the
+    full-vocabulary entropy of each position (detached)."""
     T = max(len(r.completion_ids) for r in rollouts)
-    out = torch.zeros(len(rollouts), T)
     rows: list[tuple[int, Tensor]] = []
+    ents: list[tuple[int, Tensor]] = []
     for _, idx in _by_length(range(len(rollouts)), lambda i: len(rollouts[i].prompt_ids)).items():
         p_len = len(rollouts[idx[0]].prompt_ids)
         t_max = max(len(rollouts[i].completion_ids) for i in idx)
@@ -118,13 +124,21 @@ def trainer_logprobs(model: nn.Module, rollouts: Sequence[Rollout], temperature:
             x[j, :p_len] = r.prompt_ids
             x[j, p_len : p_len + len(r.completion_ids)] = r.completion_ids
         logits = logits_of(model(x))[:, p_len - 1 : p_len - 1 + t_max].float() / temperature
-        lp = F.log_softmax(logits, -1).gather(2, x[:, p_len : p_len + t_max, None]).squeeze(2)
+        full = F.log_softmax(logits, -1)
+        lp = full.gather(2, x[:, p_len : p_len + t_max, None]).squeeze(2)
+        if with_entropy:
+            h = -(full.detach().exp() * full.detach()).sum(-1)
         for j, i in enumerate(idx):
             rows.append((i, F.pad(lp[j], (0, T - t_max))))
+            if with_entropy:
+                ents.append((i, F.pad(h[j], (0, T - t_max))))
     rows.sort(key=lambda t: t[0])
     out = torch.stack([row for _, row in rows])
     _, mask = completion_batch(rollouts)
-    return out * mask
+    if not with_entropy:
+        return out * mask
+    ents.sort(key=lambda t: t[0])
+    return out * mask, torch.stack([e for _, e in ents]) * mask
 
 
 def sft_warmup(model: nn.Module, tokenizer: CharTokenizer, task, *, steps: int = 200, batch_size: int = 32,
