@@ -53,5 +53,5 @@ def test_bad_optimizer_recipe(override, message):
 def test_unknown_kind():
     from poise.runs.config import from_dict
 
-    with pytest.raises(ConfigError, match="unknown study kind 'rl'; valid choices: continual, optimizers"):
-        from_dict({"kind": "rl"})
+    with pytest.raises(ConfigError, match="unknown study kind 'bandit'; valid choices: continual, optimizers, rl"):
+        from_dict({"kind": "bandit"})

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poise._registry import register
-
 __all__ = ["GPT", "GPTConfig"]
 
 
@@ -42,7 +40,6 @@ class _Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-@register("model", "gpt")
 class GPT(nn.Module):
     """``forward(idx, targets=None) -> (logits, loss)``; loss is the mean next-token
     cross-entropy when ``targets`` is given."""
