@@ -41,7 +41,8 @@ def test_policy_loss_dispatch_is_finite_and_on_policy_is_pg(loss, is_level):
     adv = torch.randn(6, generator=g)
     mask = torch.ones(6, 5)
     v = RLVariantConfig(name="x", loss=loss, is_level=is_level)
-    values, metrics = policy_loss(v, logp, old, behav, adv, mask)
+    values, agg_mask, metrics = policy_loss(v, logp, old, behav, adv, mask)
+    assert torch.equal(agg_mask, mask)
     values.sum().backward()
     torch.testing.assert_close(logp.grad, -adv[:, None].expand(6, 5))
 
@@ -59,3 +60,32 @@ def test_bad_rl_recipe(override, message):
     with pytest.raises(ConfigError) as e:
         load_recipe("rl-stability", [override])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_rl_loop_runs_a_hugging_face_policy(model, tmp_path):
+    pytest.importorskip("transformers")
+    from poise.runs.rl_study import run_one_rl
+
+    cfg = load_recipe("rl-stability", [*QUICK, f"train.model={model}", "train.n_head=2"])
+    names = [v.name for v in cfg.variants]
+    r = run_one_rl(cfg, names.index("grpo"), seed=0)
+    assert len(r["curves"]["reward"]) == 3 and 0 <= r["final_acc"] <= 1
+    assert r["curves"]["mismatch_abs"][0] > 0
+
+
+def test_token_selection_weights_and_bapo_in_the_loss():
+    g = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(4, 5, generator=g)).requires_grad_(True)
+    old = logp.detach() + 0.1 * torch.randn(4, 5, generator=g)
+    adv, mask = torch.randn(4, generator=g), torch.ones(4, 5)
+    ent = torch.rand(4, 5, generator=g)
+    v = RLVariantConfig(name="x", loss="ppo_clip", token_select="entropy_top", entropy_ratio=0.25)
+    _, agg, metrics = policy_loss(v, logp, old, old, adv, mask, ent)
+    assert agg.sum() == 5  # ceil(0.25 * 20) selected tokens
+    v = RLVariantConfig(name="x", loss="ppo_clip", token_weights="steer")
+    values, _, metrics = policy_loss(v, logp, old, old, adv, mask, ent)
+    assert 0.8 <= float(metrics["steer/weight_mean"]) <= 1.0
+    v = RLVariantConfig(name="x", loss="ppo_clip", adaptive_clip="bapo")
+    _, _, metrics = policy_loss(v, logp, old, old, adv, mask, ent)
+    assert "bapo/c_high" in metrics

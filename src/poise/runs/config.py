@@ -191,6 +191,8 @@ class RLTaskConfig:
 
 @dataclass
 class RLTrainConfig:
+    model: str = _help("policy: 'gpt' (poise's own) or a Hugging Face model built from a config, 'llama' or "
+                       "'qwen2' (needs transformers)", default="gpt")
     n_layer: int = _help("GPT layers", default=1)
     n_head: int = _help("GPT heads", default=2)
     n_embd: int = _help("GPT width", default=48)
@@ -226,6 +228,12 @@ class RLVariantConfig:
     is_max: float = _help("IS bound", default=2.0)
     minibatches: int = _help("optimizer steps per rollout batch for this variant (0 = train.minibatches)",
                              default=0)
+    token_select: str = _help("'none' or 'entropy_top': train only on the top entropy_ratio highest-entropy "
+                              "tokens (arXiv 2506.01939; the authors' normaliser: selected tokens)", default="none")
+    entropy_ratio: float = _help("share of tokens kept by entropy_top", default=0.2)
+    token_weights: str = _help("'none' or 'steer' (entropy-change weights, arXiv 2510.10150)", default="none")
+    adaptive_clip: str = _help("'none' or 'bapo' (adaptive clipping bounds, arXiv 2510.18927; ppo_clip only)",
+                               default="none")
     params: dict[str, Any] = _help("keyword arguments of the loss (eps_low, eps_high, ...)", default_factory=dict)
 
 
@@ -245,6 +253,10 @@ class RLStudyConfig:
 def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
     _choices("rl_task", cfg.task.name, "task.name")
     t = cfg.train
+    if t.model not in ("gpt", "llama", "qwen2"):
+        raise ConfigError(f"train.model: {t.model!r}; valid choices: gpt, llama, qwen2")
+    if t.n_embd % t.n_head:
+        raise ConfigError(f"train.n_embd={t.n_embd} must be a multiple of train.n_head={t.n_head}")
     if t.sampler_dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"train.sampler_dtype: {t.sampler_dtype!r}; valid choices: bfloat16, float32")
     for key in ("steps", "prompts", "group_size", "max_new_tokens", "minibatches", "eval_every", "eval_problems",
@@ -270,6 +282,12 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
                               f"{', '.join(m for m in AGG_MODES if m != 'seq_sum_norm')}")
         if v.is_level not in ("none", "token", "sequence", "geometric"):
             raise ConfigError(f"{key}.is_level: {v.is_level!r}; valid choices: none, token, sequence, geometric")
+        for fld, ok in (("token_select", ("none", "entropy_top")), ("token_weights", ("none", "steer")),
+                        ("adaptive_clip", ("none", "bapo"))):
+            if getattr(v, fld) not in ok:
+                raise ConfigError(f"{key}.{fld}: {getattr(v, fld)!r}; valid choices: {', '.join(ok)}")
+        if v.adaptive_clip == "bapo" and v.loss != "ppo_clip":
+            raise ConfigError(f"{key}.adaptive_clip='bapo' needs loss='ppo_clip', not {v.loss!r}")
         if v.minibatches < 0:
             raise ConfigError(f"{key}.minibatches={v.minibatches} must be >= 0")
         if v.is_mode not in ("truncate", "mask"):

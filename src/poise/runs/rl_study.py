@@ -21,7 +21,17 @@ import numpy as np
 import torch
 
 from poise import _registry
-from poise.rl import aggregate, completion_stats, get_loss, is_weights
+from poise.rl import (
+    aggregate,
+    bapo_bounds,
+    completion_stats,
+    entropy_topk_mask,
+    get_loss,
+    is_weights,
+    masked_entropy_stats,
+    masked_mean,
+    steer_weights,
+)
 from poise.runs.config import RLStudyConfig, RLVariantConfig
 from poise.runs.store import JsonlWriter
 from poise.runs.study import _stats, execute
@@ -29,7 +39,7 @@ from poise.tasks.gpt import GPT, GPTConfig
 from poise.tasks.lm import completion_batch, generate, sft_warmup, trainer_logprobs
 from poise.tasks.text import CharTokenizer
 
-__all__ = ["policy_loss", "run_one_rl", "run_rl_study", "summarize_rl"]
+__all__ = ["build_policy", "policy_loss", "run_one_rl", "run_rl_study", "summarize_rl"]
 
 
 def _task(cfg: RLStudyConfig, seed: int) -> Any:
@@ -38,9 +48,32 @@ def _task(cfg: RLStudyConfig, seed: int) -> Any:
     return cls(level=cfg.task.level, seed=seed, **kw)
 
 
+def build_policy(t: Any, vocab_size: int) -> torch.nn.Module:
+    """The policy from the config: poise's GPT, or a Hugging Face Llama / Qwen2 causal LM built
+    from a config (random weights, no download)."""
+    if t.model == "gpt":
+        return GPT(GPTConfig(vocab_size=vocab_size, block_size=t.block_size, n_layer=t.n_layer, n_head=t.n_head,
+                             n_embd=t.n_embd))
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"train.model={t.model!r} needs transformers: pip install 'poise[hf]'") from e
+    kw = dict(vocab_size=vocab_size, hidden_size=t.n_embd, intermediate_size=4 * t.n_embd,
+              num_hidden_layers=t.n_layer, num_attention_heads=t.n_head, num_key_value_heads=t.n_head,
+              max_position_embeddings=t.block_size, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    if t.model == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+
+
 def policy_loss(v: RLVariantConfig, logp: torch.Tensor, old: torch.Tensor, behav: torch.Tensor,
-                adv: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The variant's per-token loss values and metrics.
+                adv: torch.Tensor, mask: torch.Tensor,
+                entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The variant's per-token loss values, the mask to aggregate them with, and metrics.
+
+    Token selection (``entropy_top``) shrinks the aggregation mask to the selected tokens
+    (the authors' normaliser); ``steer`` multiplies the values by STEER's weights; ``bapo``
+    picks the clip bounds of ``ppo_clip`` from the batch before computing the loss.
 
     IS correction (``is_level`` != none) corrects the sampler mismatch: for ``pg`` the whole
     ratio ``pi_theta / mu`` is importance-weighted (the Qwen paper's "PG + IS"); for the
@@ -56,22 +89,37 @@ def policy_loss(v: RLVariantConfig, logp: torch.Tensor, old: torch.Tensor, behav
         metrics.update({f"is/{k}": x for k, x in w.metrics.items()})
         return w.weights
 
+    params = dict(v.params)
+    if v.adaptive_clip == "bapo":
+        lo, hi, bm = bapo_bounds(torch.exp(logp.detach() - old), adv, mask)
+        params.update(eps_low=1 - lo, eps_high=hi - 1)
+        metrics.update(bm)
     if v.loss == "pg":
         out = fn(logp, adv, mask, weights=weights(logp.detach() - behav))
         values = out.values
     elif v.loss in ("minirl", "decoupled_ppo"):
-        out = fn(logp, old, behav, adv, mask, **v.params)
+        out = fn(logp, old, behav, adv, mask, **params)
         values = out.values
     else:
-        out = fn(logp, old, adv, mask, **v.params)
+        out = fn(logp, old, adv, mask, **params)
         w = weights(old - behav)
         values = out.values if w is None else out.values * w
     metrics.update(out.metrics)
-    return values, metrics
+    agg_mask = mask
+    if entropy is not None and v.token_select == "entropy_top":
+        top = entropy_topk_mask(entropy, mask, v.entropy_ratio)
+        agg_mask = mask * top
+        metrics.update(masked_entropy_stats(entropy, mask, top))
+    if entropy is not None and v.token_weights == "steer":
+        sw = steer_weights(adv, entropy, old, logp.detach(), mask)
+        values = values * sw
+        metrics["steer/weight_mean"] = masked_mean(sw, mask)
+    return values, agg_mask, metrics
 
 
 @torch.no_grad()
-def _held_out_accuracy(model: GPT, tok: CharTokenizer, task: Any, problems: list, max_new_tokens: int) -> float:
+def _held_out_accuracy(model: torch.nn.Module, tok: CharTokenizer, task: Any, problems: list,
+                       max_new_tokens: int) -> float:
     rollouts = generate(model, tok, problems, group_size=1, max_new_tokens=max_new_tokens, greedy=True)
     return float(np.mean([task.reward(r.problem, r.text) for r in rollouts]))
 
@@ -83,8 +131,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
     task = _task(cfg, seed)
     held = _task(cfg, 10_000 + seed).sample(t.eval_problems)
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=t.block_size, n_layer=t.n_layer,
-                          n_head=t.n_head, n_embd=t.n_embd))
+    model = build_policy(t, tok.vocab_size)
     if t.sft_steps:
         sft_warmup(model, tok, _task(cfg, 20_000 + seed), steps=t.sft_steps, lr=t.sft_lr, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
@@ -124,9 +171,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 idx = torch.as_tensor(c)
                 logp, ent = trainer_logprobs(model, sub, with_entropy=True)
                 m = mask[idx][:, : logp.shape[1]]
-                values, metrics = policy_loss(v, logp, old[idx][:, : logp.shape[1]], behav[idx][:, : logp.shape[1]],
-                                              adv[idx], m)
-                loss = aggregate(values, m, v.aggregation)
+                values, agg_mask, metrics = policy_loss(v, logp, old[idx][:, : logp.shape[1]],
+                                                        behav[idx][:, : logp.shape[1]], adv[idx], m, ent)
+                loss = aggregate(values, agg_mask, v.aggregation)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
