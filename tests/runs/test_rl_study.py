@@ -89,3 +89,49 @@ def test_token_selection_weights_and_bapo_in_the_loss():
     v = RLVariantConfig(name="x", loss="ppo_clip", adaptive_clip="bapo")
     _, _, metrics = policy_loss(v, logp, old, old, adv, mask, ent)
     assert "bapo/c_high" in metrics
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "dynamic", "reinforce_ada"])
+def test_sampling_strategies_collect_valid_groups(sampling):
+    from poise.runs.rl_study import build_policy, collect
+    from poise.tasks.reasoning import ArithmeticTask
+    from poise.tasks.text import CharTokenizer
+
+    cfg = load_recipe("rl-sampling", [*QUICK, f"variants.uniform.sampling={sampling}"])
+    v, t = cfg.variants[0], cfg.train
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model = build_policy(t, tok.vocab_size)
+    rollouts, rewards, adv, generated, bad = collect(v, t, model, tok, ArithmeticTask(1, seed=0),
+                                                     torch.Generator().manual_seed(0), None)
+    groups = [r.group for r in rollouts]
+    assert len(rollouts) == len(rewards) == len(adv) <= generated and bad == 0
+    assert torch.isfinite(adv).all()
+    if sampling == "uniform":
+        assert generated == t.prompts * t.group_size
+    if sampling == "reinforce_ada":
+        assert all(groups.count(g) == t.group_size for g in set(groups))
+    assert sorted(set(groups)) == list(range(len(set(groups)))) or sampling == "reinforce_ada"
+
+
+def test_a_reward_that_raises_is_counted_and_the_run_goes_on(monkeypatch):
+    from poise.runs import rl_study
+    from poise.tasks.reasoning import ArithmeticTask
+
+    calls = {"n": 0}
+    original = ArithmeticTask.reward
+
+    def flaky(problem, completion):
+        calls["n"] += 1
+        if calls["n"] % 5 == 0:
+            raise RuntimeError("verifier crashed")
+        if calls["n"] % 7 == 0:
+            return float("nan")
+        return original(problem, completion)
+
+    monkeypatch.setattr(ArithmeticTask, "reward", staticmethod(flaky))
+    cfg = load_recipe("rl-stability", QUICK)
+    r = rl_study.run_one_rl(cfg, 0, seed=0)
+    assert r["bad_rewards"] > 0 and len(r["curves"]["reward"]) == 3
+    ex = r["bad_reward_examples"][-1]
+    assert ex["prompt"].endswith("=") and ("verifier crashed" in ex["error"] or "nan" in ex["error"])

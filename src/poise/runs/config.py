@@ -234,6 +234,11 @@ class RLVariantConfig:
     token_weights: str = _help("'none' or 'steer' (entropy-change weights, arXiv 2510.10150)", default="none")
     adaptive_clip: str = _help("'none' or 'bapo' (adaptive clipping bounds, arXiv 2510.18927; ppo_clip only)",
                                default="none")
+    sampling: str = _help("'uniform' (group_size per prompt), 'dynamic' (DAPO: regenerate until groups with "
+                          "reward variance fill the batch) or 'reinforce_ada' (adaptive rounds, arXiv 2510.04996)",
+                          default="uniform")
+    max_gen_batches: int = _help("dynamic sampling: generation batches per step at most", default=3)
+    ada_rounds: int = _help("Reinforce-Ada: sampling rounds per step at most", default=4)
     params: dict[str, Any] = _help("keyword arguments of the loss (eps_low, eps_high, ...)", default_factory=dict)
 
 
@@ -283,7 +288,7 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
         if v.is_level not in ("none", "token", "sequence", "geometric"):
             raise ConfigError(f"{key}.is_level: {v.is_level!r}; valid choices: none, token, sequence, geometric")
         for fld, ok in (("token_select", ("none", "entropy_top")), ("token_weights", ("none", "steer")),
-                        ("adaptive_clip", ("none", "bapo"))):
+                        ("adaptive_clip", ("none", "bapo")), ("sampling", ("uniform", "dynamic", "reinforce_ada"))):
             if getattr(v, fld) not in ok:
                 raise ConfigError(f"{key}.{fld}: {getattr(v, fld)!r}; valid choices: {', '.join(ok)}")
         if v.adaptive_clip == "bapo" and v.loss != "ppo_clip":

@@ -278,10 +278,12 @@ def _rl_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[di
         "log-ratio between the trainer and the (bfloat16) sampler on sampled tokens, the train-inference "
         f"mismatch. Collapsed: held-out accuracy fell below {config['train']['collapse_reward']} after having "
         "reached twice that, or the loss diverged.")
-    heads = ["held-out acc (end)", "held-out acc (start)", "reward", "entropy", "|log ρ|", "collapsed", "s / step"]
+    heads = ["held-out acc (end)", "held-out acc (start)", "reward", "entropy", "|log ρ|", "collapsed",
+             "samples generated", "acc gain / 1k samples", "s / step"]
     rows = [[html.escape(v), _fmt(r["final_acc"]), _fmt(r["start_acc"]), _fmt(r["final_reward"]),
              _fmt(r["final_entropy"]), _fmt(r["mismatch_abs"], 4),
-             f"{r['collapsed']['count']} / {r['collapsed']['runs']}", _fmt(r["seconds_per_step"], 2)]
+             f"{r['collapsed']['count']} / {r['collapsed']['runs']}", _fmt(r["samples_generated"], 0),
+             _fmt(r["acc_gain_per_1k_samples"], 3), _fmt(r["seconds_per_step"], 2)]
             for v, r in table.items()]
     return [{"title": "Objectives", "note": note, "heads": heads, "rows": rows}]
 

@@ -22,11 +22,14 @@ import torch
 
 from poise import _registry
 from poise.rl import (
+    AdaSampler,
     aggregate,
     bapo_bounds,
     completion_stats,
+    dynamic_sampling_keep,
     entropy_topk_mask,
     get_loss,
+    global_stat_advantage,
     is_weights,
     masked_entropy_stats,
     masked_mean,
@@ -39,7 +42,7 @@ from poise.tasks.gpt import GPT, GPTConfig
 from poise.tasks.lm import completion_batch, generate, sft_warmup, trainer_logprobs
 from poise.tasks.text import CharTokenizer
 
-__all__ = ["build_policy", "policy_loss", "run_one_rl", "run_rl_study", "summarize_rl"]
+__all__ = ["build_policy", "collect", "policy_loss", "run_one_rl", "run_rl_study", "summarize_rl"]
 
 
 def _task(cfg: RLStudyConfig, seed: int) -> Any:
@@ -117,11 +120,93 @@ def policy_loss(v: RLVariantConfig, logp: torch.Tensor, old: torch.Tensor, behav
     return values, agg_mask, metrics
 
 
+BAD_REWARD_EXAMPLES: list[dict[str, str]] = []  # the latest few, reported in results and the log
+
+
+def _score(task: Any, rollouts: list) -> tuple[torch.Tensor, int]:
+    """Rewards of the rollouts; a reward function that raises or returns a non-finite value
+    gives that sample 0, is counted, and its prompt, completion and error are kept (the last
+    10) for the run's results; the run goes on."""
+    rewards, bad = [], 0
+    for r in rollouts:
+        try:
+            x = float(task.reward(r.problem, r.text))
+            if not math.isfinite(x):
+                raise ValueError(f"reward function returned {x}")
+        except Exception as e:  # noqa: BLE001 - any failure of user code is reported, never fatal
+            x, bad = 0.0, bad + 1
+            BAD_REWARD_EXAMPLES.append({"prompt": r.problem.prompt, "completion": r.text,
+                                        "error": f"{type(e).__name__}: {e}"})
+            del BAD_REWARD_EXAMPLES[:-10]
+        r.reward = x
+        rewards.append(x)
+    return torch.tensor(rewards), bad
+
+
+def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokenizer, task: Any,
+            gen: torch.Generator, dtype: torch.dtype | None) -> tuple[list, torch.Tensor, torch.Tensor, int, int]:
+    """One step's training samples by the variant's sampling strategy: ``(rollouts, rewards,
+    advantages, samples generated, bad rewards)``; group ids are renumbered 0..G-1."""
+    advantage = _registry.get("advantage", v.advantage)
+
+    def sample(problems: list, n: int) -> list:
+        return generate(model, tok, problems, group_size=n, max_new_tokens=t.max_new_tokens,
+                        temperature=t.temperature, generator=gen, dtype=dtype)
+
+    if v.sampling == "uniform":
+        rollouts = sample(task.sample(t.prompts), t.group_size)
+        rewards, bad = _score(task, rollouts)
+        return rollouts, rewards, advantage(rewards, torch.tensor([r.group for r in rollouts])), len(rollouts), bad
+    if v.sampling == "dynamic":
+        kept: list = []
+        generated = bad = 0
+        for _ in range(v.max_gen_batches):
+            batch = sample(task.sample(t.prompts), t.group_size)
+            rw, b = _score(task, batch)
+            generated, bad = generated + len(batch), bad + b
+            keep, _ = dynamic_sampling_keep(rw, torch.tensor([r.group for r in batch]))
+            start = len({id(r.problem) for r in kept})
+            for r, k in zip(batch, keep.tolist(), strict=True):
+                if k:
+                    r.group += 10_000 * (start + 1)
+                    kept.append(r)
+            if len(kept) >= t.prompts * t.group_size:
+                break
+        rollouts = kept[: t.prompts * t.group_size] or batch
+    else:  # reinforce_ada
+        problems = task.sample(t.prompts)
+        ada = AdaSampler(len(problems), n=t.group_size, round_repeat=max(2, t.group_size // 2),
+                         max_rounds=v.ada_rounds)
+        pool: list[list] = [[] for _ in problems]
+        generated = bad = 0
+        while active := ada.active():
+            batch = sample([problems[i] for i in active], ada.round_repeat)
+            rw, b = _score(task, batch)
+            generated, bad = generated + len(batch), bad + b
+            ids = [active[r.group] for r in batch]
+            for i, r in zip(ids, batch, strict=True):
+                r.group = i
+                pool[i].append(r)
+            ada.update(ids, rw.tolist())
+        picks, counts = ada.select()
+        rollouts = [pool[i][k] for i, ks in enumerate(picks) for k in ks]
+        groups = torch.tensor([r.group for r in rollouts])
+        rewards = torch.tensor([r.reward for r in rollouts])
+        p = torch.tensor([counts[int(g)][0] for g in groups])
+        q = torch.tensor([counts[int(g)][1] for g in groups])
+        return rollouts, rewards, global_stat_advantage(rewards, groups, p, q), generated, bad
+    remap = {g: k for k, g in enumerate(dict.fromkeys(r.group for r in rollouts))}
+    for r in rollouts:
+        r.group = remap[r.group]
+    rewards = torch.tensor([r.reward for r in rollouts])
+    return rollouts, rewards, advantage(rewards, torch.tensor([r.group for r in rollouts])), generated, bad
+
+
 @torch.no_grad()
 def _held_out_accuracy(model: torch.nn.Module, tok: CharTokenizer, task: Any, problems: list,
                        max_new_tokens: int) -> float:
     rollouts = generate(model, tok, problems, group_size=1, max_new_tokens=max_new_tokens, greedy=True)
-    return float(np.mean([task.reward(r.problem, r.text) for r in rollouts]))
+    return float(_score(task, rollouts)[0].mean())
 
 
 def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: Path | None = None,
@@ -136,36 +221,26 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
         sft_warmup(model, tok, _task(cfg, 20_000 + seed), steps=t.sft_steps, lr=t.sft_lr, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
     gen = torch.Generator().manual_seed(seed)
-    advantage = _registry.get("advantage", v.advantage)
     dtype = torch.bfloat16 if t.sampler_dtype == "bfloat16" else None
     writer = JsonlWriter(metrics_path) if metrics_path else None
     curve: dict[str, list[float]] = {k: [] for k in ("reward", "entropy", "mismatch_abs", "grad_norm", "clip_frac")}
     eval_steps, eval_acc = [0], [_held_out_accuracy(model, tok, task, held, t.max_new_tokens)]
     collapsed_at = diverged_at = None
-    bad_rewards = 0
+    bad_rewards = generated_total = 0
+    BAD_REWARD_EXAMPLES.clear()
+    eval_samples = [0]
     t0 = time.perf_counter()
     try:
         for step in range(1, t.steps + 1):
-            rollouts = generate(model, tok, task.sample(t.prompts), group_size=t.group_size,
-                                max_new_tokens=t.max_new_tokens, temperature=t.temperature, generator=gen,
-                                dtype=dtype)
-            rewards = []
-            for r in rollouts:
-                try:
-                    x = float(task.reward(r.problem, r.text))
-                    if not math.isfinite(x):
-                        raise ValueError(f"reward {x}")
-                except Exception:  # a broken reward drops the sample's signal, counted, never the run
-                    x, bad_rewards = 0.0, bad_rewards + 1
-                rewards.append(x)
-            rewards_t = torch.tensor(rewards)
-            groups = torch.tensor([r.group for r in rollouts])
-            adv = advantage(rewards_t, groups)
+            rollouts, rewards_t, adv, n_generated, bad = collect(v, t, model, tok, task, gen, dtype)
+            bad_rewards += bad
+            generated_total += n_generated
             behav, mask = completion_batch(rollouts)
             with torch.no_grad():
                 old = trainer_logprobs(model, rollouts)
             chunks = np.array_split(np.arange(len(rollouts)), v.minibatches or t.minibatches)
-            rec: dict[str, Any] = {"step": step, "reward": float(rewards_t.mean())}
+            rec: dict[str, Any] = {"step": step, "reward": float(rewards_t.mean()),
+                                   "samples_generated": generated_total, "bad_rewards": bad_rewards}
             for c in chunks:
                 sub = [rollouts[i] for i in c]
                 idx = torch.as_tensor(c)
@@ -195,6 +270,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 acc = _held_out_accuracy(model, tok, task, held, t.max_new_tokens)
                 eval_steps.append(step)
                 eval_acc.append(acc)
+                eval_samples.append(generated_total)
                 rec["held_out_acc"] = acc
                 if collapsed_at is None and max(eval_acc) >= 2 * t.collapse_reward and acc < t.collapse_reward:
                     collapsed_at = step
@@ -211,8 +287,10 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             writer.close()
     wall = time.perf_counter() - t0
     return {"variant": v.name, "seed": seed, "wall_seconds": wall, "curves": curve,
-            "eval_steps": eval_steps, "eval_acc": eval_acc, "final_acc": eval_acc[-1],
+            "eval_steps": eval_steps, "eval_acc": eval_acc, "eval_samples": eval_samples, "final_acc": eval_acc[-1],
+            "samples_generated": generated_total,
             "collapsed_at": collapsed_at, "diverged_at": diverged_at, "bad_rewards": bad_rewards,
+            "bad_reward_examples": list(BAD_REWARD_EXAMPLES),
             "seconds_per_step": wall / max(1, len(curve["reward"]))}
 
 
@@ -227,6 +305,9 @@ def summarize_rl(results: list[dict[str, Any]]) -> dict[str, Any]:
                                     for r in rs]),
             "final_entropy": _stats([r["curves"]["entropy"][-1] if r["curves"]["entropy"] else math.nan for r in rs]),
             "mismatch_abs": _stats([float(np.mean(r["curves"]["mismatch_abs"])) for r in rs]),
+            "samples_generated": _stats([float(r["samples_generated"]) for r in rs]),
+            "acc_gain_per_1k_samples": _stats([1000 * (r["final_acc"] - r["eval_acc"][0])
+                                               / max(1, r["samples_generated"]) for r in rs]),
             "collapsed": {"count": sum(r["collapsed_at"] is not None or r["diverged_at"] is not None for r in rs),
                           "runs": len(rs)},
             "seconds_per_step": _stats([r["seconds_per_step"] for r in rs]),
