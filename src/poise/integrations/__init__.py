@@ -1,0 +1,1 @@
+"""Adapters to other training stacks, imported lazily (each needs its own extra)."""
