@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     run.add_argument("--run-dir", default=None, help="write into this folder instead of a new one")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue an interrupted run directory with its own config.json: finished runs are kept, "
+                     "RL runs restart from their last checkpoint")
     run.add_argument("--no-report", action="store_true", help="skip the plots and report.html")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--dry-run", action="store_true", help="validate and print the config, run nothing")
@@ -84,7 +87,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from poise.runs.study import run_study
 
     recipe, overrides = _split_recipe(args.recipe, args.overrides)
-    cfg = load_recipe(recipe, overrides)
+    if args.resume:
+        from poise.runs.config import from_dict
+
+        cfg_path = Path(args.resume) / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{args.resume} is not a run directory (no config.json)")
+        if recipe or overrides:
+            print("poise: --resume uses the run directory's own config; recipe and overrides are ignored",
+                  file=sys.stderr)
+        cfg = from_dict(json.loads(cfg_path.read_text()))
+        args.run_dir = args.resume
+    else:
+        cfg = load_recipe(recipe, overrides)
     if args.dry_run:
         import dataclasses
 

@@ -135,3 +135,45 @@ def test_a_reward_that_raises_is_counted_and_the_run_goes_on(monkeypatch):
     assert r["bad_rewards"] > 0 and len(r["curves"]["reward"]) == 3
     ex = r["bad_reward_examples"][-1]
     assert ex["prompt"].endswith("=") and ("verifier crashed" in ex["error"] or "nan" in ex["error"])
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    from poise.runs.rl_study import run_one_rl
+
+    cfg = load_recipe("rl-stability", [*QUICK, "train.steps=6", "train.checkpoint_every=2"])
+    names = [v.name for v in cfg.variants]
+    i = names.index("ppo_clip_stale4")
+    clean = run_one_rl(cfg, i, 0, tmp_path / "a" / "metrics" / "x.jsonl")
+
+    path = tmp_path / "b" / "metrics" / "x.jsonl"
+    calls = {"n": 0}
+
+    def crash_after_5(n):
+        calls["n"] += n
+        if calls["n"] == 5:  # after step 5 was logged; the last checkpoint is step 4
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        run_one_rl(cfg, i, 0, path, crash_after_5)
+    resumed = run_one_rl(cfg, i, 0, path)
+    for key in ("curves", "eval_steps", "eval_acc", "eval_samples", "samples_generated", "final_acc"):
+        assert resumed[key] == clean[key], key
+    steps = [r["step"] for r in read_jsonl(path)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no torn or duplicated lines
+    assert (tmp_path / "b" / "checkpoints" / "x" / "latest.json").is_file()
+
+
+def test_cli_resume_skips_finished_runs(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["run", "rl-sampling", "--run-dir", str(run_dir), "--no-progress", "--no-report", *QUICK]
+    assert main(args) == 0
+    first = (run_dir / "results" / "uniform-s0.json").read_text()
+    (run_dir / "results" / "dynamic-s0.json").unlink()  # as if interrupted during that run
+    assert main(["run", "--resume", str(run_dir), "--no-progress", "--no-report"]) == 0
+    assert (run_dir / "results" / "uniform-s0.json").read_text() == first  # not run again
+    assert (run_dir / "results" / "dynamic-s0.json").is_file()
+    assert main(["run", "--resume", str(tmp_path / "nothing")]) == 1

@@ -213,6 +213,8 @@ class RLTrainConfig:
     eval_problems: int = _help("held-out problems", default=100)
     collapse_reward: float = _help("collapsed: held-out accuracy below this after having been above twice it",
                                    default=0.05)
+    checkpoint_every: int = _help("write a checkpoint (safetensors + JSON, atomically) every this many steps; "
+                                  "poise run --resume RUN_DIR continues from it (0 = never)", default=10)
 
 
 @dataclass

@@ -35,8 +35,9 @@ from poise.rl import (
     masked_mean,
     steer_weights,
 )
+from poise.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from poise.runs.config import RLStudyConfig, RLVariantConfig
-from poise.runs.store import JsonlWriter
+from poise.runs.store import JsonlWriter, truncate_jsonl
 from poise.runs.study import _stats, execute
 from poise.tasks.gpt import GPT, GPTConfig
 from poise.tasks.lm import completion_batch, generate, sft_warmup, trainer_logprobs
@@ -217,21 +218,38 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
     held = _task(cfg, 10_000 + seed).sample(t.eval_problems)
     torch.manual_seed(seed)
     model = build_policy(t, tok.vocab_size)
-    if t.sft_steps:
-        sft_warmup(model, tok, _task(cfg, 20_000 + seed), steps=t.sft_steps, lr=t.sft_lr, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.bfloat16 if t.sampler_dtype == "bfloat16" else None
-    writer = JsonlWriter(metrics_path) if metrics_path else None
-    curve: dict[str, list[float]] = {k: [] for k in ("reward", "entropy", "mismatch_abs", "grad_norm", "clip_frac")}
-    eval_steps, eval_acc = [0], [_held_out_accuracy(model, tok, task, held, t.max_new_tokens)]
-    collapsed_at = diverged_at = None
-    bad_rewards = generated_total = 0
+    ckpt_dir = metrics_path.parent.parent / "checkpoints" / metrics_path.stem if metrics_path else None
+    latest = latest_checkpoint(ckpt_dir) if ckpt_dir and t.checkpoint_every else None
     BAD_REWARD_EXAMPLES.clear()
-    eval_samples = [0]
+    if latest is not None:  # resume: everything the loop carries comes back from the checkpoint
+        st = load_checkpoint(latest, model, opt, gen)
+        task.rng.setstate(_tuplify(st["task_rng"]))
+        start, curve = st["step"] + 1, st["curves"]
+        eval_steps, eval_acc, eval_samples = st["eval_steps"], st["eval_acc"], st["eval_samples"]
+        collapsed_at, bad_rewards, generated_total = st["collapsed_at"], st["bad_rewards"], st["generated_total"]
+        BAD_REWARD_EXAMPLES.extend(st["bad_reward_examples"])
+        truncate_jsonl(metrics_path, st["step"])
+        if progress is not None:
+            progress(st["step"])
+    else:
+        if t.sft_steps:
+            sft_warmup(model, tok, _task(cfg, 20_000 + seed), steps=t.sft_steps, lr=t.sft_lr, seed=seed)
+        start = 1
+        curve = {k: [] for k in ("reward", "entropy", "mismatch_abs", "grad_norm", "clip_frac")}
+        eval_steps, eval_acc = [0], [_held_out_accuracy(model, tok, task, held, t.max_new_tokens)]
+        eval_samples = [0]
+        collapsed_at = None
+        bad_rewards = generated_total = 0
+        if metrics_path is not None and metrics_path.exists():
+            metrics_path.unlink()  # a fresh run: no stale lines from an earlier attempt
+    diverged_at = None
+    writer = JsonlWriter(metrics_path) if metrics_path else None
     t0 = time.perf_counter()
     try:
-        for step in range(1, t.steps + 1):
+        for step in range(start, t.steps + 1):
             rollouts, rewards_t, adv, n_generated, bad = collect(v, t, model, tok, task, gen, dtype)
             bad_rewards += bad
             generated_total += n_generated
@@ -276,6 +294,12 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                     collapsed_at = step
             if writer:
                 writer.write(rec)
+            if ckpt_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and not diverged_at:
+                save_checkpoint(ckpt_dir, step, model, opt, gen, {
+                    "task_rng": task.rng.getstate(), "curves": curve, "eval_steps": eval_steps,
+                    "eval_acc": eval_acc, "eval_samples": eval_samples, "collapsed_at": collapsed_at,
+                    "bad_rewards": bad_rewards, "generated_total": generated_total,
+                    "bad_reward_examples": BAD_REWARD_EXAMPLES})
             if progress is not None:
                 progress(1)
             if diverged_at:
@@ -292,6 +316,11 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             "collapsed_at": collapsed_at, "diverged_at": diverged_at, "bad_rewards": bad_rewards,
             "bad_reward_examples": list(BAD_REWARD_EXAMPLES),
             "seconds_per_step": wall / max(1, len(curve["reward"]))}
+
+
+def _tuplify(x: Any) -> Any:
+    """JSON turned random.getstate()'s tuples into lists; turn them back."""
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
 def summarize_rl(results: list[dict[str, Any]]) -> dict[str, Any]:

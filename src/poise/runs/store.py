@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["JsonlWriter", "atomic_write_json", "new_run_dir", "read_jsonl"]
+__all__ = ["JsonlWriter", "atomic_write_json", "new_run_dir", "read_jsonl", "truncate_jsonl"]
 
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
@@ -86,3 +86,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def truncate_jsonl(path: str | Path, max_step: int) -> None:
+    """Keep only the complete lines with ``step <= max_step`` (resuming from a checkpoint
+    taken at ``max_step``: later lines would be written again). Atomic."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [json.dumps(r) for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

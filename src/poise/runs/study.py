@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import os
 import sys
@@ -149,7 +150,9 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
             run_one_fn: Any, summarize_fn: Any, kind: str) -> Path:
     """Run every variant x seed of ``cfg`` with ``run_one_fn(cfg, i, seed, metrics_path,
     progress)``, write each result and a fresh ``summary.json`` (``summarize_fn(results)``)
-    after every run, then the report. Shared by every study kind."""
+    after every run, then the report. Shared by every study kind. Runs whose result file
+    already exists are not run again (``poise run --resume``); a run function may also resume
+    from its own checkpoints (the RL study does)."""
     torch.set_num_threads(cfg.threads)
     path = Path(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name)
     path.mkdir(parents=True, exist_ok=True)
@@ -169,8 +172,13 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
             for i, v in enumerate(cfg.variants):
                 bar.describe(f"{v.name} seed {seed}")
                 tag = f"{v.name}-s{seed}"
+                done = path / "results" / f"{tag}.json"
+                if done.is_file():  # resuming: this run finished before
+                    results.append(json.loads(done.read_text()))
+                    bar.update(steps_per_run)
+                    continue
                 r = run_one_fn(cfg, i, seed, path / "metrics" / f"{tag}.jsonl", bar.update)
-                atomic_write_json(path / "results" / f"{tag}.json", r)
+                atomic_write_json(done, r)
                 results.append(r)
                 atomic_write_json(path / "summary.json", summary(False))
     finally:

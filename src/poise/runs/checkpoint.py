@@ -1,0 +1,72 @@
+"""Checkpoints of a training run: tensors in safetensors, everything else in JSON, written
+atomically. Loading never executes code (safetensors, ``torch.load(weights_only=True)``,
+JSON).
+
+Layout: ``<dir>/step-000010/{model.safetensors, optimizer.pt, rng.pt, state.json}`` and
+``<dir>/latest.json`` naming the newest complete step directory. A step directory is
+written under a temporary name and renamed when complete; ``latest.json`` is replaced
+atomically after it; older step directories are then removed. A crash at any point leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from poise.runs.store import atomic_write_json
+
+__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+
+def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator, state: dict[str, Any]) -> Path:
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step-{step:06d}."))
+    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    atomic_write_json(directory / "latest.json", {"step": step, "path": final.name})
+    for old in directory.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    pointer = Path(directory) / "latest.json"
+    if not pointer.is_file():
+        return None
+    try:
+        path = Path(directory) / json.loads(pointer.read_text())["path"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"checkpoint manifest {pointer} is malformed: {e}") from None
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator) -> dict[str, Any]:
+    """Restore model, optimizer and RNG states in place; return the JSON state."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    return json.loads((path / "state.json").read_text())
