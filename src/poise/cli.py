@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="skip the plots and report.html")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--dry-run", action="store_true", help="validate and print the config, run nothing")
+    run.add_argument("--quick", action="store_true",
+                     help="smoke-test size: one seed and fewer steps (rl-stability: under 2 minutes)")
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", nargs="?", default=None,
                     choices=["recipes", "strategies", "optimizers", "losses", "advantages", "metrics", "streams",
@@ -99,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = from_dict(json.loads(cfg_path.read_text()))
         args.run_dir = args.resume
     else:
-        cfg = load_recipe(recipe, overrides)
+        cfg = load_recipe(recipe, overrides, quick=args.quick)
     if args.dry_run:
         import dataclasses
 

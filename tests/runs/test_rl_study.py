@@ -177,3 +177,13 @@ def test_cli_resume_skips_finished_runs(tmp_path, capsys):
     assert (run_dir / "results" / "uniform-s0.json").read_text() == first  # not run again
     assert (run_dir / "results" / "dynamic-s0.json").is_file()
     assert main(["run", "--resume", str(tmp_path / "nothing")]) == 1
+
+
+def test_quick_rl_stability_runs_in_under_two_minutes(tmp_path, capsys):
+    import time
+
+    t0 = time.perf_counter()
+    assert main(["run", "rl-stability", "--quick", "--run-dir", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert time.perf_counter() - t0 < 120
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert summary["complete"] and len(summary["variants"]) == 8

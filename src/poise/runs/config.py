@@ -516,16 +516,25 @@ def find_recipe(name_or_path: str | None) -> tuple[str, str]:
                       "(or a path to a .toml file)")
 
 
-def load_recipe(name_or_path: str | None = None,
-                overrides: list[str] | None = None) -> StudyConfig | OptimStudyConfig | RLStudyConfig:
-    """Load, override and validate a recipe."""
+QUICK = {
+    "continual": ["seeds=[0]", "train.steps_per_task=100"],
+    "optimizers": ["seeds=[0]", "lm.steps=60"],
+    "rl": ["seeds=[0]", "train.steps=10", "train.eval_problems=50"],
+}
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None,
+                quick: bool = False) -> StudyConfig | OptimStudyConfig | RLStudyConfig:
+    """Load, override and validate a recipe. ``quick`` first applies a smoke-test size
+    (one seed, fewer steps: :data:`QUICK`); explicit overrides still win."""
     name, text = find_recipe(name_or_path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"recipe {name!r} is not valid TOML: {e}") from None
     data.setdefault("name", name)
-    return from_dict(apply_overrides(data, overrides or []))
+    pre = QUICK.get(data.get("kind", "continual"), []) if quick else []
+    return from_dict(apply_overrides(data, [*pre, *(overrides or [])]))
 
 
 def field_help(cls: Any = StudyConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
