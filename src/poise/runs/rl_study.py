@@ -254,9 +254,12 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             bad_rewards += bad
             generated_total += n_generated
             behav, mask = completion_batch(rollouts)
-            with torch.no_grad():
-                old = trainer_logprobs(model, rollouts)
             chunks = np.array_split(np.arange(len(rollouts)), v.minibatches or t.minibatches)
+            if len(chunks) > 1:  # pi_old: the trainer's log-probs before this batch's first update
+                with torch.no_grad():
+                    old = trainer_logprobs(model, rollouts)
+            else:  # on-policy: pi_old is the current policy; its log-probs come with the forward below
+                old = None
             rec: dict[str, Any] = {"step": step, "reward": float(rewards_t.mean()),
                                    "samples_generated": generated_total, "bad_rewards": bad_rewards}
             for c in chunks:
@@ -264,8 +267,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 idx = torch.as_tensor(c)
                 logp, ent = trainer_logprobs(model, sub, with_entropy=True)
                 m = mask[idx][:, : logp.shape[1]]
-                values, agg_mask, metrics = policy_loss(v, logp, old[idx][:, : logp.shape[1]],
-                                                        behav[idx][:, : logp.shape[1]], adv[idx], m, ent)
+                old_c = logp.detach() if old is None else old[idx][:, : logp.shape[1]]
+                values, agg_mask, metrics = policy_loss(v, logp, old_c, behav[idx][:, : logp.shape[1]], adv[idx], m,
+                                                        ent)
                 loss = aggregate(values, agg_mask, v.aggregation)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -276,7 +280,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 opt.step()
             if diverged_at:
                 rec["diverged"] = True
-            rec.update(completion_stats(ent, m, old[idx][:, : logp.shape[1]] - behav[idx][:, : logp.shape[1]]))
+            rec.update(completion_stats(ent, m, old_c - behav[idx][:, : logp.shape[1]]))
             rec.update({k: float(x) for k, x in metrics.items()})
             rec.update(loss=float(loss.detach()), grad_norm=gn)
             curve["reward"].append(rec["reward"])
