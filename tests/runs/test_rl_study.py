@@ -186,4 +186,4 @@ def test_quick_rl_stability_runs_in_under_two_minutes(tmp_path, capsys):
     assert main(["run", "rl-stability", "--quick", "--run-dir", str(tmp_path / "q"), "--no-progress"]) == 0
     assert time.perf_counter() - t0 < 120
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
-    assert summary["complete"] and len(summary["variants"]) == 8
+    assert summary["complete"] and len(summary["variants"]) == 22
