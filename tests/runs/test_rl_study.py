@@ -187,3 +187,28 @@ def test_quick_rl_stability_runs_in_under_two_minutes(tmp_path, capsys):
     assert time.perf_counter() - t0 < 120
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
     assert summary["complete"] and len(summary["variants"]) == 22
+
+
+@pytest.mark.parametrize("eta", [1, 2])
+def test_async_generation_stays_within_eta_versions(eta, tmp_path):
+    from poise.runs.rl_study import run_one_rl
+
+    cfg = load_recipe("rl-stability", [*QUICK, "train.steps=6", f"train.async_eta={eta}", "train.checkpoint_every=0"])
+    names = [v.name for v in cfg.variants]
+    path = tmp_path / "metrics" / "a.jsonl"
+    r = run_one_rl(cfg, names.index("ppo_clip"), 0, path)
+    gaps = [row["staleness/version_gap"] for row in read_jsonl(path)]
+    assert len(gaps) == 6 and all(0 <= g <= eta for g in gaps)
+    assert len(r["curves"]["reward"]) == 6
+
+
+def test_async_sampler_errors_reach_the_trainer():
+    from poise.runs.rl_study import AsyncSampler
+
+    def boom(model):
+        raise RuntimeError("generation failed")
+
+    s = AsyncSampler(torch.nn.Linear(2, 2), eta=1, steps=3, produce=boom)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        s.get()
+    s.close()

@@ -213,6 +213,9 @@ class RLTrainConfig:
     eval_problems: int = _help("held-out problems", default=100)
     collapse_reward: float = _help("collapsed: held-out accuracy below this after having been above twice it",
                                    default=0.05)
+    async_eta: int = _help("asynchronous generation: a sampler thread runs ahead of training by at most this "
+                           "many policy versions (AReaL's eta; 0 = synchronous). Results then depend on timing",
+                           default=0)
     checkpoint_every: int = _help("write a checkpoint (safetensors + JSON, atomically) every this many steps; "
                                   "poise run --resume RUN_DIR continues from it (0 = never)", default=10)
 
@@ -270,6 +273,8 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
                 "n_layer", "n_head", "n_embd", "block_size"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
+    if t.async_eta < 0:
+        raise ConfigError(f"train.async_eta={t.async_eta} must be >= 0")
     if t.group_size < 2:
         raise ConfigError(f"train.group_size={t.group_size} must be >= 2 (group-relative advantages)")
     try:

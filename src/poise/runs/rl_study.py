@@ -12,6 +12,7 @@ evaluated every ``eval_every`` steps.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -247,10 +248,18 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             metrics_path.unlink()  # a fresh run: no stale lines from an earlier attempt
     diverged_at = None
     writer = JsonlWriter(metrics_path) if metrics_path else None
+    sampler = (AsyncSampler(model, t.async_eta, t.steps - start + 1,
+                            lambda m: collect(v, t, m, tok, task, gen, dtype), start_version=start - 1)
+               if t.async_eta else None)
     t0 = time.perf_counter()
     try:
         for step in range(start, t.steps + 1):
-            rollouts, rewards_t, adv, n_generated, bad = collect(v, t, model, tok, task, gen, dtype)
+            version_gap = 0
+            if sampler is None:
+                rollouts, rewards_t, adv, n_generated, bad = collect(v, t, model, tok, task, gen, dtype)
+            else:
+                (rollouts, rewards_t, adv, n_generated, bad), used = sampler.get()
+                version_gap = (step - 1) - used
             bad_rewards += bad
             generated_total += n_generated
             behav, mask = completion_batch(rollouts)
@@ -261,7 +270,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             else:  # on-policy: pi_old is the current policy; its log-probs come with the forward below
                 old = None
             rec: dict[str, Any] = {"step": step, "reward": float(rewards_t.mean()),
-                                   "samples_generated": generated_total, "bad_rewards": bad_rewards}
+                                   "samples_generated": generated_total, "bad_rewards": bad_rewards,
+                                   "staleness/version_gap": version_gap}
             for c in chunks:
                 sub = [rollouts[i] for i in c]
                 idx = torch.as_tensor(c)
@@ -278,6 +288,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                     diverged_at = step
                     break
                 opt.step()
+            if sampler is not None:
+                sampler.publish(model)
             if diverged_at:
                 rec["diverged"] = True
             rec.update(completion_stats(ent, m, old_c - behav[idx][:, : logp.shape[1]]))
@@ -311,6 +323,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                     progress(t.steps - step)
                 break
     finally:
+        if sampler is not None:
+            sampler.close()
         if writer:
             writer.close()
     wall = time.perf_counter() - t0
@@ -320,6 +334,70 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             "collapsed_at": collapsed_at, "diverged_at": diverged_at, "bad_rewards": bad_rewards,
             "bad_reward_examples": list(BAD_REWARD_EXAMPLES),
             "seconds_per_step": wall / max(1, len(curve["reward"]))}
+
+
+class AsyncSampler:
+    """Generation in a background thread, ahead of training by at most ``eta`` versions.
+
+    The thread keeps its own copy of the policy, refreshed from the trainer's weights
+    whenever the trainer has published a newer version, and produces batch ``k`` only once
+    the trainer has reached version ``k - eta`` (AReaL's staleness bound, arXiv 2505.24298).
+    :meth:`get` returns ``(batch, version it was generated with)``; the trainer calls
+    :meth:`publish` after each optimizer step. Exceptions in the thread are re-raised in
+    :meth:`get`.
+    """
+
+    def __init__(self, model: torch.nn.Module, eta: int, steps: int, produce: Any, start_version: int = 0):
+        import queue
+        import threading
+
+        self.eta, self.steps, self.produce = eta, steps, produce
+        self.sampler = copy.deepcopy(model)
+        self.version = start_version  # the trainer's
+        self.sampler_version = -1
+        self.cond = threading.Condition()
+        self.q: Any = queue.Queue()
+        self.error: BaseException | None = None
+        self._weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._weights_version = start_version
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for k in range(self.version, self.version + self.steps):
+                with self.cond:
+                    self.cond.wait_for(lambda k=k: self.stop or self.version >= k - self.eta)
+                    if self.stop:
+                        return
+                    if self._weights_version != self.sampler_version:
+                        self.sampler.load_state_dict(self._weights)
+                        self.sampler_version = self._weights_version
+                    used = self.sampler_version
+                self.q.put((self.produce(self.sampler), used))
+        except BaseException as e:  # noqa: BLE001 - handed to the trainer
+            self.error = e
+            self.q.put((None, -1))
+
+    def get(self) -> tuple[Any, int]:
+        batch, used = self.q.get()
+        if self.error is not None:
+            raise self.error
+        return batch, used
+
+    def publish(self, model: torch.nn.Module) -> None:
+        with self.cond:
+            self.version += 1
+            self._weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self._weights_version = self.version
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.stop = True
+            self.cond.notify_all()
+        self.thread.join(timeout=30)
 
 
 def _tuplify(x: Any) -> Any:
