@@ -132,7 +132,7 @@ def test_a_reward_that_raises_is_counted_and_the_run_goes_on(monkeypatch):
     monkeypatch.setattr(ArithmeticTask, "reward", staticmethod(flaky))
     cfg = load_recipe("rl-stability", QUICK)
     r = rl_study.run_one_rl(cfg, 0, seed=0)
-    assert r["bad_rewards"] > 0 and len(r["curves"]["reward"]) == 3
+    assert r["bad_rewards"] > 0 and len(r["curves"]["reward"]) == 3  # dropped samples, not a stopped run
     ex = r["bad_reward_examples"][-1]
     assert ex["prompt"].endswith("=") and ("verifier crashed" in ex["error"] or "nan" in ex["error"])
 
@@ -212,3 +212,22 @@ def test_async_sampler_errors_reach_the_trainer():
     with pytest.raises(RuntimeError, match="generation failed"):
         s.get()
     s.close()
+
+
+def test_failed_rewards_drop_their_samples():
+    from poise.runs.rl_study import _score
+    from poise.tasks.reasoning import Problem
+
+    class T:
+        @staticmethod
+        def reward(problem, completion):
+            if completion == "boom":
+                raise ValueError("bad")
+            return float("inf") if completion == "inf" else 1.0
+
+    from poise.tasks.lm import Rollout
+
+    rs = [Rollout(Problem("1+1=", "2"), torch.zeros(1), torch.zeros(1), torch.zeros(1), text, 0)
+          for text in ("2", "boom", "inf", "3")]
+    kept, bad = _score(T, rs)
+    assert [r.text for r in kept] == ["2", "3"] and bad == 2

@@ -295,26 +295,42 @@ def _rl_plots(run_dir: Path, results: list[dict[str, Any]]) -> list[tuple[str, P
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r["variant"] for r in results))
-    colors = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(2, 2, figsize=(13, 7.5))
-    panels = [("reward", "training reward"), ("entropy", "token entropy"), ("grad_norm", "gradient norm"),
-              (None, "held-out accuracy (greedy)")]
+    cmap = plt.get_cmap("tab20")
+    styles = ["-", "--", ":", "-."]
+
+    def style(i: int) -> dict[str, Any]:
+        return {"color": cmap(i % 20), "ls": styles[(i // 20) % len(styles)]}
+
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
+    panels = [("reward", "training reward"), ("entropy", "token entropy"), (None, "held-out accuracy (greedy)"),
+              ("mismatch_abs", "train-inference mismatch |log ρ|"), ("clip_frac", "clip fraction"),
+              ("grad_norm", "gradient norm")]
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
         for i, v in enumerate(variants):
-            for j, r in enumerate(x for x in results if x["variant"] == v):
-                if key is None:
-                    ax.plot(r["eval_steps"], r["eval_acc"], color=colors(i), marker=".", lw=1,
-                            label=v if j == 0 else None)
-                else:
-                    y = r["curves"][key]
-                    ax.plot(range(1, len(y) + 1), y, color=colors(i), lw=0.9, alpha=0.8, label=v if j == 0 else None)
+            rs = [x for x in results if x["variant"] == v]
+            if key is None:
+                n = min(len(r["eval_acc"]) for r in rs)
+                y = np.mean([r["eval_acc"][:n] for r in rs], axis=0)
+                ax.plot(rs[0]["eval_steps"][:n], y, marker=".", lw=1.2, label=v, **style(i))
+            else:
+                n = min(len(r["curves"][key]) for r in rs)
+                if n == 0:
+                    continue
+                y = np.mean([r["curves"][key][:n] for r in rs], axis=0)
+                ax.plot(range(1, n + 1), y, lw=1.1, label=v, **style(i))
+            for r in rs:
+                event = r.get("collapsed_at") or r.get("diverged_at")
+                if event:
+                    ax.axvline(event, lw=1, **style(i))
         ax.set(title=title, xlabel="RL step")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, ncol=1 if len(variants) <= 24 else 2)
+    fig.tight_layout(rect=(0, 0, 0.86 if len(variants) <= 24 else 0.78, 1))
     p = run_dir / "rl_curves.png"
-    fig.savefig(p, dpi=100)
+    fig.savefig(p, dpi=95)
     plt.close(fig)
-    return [("Reward, entropy, gradient norm and held-out accuracy per seed", p)]
+    return [("Mean over seeds per variant: reward, entropy, held-out accuracy, mismatch, clip fraction and "
+             "gradient norm (a vertical line marks a collapse or divergence)", p)]
 
 
 def build_report(run_dir: str | Path) -> Path:

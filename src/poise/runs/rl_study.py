@@ -125,24 +125,26 @@ def policy_loss(v: RLVariantConfig, logp: torch.Tensor, old: torch.Tensor, behav
 BAD_REWARD_EXAMPLES: list[dict[str, str]] = []  # the latest few, reported in results and the log
 
 
-def _score(task: Any, rollouts: list) -> tuple[torch.Tensor, int]:
-    """Rewards of the rollouts; a reward function that raises or returns a non-finite value
-    gives that sample 0, is counted, and its prompt, completion and error are kept (the last
-    10) for the run's results; the run goes on."""
-    rewards, bad = [], 0
+def _score(task: Any, rollouts: list) -> tuple[list, int]:
+    """Score the rollouts; returns the ones with a valid reward (``r.reward`` set) and how many
+    were dropped. A reward function that raises or returns a non-finite value drops that
+    sample from the batch (it would otherwise train as a wrong answer), counts it, and keeps
+    its prompt, completion and error (the last 10) for the run's results; the run goes on."""
+    kept, bad = [], 0
     for r in rollouts:
         try:
             x = float(task.reward(r.problem, r.text))
             if not math.isfinite(x):
                 raise ValueError(f"reward function returned {x}")
         except Exception as e:  # noqa: BLE001 - any failure of user code is reported, never fatal
-            x, bad = 0.0, bad + 1
+            bad += 1
             BAD_REWARD_EXAMPLES.append({"prompt": r.problem.prompt, "completion": r.text,
                                         "error": f"{type(e).__name__}: {e}"})
             del BAD_REWARD_EXAMPLES[:-10]
+            continue
         r.reward = x
-        rewards.append(x)
-    return torch.tensor(rewards), bad
+        kept.append(r)
+    return kept, bad
 
 
 def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokenizer, task: Any,
@@ -156,16 +158,20 @@ def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokeniz
                         temperature=t.temperature, generator=gen, dtype=dtype)
 
     if v.sampling == "uniform":
-        rollouts = sample(task.sample(t.prompts), t.group_size)
-        rewards, bad = _score(task, rollouts)
-        return rollouts, rewards, advantage(rewards, torch.tensor([r.group for r in rollouts])), len(rollouts), bad
+        batch = sample(task.sample(t.prompts), t.group_size)
+        rollouts, bad = _score(task, batch)
+        generated = len(batch)
     if v.sampling == "dynamic":
         kept: list = []
         generated = bad = 0
         for _ in range(v.max_gen_batches):
             batch = sample(task.sample(t.prompts), t.group_size)
-            rw, b = _score(task, batch)
-            generated, bad = generated + len(batch), bad + b
+            generated += len(batch)
+            batch, b = _score(task, batch)
+            bad += b
+            if not batch:
+                continue
+            rw = torch.tensor([r.reward for r in batch])
             keep, _ = dynamic_sampling_keep(rw, torch.tensor([r.group for r in batch]))
             start = len({id(r.problem) for r in kept})
             for r, k in zip(batch, keep.tolist(), strict=True):
@@ -175,7 +181,7 @@ def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokeniz
             if len(kept) >= t.prompts * t.group_size:
                 break
         rollouts = kept[: t.prompts * t.group_size] or batch
-    else:  # reinforce_ada
+    elif v.sampling == "reinforce_ada":
         problems = task.sample(t.prompts)
         ada = AdaSampler(len(problems), n=t.group_size, round_repeat=max(2, t.group_size // 2),
                          max_rounds=v.ada_rounds)
@@ -183,13 +189,14 @@ def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokeniz
         generated = bad = 0
         while active := ada.active():
             batch = sample([problems[i] for i in active], ada.round_repeat)
-            rw, b = _score(task, batch)
-            generated, bad = generated + len(batch), bad + b
+            generated += len(batch)
+            batch, b = _score(task, batch)
+            bad += b
             ids = [active[r.group] for r in batch]
             for i, r in zip(ids, batch, strict=True):
                 r.group = i
                 pool[i].append(r)
-            ada.update(ids, rw.tolist())
+            ada.update(ids, [r.reward for r in batch])
         picks, counts = ada.select()
         rollouts = [pool[i][k] for i, ks in enumerate(picks) for k in ks]
         groups = torch.tensor([r.group for r in rollouts])
@@ -197,6 +204,8 @@ def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokeniz
         p = torch.tensor([counts[int(g)][0] for g in groups])
         q = torch.tensor([counts[int(g)][1] for g in groups])
         return rollouts, rewards, global_stat_advantage(rewards, groups, p, q), generated, bad
+    if not rollouts:
+        return [], torch.zeros(0), torch.zeros(0), generated, bad
     remap = {g: k for k, g in enumerate(dict.fromkeys(r.group for r in rollouts))}
     for r in rollouts:
         r.group = remap[r.group]
@@ -208,7 +217,8 @@ def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokeniz
 def _held_out_accuracy(model: torch.nn.Module, tok: CharTokenizer, task: Any, problems: list,
                        max_new_tokens: int) -> float:
     rollouts = generate(model, tok, problems, group_size=1, max_new_tokens=max_new_tokens, greedy=True)
-    return float(_score(task, rollouts)[0].mean())
+    kept, _ = _score(task, rollouts)
+    return sum(r.reward for r in kept) / max(1, len(rollouts))  # a failed reward counts as wrong here
 
 
 def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: Path | None = None,
@@ -262,6 +272,14 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 version_gap = (step - 1) - used
             bad_rewards += bad
             generated_total += n_generated
+            if not rollouts:  # every reward failed: nothing to learn from this batch
+                if writer:
+                    writer.write({"step": step, "skipped": True, "bad_rewards": bad_rewards})
+                if sampler is not None:
+                    sampler.publish(model)
+                if progress is not None:
+                    progress(1)
+                continue
             behav, mask = completion_batch(rollouts)
             chunks = np.array_split(np.arange(len(rollouts)), v.minibatches or t.minibatches)
             if len(chunks) > 1:  # pi_old: the trainer's log-probs before this batch's first update
