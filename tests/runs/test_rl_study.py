@@ -231,3 +231,20 @@ def test_failed_rewards_drop_their_samples():
           for text in ("2", "boom", "inf", "3")]
     kept, bad = _score(T, rs)
     assert [r.text for r in kept] == ["2", "3"] and bad == 2
+
+
+def test_ray_actor_generation_stays_within_eta(tmp_path):
+    ray = pytest.importorskip("ray", reason="the Ray backend needs the ray extra")
+    from poise.runs.rl_study import run_one_rl
+
+    cfg = load_recipe("rl-stability", [*QUICK, "train.steps=4", "train.async_eta=1", "train.async_backend=ray",
+                                       "train.checkpoint_every=0"])
+    names = [v.name for v in cfg.variants]
+    path = tmp_path / "metrics" / "r.jsonl"
+    try:
+        r = run_one_rl(cfg, names.index("ppo_clip"), 0, path)
+    finally:
+        ray.shutdown()
+    gaps = [row["staleness/version_gap"] for row in read_jsonl(path)]
+    assert gaps == [0, 1, 1, 1]  # batches 0 and 1 from the start weights, then always one version behind
+    assert len(r["curves"]["reward"]) == 4

@@ -216,6 +216,8 @@ class RLTrainConfig:
     async_eta: int = _help("asynchronous generation: a sampler thread runs ahead of training by at most this "
                            "many policy versions (AReaL's eta; 0 = synchronous). Results then depend on timing",
                            default=0)
+    async_backend: str = _help("where asynchronous generation runs: 'thread' (this process) or 'ray' (a Ray "
+                               "actor, the 'ray' extra; for rollouts on other machines)", default="thread")
     checkpoint_every: int = _help("write a checkpoint (safetensors + JSON, atomically) every this many steps; "
                                   "poise run --resume RUN_DIR continues from it (0 = never)", default=10)
 
@@ -275,6 +277,13 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
     if t.async_eta < 0:
         raise ConfigError(f"train.async_eta={t.async_eta} must be >= 0")
+    if t.async_backend not in ("thread", "ray"):
+        raise ConfigError(f"train.async_backend: {t.async_backend!r}; valid choices: thread, ray")
+    if t.async_backend == "ray" and t.async_eta:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.async_backend='ray' needs Ray: pip install 'poise[ray]'") from None
     if t.group_size < 2:
         raise ConfigError(f"train.group_size={t.group_size} must be >= 2 (group-relative advantages)")
     try:

@@ -44,7 +44,8 @@ from poise.tasks.gpt import GPT, GPTConfig
 from poise.tasks.lm import completion_batch, generate, sft_warmup, trainer_logprobs
 from poise.tasks.text import CharTokenizer
 
-__all__ = ["build_policy", "collect", "policy_loss", "run_one_rl", "run_rl_study", "summarize_rl"]
+__all__ = ["AsyncSampler", "RaySampler", "build_policy", "collect", "policy_loss", "run_one_rl", "run_rl_study",
+           "summarize_rl"]
 
 
 def _task(cfg: RLStudyConfig, seed: int) -> Any:
@@ -258,9 +259,12 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             metrics_path.unlink()  # a fresh run: no stale lines from an earlier attempt
     diverged_at = None
     writer = JsonlWriter(metrics_path) if metrics_path else None
-    sampler = (AsyncSampler(model, t.async_eta, t.steps - start + 1,
-                            lambda m: collect(v, t, m, tok, task, gen, dtype), start_version=start - 1)
-               if t.async_eta else None)
+    sampler: AsyncSampler | RaySampler | None = None
+    if t.async_eta and t.async_backend == "ray":
+        sampler = RaySampler(model, t.async_eta, t.steps - start + 1, v, t, task, seed, start_version=start - 1)
+    elif t.async_eta:
+        sampler = AsyncSampler(model, t.async_eta, t.steps - start + 1,
+                               lambda m: collect(v, t, m, tok, task, gen, dtype), start_version=start - 1)
     t0 = time.perf_counter()
     try:
         for step in range(start, t.steps + 1):
@@ -416,6 +420,57 @@ class AsyncSampler:
             self.stop = True
             self.cond.notify_all()
         self.thread.join(timeout=30)
+
+
+class _RolloutWorker:
+    """The Ray actor behind :class:`RaySampler`: a policy copy, the task and the sampling
+    settings; ``produce(weights)`` loads the weights it is sent and returns one batch."""
+
+    def __init__(self, model: torch.nn.Module, v: RLVariantConfig, t: Any, task: Any, seed: int):
+        self.model, self.v, self.t, self.task = model, v, t, task
+        self.tok = CharTokenizer()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dtype = torch.bfloat16 if t.sampler_dtype == "bfloat16" else None
+
+    def produce(self, weights: dict[str, torch.Tensor]) -> tuple:
+        self.model.load_state_dict(weights)
+        return collect(self.v, self.t, self.model, self.tok, self.task, self.gen, self.dtype)
+
+
+class RaySampler:
+    """:class:`AsyncSampler`'s interface on a Ray actor (the optional ``ray`` extra), so that
+    generation can live on another machine of a Ray cluster. Up to ``eta + 1`` batches are in
+    flight; batch ``k`` is requested with the weights of version ``k - eta`` (or the start),
+    so it trains at most ``eta`` versions stale. Weights travel through Ray's object store."""
+
+    def __init__(self, model: torch.nn.Module, eta: int, steps: int, v: RLVariantConfig, t: Any, task: Any,
+                 seed: int, start_version: int = 0):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        self.ray = ray
+        self.worker = ray.remote(_RolloutWorker).remote(copy.deepcopy(model), v, t, task, seed)
+        self.version, self.remaining, self.pending = start_version, steps, []
+        weights = ray.put({k: x.detach().clone() for k, x in model.state_dict().items()})
+        for _ in range(min(eta + 1, steps)):
+            self._submit(weights)
+
+    def _submit(self, weights: Any) -> None:
+        self.pending.append((self.worker.produce.remote(weights), self.version))
+        self.remaining -= 1
+
+    def get(self) -> tuple[Any, int]:
+        ref, used = self.pending.pop(0)
+        return self.ray.get(ref), used
+
+    def publish(self, model: torch.nn.Module) -> None:
+        self.version += 1
+        if self.remaining > 0:
+            self._submit(self.ray.put({k: x.detach().clone() for k, x in model.state_dict().items()}))
+
+    def close(self) -> None:
+        self.ray.kill(self.worker)
 
 
 def _tuplify(x: Any) -> Any:
