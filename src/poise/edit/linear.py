@@ -1,0 +1,159 @@
+"""Closed-form editors for one linear map.
+
+Convention, everywhere: a layer maps keys to values as ``v = W k``; ``W`` is ``[d_v, d_k]``
+(``nn.Linear.weight``); a set of keys is a matrix with one key per **column**, ``K`` of shape
+``[d_k, n]``, and values ``V`` ``[d_v, n]``. Every editor returns the update ``Delta`` (same
+shape as ``W``) and never changes its inputs; :func:`apply_delta` writes one into an
+``nn.Linear``. Bad shapes, dtypes and singular systems raise ``ValueError`` naming the problem.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RLSEditor", "alphaedit", "apply_delta", "memit", "nullspace_projector", "rome", "sphere_project"]
+
+
+def _check(W: Tensor, K: Tensor, V: Tensor | None = None, name: str = "K") -> None:
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D [d_v, d_k], got shape {tuple(W.shape)}")
+    if K.dim() != 2 or K.shape[0] != W.shape[1]:
+        raise ValueError(f"{name} must be [d_k={W.shape[1]}, n] (keys as columns), got {tuple(K.shape)}")
+    if V is not None and (V.dim() != 2 or V.shape != (W.shape[0], K.shape[1])):
+        raise ValueError(f"V must be [d_v={W.shape[0]}, n={K.shape[1]}], got {tuple(V.shape)}")
+    for t, n in ((K, name), (V, "V")):
+        if t is not None and (t.dtype != W.dtype or not t.is_floating_point()):
+            raise ValueError(f"{n} has dtype {t.dtype}; W has {W.dtype}: use the same floating dtype")
+
+
+def _solve_right(B: Tensor, A: Tensor, what: str) -> Tensor:
+    """``B A^{-1}`` for a symmetric positive definite ``A``, or a clear error."""
+    try:
+        L = torch.linalg.cholesky(A)
+    except RuntimeError:
+        raise ValueError(f"{what} is singular or not positive definite: add regularisation "
+                         "(a covariance term or a larger lambda)") from None
+    return torch.cholesky_solve(B.T, L).T
+
+
+def rome(W: Tensor, k: Tensor, v: Tensor, C: Tensor | None = None) -> Tensor:
+    r"""ROME's rank-one edit (Meng et al., arXiv 2202.05262, eq. 2):
+    ``Delta = (v - W k) (C^{-1} k)^T / ((C^{-1} k)^T k)``, the minimum ``C``-norm change with
+    ``(W + Delta) k = v`` exactly. ``k`` ``[d_k]``, ``v`` ``[d_v]``, ``C`` ``[d_k, d_k]`` the key
+    covariance (identity if None). Reference: kmeng01/rome ``rome_main.py``."""
+    if k.dim() != 1 or v.dim() != 1:
+        raise ValueError(f"rome takes one key [d_k] and one value [d_v], got {tuple(k.shape)}, {tuple(v.shape)}")
+    _check(W, k[:, None], v[:, None])
+    u = k if C is None else torch.linalg.solve(C, k)
+    denom = u @ k
+    if abs(float(denom)) < 1e-12:
+        raise ValueError("C^{-1} k is orthogonal to k: the rank-one system is singular")
+    return torch.outer(v - W @ k, u) / denom
+
+
+def memit(W: Tensor, K: Tensor, V: Tensor, C0: Tensor, lam: float = 1.0) -> Tensor:
+    r"""MEMIT's batched edit for one layer (Meng et al., arXiv 2210.07229, eq. 14):
+    ``Delta = R K^T (lam C0 + K K^T)^{-1}`` with ``R = V - W K``: least squares on the new pairs
+    while keeping ``||Delta K0||`` small, ``C0 = K0 K0^T`` the preserved keys' second moment
+    (``lam`` = the authors' ``mom2_update_weight``). Reference: kmeng01/memit ``memit_main.py``."""
+    _check(W, K, V)
+    if C0.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"C0 must be [d_k, d_k] = {(W.shape[1],) * 2}, got {tuple(C0.shape)}")
+    return _solve_right((V - W @ K) @ K.T, lam * C0 + K @ K.T, "lam * C0 + K K^T")
+
+
+def nullspace_projector(K0: Tensor, threshold: float = 1e-2) -> Tensor:
+    r"""``P = U U^T`` with ``U`` the eigenvectors of ``K0 K0^T`` whose eigenvalues are below
+    ``threshold`` (AlphaEdit's projector onto the null space of the preserved keys)."""
+    evals, evecs = torch.linalg.eigh(K0 @ K0.T)
+    U = evecs[:, evals < threshold]
+    return U @ U.T
+
+
+def alphaedit(W: Tensor, K: Tensor, V: Tensor, K0: Tensor, *, K_prev: Tensor | None = None,
+              threshold: float = 1e-2, l2: float = 1.0) -> Tensor:
+    r"""AlphaEdit (Fang et al., ICLR 2025, arXiv 2410.02355): the edit projected onto the null
+    space of the preserved keys, ``Delta = R K^T P (M P + l2 I)^{-1}`` with ``R = V - W K``,
+    ``M = K K^T + K_p K_p^T`` (earlier edits' keys ``K_prev``) and ``P`` from
+    :func:`nullspace_projector`. In the authors' transposed convention (``[d_k, d_v]``,
+    ``AlphaEdit_main.py``): ``(P M + l2 I)^{-1} P K R^T``. Then ``Delta K0 = 0`` exactly
+    whenever ``P K0 = 0`` (the keys do not span the key space)."""
+    _check(W, K, V)
+    _check(W, K0, name="K0")
+    P = nullspace_projector(K0, threshold)
+    M = K @ K.T
+    if K_prev is not None:
+        _check(W, K_prev, name="K_prev")
+        M = M + K_prev @ K_prev.T
+    A = M @ P + l2 * torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
+    try:
+        return torch.linalg.solve(A.T, ((V - W @ K) @ K.T @ P).T).T
+    except RuntimeError:
+        raise ValueError("M P + l2 I is singular: use l2 > 0") from None
+
+
+class RLSEditor:
+    r"""RLSEdit (Wang et al., arXiv 2601.15686; Euphoria040201/RLSEdit): sequential edits by
+    recursive least squares, each at a cost independent of the number of edits before it.
+
+    Minimises ``sum_s ||W K_s - V_s||^2 + lam^2 ||W - W0||^2 + mu^2 ||(W - W0) K0||^2`` over the
+    edits so far (``lam`` keeps ``W`` near the pre-edit weights, ``mu`` keeps the anchor keys'
+    outputs). With ``C = A^{-1}``, ``A = lam^2 I + mu^2 K0 K0^T + sum_s K_s K_s^T``, each edit is
+    the Woodbury step ``F = C K``, ``S = I + K^T F``, ``C <- C - F S^{-1} F^T``,
+    ``W <- W + (V - W K) (C K)^T``: ``O(d_k^2 u + u^3)`` for ``u`` keys.
+    """
+
+    def __init__(self, W0: Tensor, K0: Tensor | None = None, lam: float = 1.0, mu: float = 1.0):
+        if lam <= 0:
+            raise ValueError(f"lam={lam} must be > 0 (the recursion needs an invertible start)")
+        d_k = W0.shape[1]
+        A = lam**2 * torch.eye(d_k, dtype=W0.dtype, device=W0.device)
+        if K0 is not None:
+            _check(W0, K0, name="K0")
+            A = A + mu**2 * (K0 @ K0.T)
+        self.W = W0.detach().clone()
+        self.C = torch.linalg.inv(A)
+        self.n_edits = 0
+
+    def edit(self, K: Tensor, V: Tensor) -> Tensor:
+        """Apply the edits ``W K = V`` (as well as least squares allows); returns the new ``W``."""
+        if K.dim() == 1:
+            K, V = K[:, None], V[:, None]
+        _check(self.W, K, V)
+        F = self.C @ K
+        S = torch.eye(K.shape[1], dtype=K.dtype, device=K.device) + K.T @ F
+        try:
+            L = torch.linalg.cholesky(S)
+        except RuntimeError:
+            raise ValueError("I + K^T C K is not positive definite (non-finite keys?)") from None
+        C = self.C - F @ torch.cholesky_solve(F.T, L)
+        self.W = self.W + (V - self.W @ K) @ (C @ K).T
+        self.C = (C + C.T) / 2  # keep it symmetric against rounding
+        self.n_edits += K.shape[1]
+        return self.W
+
+
+def sphere_project(W: Tensor, delta: Tensor, beta: float = 0.5, alpha: float = 0.5) -> Tensor:
+    r"""SPHERE's projection (Liu et al., ICLR 2026; PlusLabNLP/SPHERE ``project_B_into_soft_dirs``):
+    with ``A`` the row-normalised ``W`` and ``C = A^T A / n``, take the top ``r`` eigenvectors
+    ``U`` of ``C``, ``r`` = 1 + the number of leading directions whose cumulative energy share
+    stays ``<= beta``; return ``delta (I - alpha U U^T)``. ``alpha = 1`` removes the update's
+    component along those principal hyperspherical directions; ``alpha = 0`` is the identity."""
+    if delta.shape != W.shape:
+        raise ValueError(f"delta has shape {tuple(delta.shape)}; W has {tuple(W.shape)}")
+    A = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    evals, evecs = torch.linalg.eigh(A.T @ A / A.shape[0])
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    share = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-30)
+    r = int((share <= beta).sum()) + 1
+    U = evecs[:, :r]
+    return delta - alpha * (delta @ U) @ U.T
+
+
+@torch.no_grad()
+def apply_delta(layer: nn.Linear, delta: Tensor) -> None:
+    """``layer.weight += delta`` (shape- and dtype-checked; the layer is untouched on error)."""
+    if delta.shape != layer.weight.shape:
+        raise ValueError(f"delta has shape {tuple(delta.shape)}; the layer's weight is {tuple(layer.weight.shape)}")
+    layer.weight.add_(delta.to(layer.weight.dtype))

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from poise.edit import RLSEditor, alphaedit, apply_delta, memit, nullspace_projector, rome, sphere_project
+
+D = torch.float64
+
+
+def _data(seed=0, d_v=6, d_k=8, n=3, n0=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(d_v, d_k, generator=g, dtype=D), torch.randn(d_k, n, generator=g, dtype=D),
+            torch.randn(d_v, n, generator=g, dtype=D), torch.randn(d_k, n0, generator=g, dtype=D))
+
+
+def test_rome_writes_the_new_pair_exactly():
+    W, K, V, K0 = _data()
+    C = K0 @ K0.T + torch.eye(8, dtype=D)
+    d = rome(W, K[:, 0], V[:, 0], C)
+    torch.testing.assert_close((W + d) @ K[:, 0], V[:, 0], atol=1e-12, rtol=0)
+    assert torch.linalg.matrix_rank(d) == 1
+
+
+def test_memit_solves_the_normal_equations():
+    W, K, V, K0 = _data()
+    C0 = K0 @ K0.T
+    d = memit(W, K, V, C0, lam=2.0)
+    # gradient of ||d K0||^2 * 2 + ||(W+d)K - V||^2 is zero at the solution
+    grad = 2.0 * d @ C0 + ((W + d) @ K - V) @ K.T
+    assert grad.abs().max() < 1e-10
+
+
+def test_alphaedit_leaves_preserved_keys_unchanged():
+    W, K, V, K0 = _data(n0=5)  # 5 preserved keys in 8 dims: they do not span the key space
+    P = nullspace_projector(K0, 1e-8)
+    assert (P @ K0).abs().max() < 1e-10
+    d = alphaedit(W, K, V, K0, threshold=1e-8)
+    assert (d @ K0).abs().max() < 1e-10
+    assert (W + d) @ K is not None and (((W + d) @ K - V).norm() < (W @ K - V).norm())
+
+
+def test_rlsedit_recursion_equals_the_one_shot_minimiser_and_lambda_limit():
+    W0, _, _, K0 = _data()
+    lam, mu = 0.7, 1.3
+    ed = RLSEditor(W0, K0, lam, mu)
+    g = torch.Generator().manual_seed(3)
+    Ks, Vs = [], []
+    for _ in range(6):
+        K = torch.randn(8, 2, generator=g, dtype=D)
+        V = torch.randn(6, 2, generator=g, dtype=D)
+        ed.edit(K, V)
+        Ks.append(K)
+        Vs.append(V)
+    A = lam**2 * torch.eye(8, dtype=D) + mu**2 * K0 @ K0.T + sum(K @ K.T for K in Ks)
+    B = lam**2 * W0 + mu**2 * W0 @ K0 @ K0.T + sum(V @ K.T for K, V in zip(Ks, Vs, strict=True))
+    torch.testing.assert_close(ed.W, B @ torch.linalg.inv(A), atol=1e-10, rtol=0)
+    big = RLSEditor(W0, K0, lam=1e6, mu=1.0)
+    big.edit(Ks[0], Vs[0])
+    torch.testing.assert_close(big.W, W0, atol=1e-8, rtol=0)  # lambda -> infinity keeps W0
+
+
+def test_sphere_projection_removes_the_chosen_directions():
+    W, _, _, _ = _data(d_v=10)
+    delta = torch.randn(10, 8, dtype=D)
+    out = sphere_project(W, delta, beta=0.5, alpha=1.0)
+    A = W / W.norm(dim=1, keepdim=True)
+    evals, evecs = torch.linalg.eigh(A.T @ A / 10)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    r = int((torch.cumsum(evals, 0) / evals.sum() <= 0.5).sum()) + 1
+    assert (out @ evecs[:, :r]).abs().max() < 1e-10
+    torch.testing.assert_close(sphere_project(W, delta, alpha=0.0), delta)
+
+
+def test_bad_inputs_are_clear_and_leave_the_layer_unchanged():
+    W, K, V, K0 = _data()
+    with pytest.raises(ValueError, match=r"K must be \[d_k=8, n\]"):
+        memit(W, K.T, V, K0 @ K0.T)
+    with pytest.raises(ValueError, match="dtype torch.float32; W has torch.float64"):
+        memit(W, K.float(), V, K0 @ K0.T)
+    with pytest.raises(ValueError, match="singular or not positive definite"):
+        memit(W, K[:, :1] @ torch.ones(1, 3, dtype=D), V, torch.zeros(8, 8, dtype=D), lam=0.0)
+    layer = torch.nn.Linear(8, 6, bias=False).double()
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="delta has shape"):
+        apply_delta(layer, torch.zeros(8, 6, dtype=D))
+    assert torch.equal(layer.weight, before)
+    apply_delta(layer, rome(layer.weight.detach(), K[:, 0], V[:, 0]))
+    torch.testing.assert_close(layer(K[:, 0]), V[:, 0], atol=1e-12, rtol=0)
