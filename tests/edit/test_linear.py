@@ -85,3 +85,23 @@ def test_bad_inputs_are_clear_and_leave_the_layer_unchanged():
     assert torch.equal(layer.weight, before)
     apply_delta(layer, rome(layer.weight.detach(), K[:, 0], V[:, 0]))
     torch.testing.assert_close(layer(K[:, 0]), V[:, 0], atol=1e-12, rtol=0)
+
+
+def test_collect_keys_values_and_rome_on_a_hugging_face_mlp():
+    transformers = pytest.importorskip("transformers")
+    from poise.edit import collect_keys_values
+
+    cfg = transformers.LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                                   pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).double()
+    layer = model.model.layers[0].mlp.down_proj
+    ids = torch.randint(0, 20, (2, 5))
+    K, V = collect_keys_values(model, layer, ids)
+    assert K.shape == (32, 10) and V.shape == (16, 10)
+    torch.testing.assert_close(layer.weight @ K, V)
+    target = V[:, 3] + 1.0
+    apply_delta(layer, rome(layer.weight.detach(), K[:, 3], target))
+    K2, V2 = collect_keys_values(model, layer, ids)
+    torch.testing.assert_close(V2[:, 3], target, atol=1e-10, rtol=0)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RLSEditor", "alphaedit", "apply_delta", "memit", "nullspace_projector", "rome", "sphere_project"]
+__all__ = ["RLSEditor", "alphaedit", "apply_delta", "collect_keys_values", "memit", "nullspace_projector", "rome",
+           "sphere_project"]
 
 
 def _check(W: Tensor, K: Tensor, V: Tensor | None = None, name: str = "K") -> None:
@@ -117,7 +118,8 @@ class RLSEditor:
         self.n_edits = 0
 
     def edit(self, K: Tensor, V: Tensor) -> Tensor:
-        """Apply the edits ``W K = V`` (as well as least squares allows); returns the new ``W``."""
+        """Apply the edits ``W K = V`` (as well as least squares allows); returns ``W``, which
+        this editor updates in place (clone it to keep a snapshot)."""
         if K.dim() == 1:
             K, V = K[:, None], V[:, None]
         _check(self.W, K, V)
@@ -127,10 +129,12 @@ class RLSEditor:
             L = torch.linalg.cholesky(S)
         except RuntimeError:
             raise ValueError("I + K^T C K is not positive definite (non-finite keys?)") from None
-        C = self.C - F @ torch.cholesky_solve(F.T, L)
-        self.W = self.W + (V - self.W @ K) @ (C @ K).T
-        self.C = (C + C.T) / 2  # keep it symmetric against rounding
+        G = torch.cholesky_solve(F.T, L).T  # F S^{-1}, which is also the new C K
+        self.W.addmm_(V - self.W @ K, G.T)  # in place: W is this editor's own copy
+        self.C.addmm_(G, F.T, alpha=-1.0)  # C <- C - F S^{-1} F^T, in place
         self.n_edits += K.shape[1]
+        if self.n_edits % 1000 < K.shape[1]:  # re-symmetrise now and then against rounding drift
+            self.C = (self.C + self.C.T) / 2
         return self.W
 
 
@@ -157,3 +161,27 @@ def apply_delta(layer: nn.Linear, delta: Tensor) -> None:
     if delta.shape != layer.weight.shape:
         raise ValueError(f"delta has shape {tuple(delta.shape)}; the layer's weight is {tuple(layer.weight.shape)}")
     layer.weight.add_(delta.to(layer.weight.dtype))
+
+
+@torch.no_grad()
+def collect_keys_values(model: nn.Module, layer: nn.Linear, *inputs: object, **kw: object) -> tuple[Tensor, Tensor]:
+    """Run ``model(*inputs, **kw)`` and return the keys (``layer``'s inputs) and values (its
+    outputs) as columns, ``K [d_k, n]`` and ``V [d_v, n]``, one column per position (batch and
+    sequence dimensions flattened). Works for any module containing ``layer``, e.g. the MLP
+    down-projection of a Hugging Face model."""
+    got: dict[str, Tensor] = {}
+
+    def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        got["k"], got["v"] = args[0].detach(), out.detach()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(*inputs, **kw)
+    finally:
+        handle.remove()
+    if "k" not in got:
+        raise ValueError("the layer was not called by the model's forward")
+    k, v = got["k"], got["v"]
+    if layer.bias is not None:
+        v = v - layer.bias
+    return k.reshape(-1, k.shape[-1]).T, v.reshape(-1, v.shape[-1]).T
