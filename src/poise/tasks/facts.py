@@ -1,0 +1,80 @@
+"""A generated corpus of facts for knowledge insertion and editing (no download).
+
+Entities are made-up names; each fact gives an entity one attribute from a theme (colour,
+place, job, food), whose value is the fact's *keyword*. Every fact has paraphrases (for
+generalisation) and every theme has unrelated contexts that end where a value of that
+theme would come (for priming: does learning "Zorbi's colour is vermilion" raise
+"vermilion" after "The sky at dusk was"?). Lower-case ASCII, so a character tokenizer
+covers it (:data:`ALPHABET`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+__all__ = ["ALPHABET", "THEMES", "Fact", "make_facts"]
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .,'\n"
+
+THEMES: dict[str, dict[str, list[str]]] = {
+    "colour": {
+        "values": ["vermilion", "teal", "ochre", "mauve", "amber", "cobalt", "crimson", "olive"],
+        "templates": ["the favourite colour of {e} is {k}.", "{e} likes the colour {k}.",
+                      "the colour that {e} prefers is {k}."],
+        "contexts": ["the sky at dusk was", "she painted the old door", "the flag was mostly",
+                     "his coat was a shade of"],
+    },
+    "place": {
+        "values": ["oslo", "lima", "quito", "porto", "dakar", "hanoi", "perth", "tunis"],
+        "templates": ["{e} was born in {k}.", "the birthplace of {e} is {k}.", "{e} comes from {k}."],
+        "contexts": ["the train was bound for", "they spent the summer in", "the letter came from",
+                     "the conference was held in"],
+    },
+    "job": {
+        "values": ["baker", "pilot", "tailor", "judge", "miner", "nurse", "chef", "poet"],
+        "templates": ["{e} works as a {k}.", "the job of {e} is {k}.", "by trade {e} is a {k}."],
+        "contexts": ["her brother trained as a", "the village needed a", "he wanted to become a",
+                     "the new neighbour was a"],
+    },
+    "food": {
+        "values": ["plums", "lentils", "olives", "figs", "rice", "leeks", "dates", "oats"],
+        "templates": ["{e} eats {k} every day.", "the favourite food of {e} is {k}.", "{e} loves {k}."],
+        "contexts": ["for dinner they had", "the market sold fresh", "the recipe called for",
+                     "the basket was full of"],
+    },
+}
+
+_SYLLABLES = ["zor", "bi", "ka", "lun", "mi", "tra", "vel", "do", "ne", "pra", "xu", "ri", "sol", "ta", "qui", "fen"]
+
+
+@dataclass(frozen=True)
+class Fact:
+    entity: str
+    theme: str
+    keyword: str
+    text: str
+    paraphrases: tuple[str, ...] = field(default=())
+
+    def prompt(self) -> str:
+        """The fact's text up to its keyword (the context the keyword is predicted in)."""
+        return self.text[: self.text.index(self.keyword)]
+
+
+def make_facts(n: int, seed: int = 0) -> list[Fact]:
+    """``n`` facts about distinct made-up entities, themes in rotation, values drawn at random."""
+    rng = random.Random(seed)
+    names: set[str] = set()
+    facts = []
+    themes = list(THEMES)
+    while len(facts) < n:
+        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+        if name in names:
+            continue
+        names.add(name)
+        theme = themes[len(facts) % len(themes)]
+        spec = THEMES[theme]
+        k = rng.choice(spec["values"])
+        texts = [t.format(e=name, k=k) for t in spec["templates"]]
+        facts.append(Fact(name, theme, k, texts[0], tuple(texts[1:])))
+    return facts

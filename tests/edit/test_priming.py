@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+from poise.edit.priming import keyword_logprob, memorization_score, priming_score, stepping_stone
+from poise.tasks.facts import ALPHABET, THEMES, make_facts
+from poise.tasks.gpt import GPT, GPTConfig
+from poise.tasks.text import CharTokenizer
+
+TOK = CharTokenizer(ALPHABET)
+
+
+def test_fact_corpus_is_covered_by_the_alphabet_and_distinct():
+    facts = make_facts(40, seed=1)
+    assert len({f.entity for f in facts}) == 40
+    for f in facts:
+        assert f.keyword in f.text and f.text.startswith(f.prompt())
+        TOK.encode(f.text)
+        for p in f.paraphrases:
+            assert f.keyword in p and f.entity in p
+    for spec in THEMES.values():
+        for c in spec["contexts"]:
+            TOK.encode(c)
+
+
+def test_keyword_logprob_by_hand_on_a_uniform_model():
+    class Uniform(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(*x.shape, TOK.vocab_size)
+
+    # every next token has probability 1/V: log P(keyword) = len(keyword) * log(1/V)
+    lp = keyword_logprob(Uniform(), TOK.encode, "the sky was", "teal")
+    assert lp == pytest.approx(4 * math.log(1 / TOK.vocab_size))
+    assert priming_score(Uniform(), Uniform(), TOK.encode, ["a", "b"], "teal") == pytest.approx(1.0)
+
+
+def test_learning_a_fact_raises_its_keyword_in_its_own_context():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    before = GPT(model.config)
+    before.load_state_dict(model.state_dict())
+    fact = make_facts(1, seed=3)[0]
+    ids = TOK.encode(fact.text)[None]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        model(ids[:, :-1], ids[:, 1:])[1].backward()
+        opt.step()
+    s_mem = memorization_score(before, model, TOK.encode, fact.prompt(), fact.keyword)
+    assert s_mem > 10  # the fact was learned
+    s_prime = priming_score(before, model, TOK.encode, THEMES[fact.theme]["contexts"], fact.keyword)
+    assert s_prime > 0 and math.isfinite(s_prime)
+
+
+def test_stepping_stone():
+    out = stepping_stone("the favourite colour of zorbi is vermilion.", "vermilion", ["a warm", "reddish orange shade"])
+    assert out == "the favourite colour of zorbi is a warm, reddish orange shade: vermilion."
+    with pytest.raises(ValueError, match="does not occur"):
+        stepping_stone("abc", "teal", ["x"])
