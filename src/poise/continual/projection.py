@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from poise._registry import register
 from poise.continual._base import Batch, LossFn, Strategy, classification_loss, trainable
 from poise.measure.evaluator import logits_of
+from poise.transforms._projection import project_out
 
 __all__ = ["AGEM", "OGD", "OGPSA", "EpisodicMemory", "agem_project", "project_out"]
 
@@ -77,11 +78,6 @@ def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
     dot = torch.dot(g, g_ref)
     sq = torch.dot(g_ref, g_ref).clamp_min(torch.finfo(g_ref.dtype).tiny)
     return g - (dot.clamp(max=0) / sq) * g_ref
-
-
-def project_out(g: Tensor, basis: Tensor) -> Tensor:
-    r"""``(I - U U^\top) g`` for a basis ``U`` with orthonormal rows (shape ``(r, n)``)."""
-    return g - basis.T @ (basis @ g)
 
 
 def _orthonormal_rows(vectors: Tensor, tol: float = 1e-6) -> Tensor:

@@ -80,7 +80,7 @@ def forgetting(R: ArrayLike, k: int | None = None) -> float:
 @register("metric", "bwt")
 def backward_transfer(R: ArrayLike, k: int | None = None) -> float:
     r"""Backward transfer. ``BWT_k = 1/k \sum_{i<k} (R[k, i] - R[i, i]) = -FORG_k``."""
-    return -forgetting(R, k) if _last(np.asarray(R), k) > 0 else 0.0
+    return 0.0 - forgetting(R, k)  # 0.0 - ...: no -0.0 when there is nothing to forget
 
 
 def _check_curve(steps: ArrayLike, acc: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Transform, init_state
+from poise.transforms._base import Transform, init_state, tick
 
 __all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "TransformOptimizer"]
 
@@ -110,8 +110,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                 if "step" not in st:
                     st.update(init_state(self.transform, p, group))
                 states.append(st)
-            torch._foreach_add_([st["step"] for st in states], 1.0)  # the shared counters (tick)
-            torch._foreach_add_([st["clock"] for st in states], 1.0)
+            tick(states)
             updates = self.transform.update([p.grad for p in params], states, params, group)
             for p, u in zip(params, updates, strict=True):
                 if u is not None:

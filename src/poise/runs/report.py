@@ -81,7 +81,7 @@ def _curve_mean(results: list[dict[str, Any]], col: int | None) -> tuple[np.ndar
         y = acc[:, col] if col is not None else np.nanmean(acc, axis=1)
         per_seed.append((steps, y))
     grid = per_seed[0][0]
-    ys = np.array([np.interp(grid, s, np.where(np.isnan(y), np.nan, y), left=np.nan) if len(s) else grid * np.nan
+    ys = np.array([np.interp(grid, s, y, left=np.nan) if len(s) else grid * np.nan
                    for s, y in per_seed])
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: a task not yet seen

@@ -91,8 +91,7 @@ def generate(model: nn.Module, tokenizer: CharTokenizer, problems: Sequence[Prob
                                    tokenizer.decode(comp), group=i))
     finally:
         model.train(was)
-    order = {id(r): k for k, r in enumerate(sorted(out, key=lambda r: r.group))}
-    return sorted(out, key=lambda r: order[id(r)])
+    return sorted(out, key=lambda r: r.group)  # stable: completions keep their order within a group
 
 
 def completion_batch(rollouts: Sequence[Rollout]) -> tuple[Tensor, Tensor]:

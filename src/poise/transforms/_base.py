@@ -128,10 +128,11 @@ def init_state(transform: Transform, param: Tensor, hyper: Hyper) -> dict[str, A
     return state
 
 
-def tick(state: State) -> None:
-    """Advance a parameter's shared counters by one step."""
-    state["step"] += 1
-    state["clock"] += 1
+def tick(states: list[State]) -> None:
+    """Advance the shared ``step`` and ``clock`` counters of these parameters by one."""
+    if states:
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+        torch._foreach_add_([s["clock"] for s in states], 1.0)
 
 
 @torch.no_grad()
@@ -144,8 +145,7 @@ def apply_updates(
     if states is None:
         states = [init_state(transform, p, hyper) for p in params]
     live = [i for i, g in enumerate(grads) if g is not None]
-    for i in live:
-        tick(states[i])
+    tick([states[i] for i in live])
     ps = [params[i] for i in live]
     ups = transform.update([grads[i] for i in live], [states[i] for i in live], ps, hyper)
     for p, u in zip(ps, ups, strict=True):

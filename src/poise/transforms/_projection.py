@@ -8,7 +8,12 @@ from torch import Tensor
 
 from poise.transforms._base import Hyper, State, Transform, Updates
 
-__all__ = ["project_orthogonal"]
+__all__ = ["project_orthogonal", "project_out"]
+
+
+def project_out(g: Tensor, basis: Tensor) -> Tensor:
+    r"""``(I - U^T U) g`` for a basis ``U`` with orthonormal rows (shape ``(r, n)``)."""
+    return g - basis.T @ (basis @ g)
 
 
 def project_orthogonal(basis: Callable[[Tensor], Tensor | None]) -> Transform:
@@ -29,9 +34,9 @@ def project_orthogonal(basis: Callable[[Tensor], Tensor | None]) -> Transform:
                 out.append(u)
                 continue
             flat = u.reshape(-1)
-            removed = U.T @ (U @ flat)
-            s["removed_frac"] = removed.norm() / flat.norm().clamp_min(1e-30)
-            out.append((flat - removed).view_as(u))
+            kept = project_out(flat, U)
+            s["removed_frac"] = (flat - kept).norm() / flat.norm().clamp_min(1e-30)
+            out.append(kept.view_as(u))
         return out
 
     return Transform(lambda p, h: {}, update, "orthogonal")
