@@ -105,7 +105,7 @@ def test_sampling_strategies_collect_valid_groups(sampling):
     rollouts, rewards, adv, generated, bad = collect(v, t, model, tok, ArithmeticTask(1, seed=0),
                                                      torch.Generator().manual_seed(0), None)
     groups = [r.group for r in rollouts]
-    assert len(rollouts) == len(rewards) == len(adv) <= generated and bad == 0
+    assert len(rollouts) == len(rewards) == len(adv) <= generated and bad == []
     assert torch.isfinite(adv).all()
     if sampling == "uniform":
         assert generated == t.prompts * t.group_size
@@ -230,7 +230,8 @@ def test_failed_rewards_drop_their_samples():
     rs = [Rollout(Problem("1+1=", "2"), torch.zeros(1), torch.zeros(1), torch.zeros(1), text, 0)
           for text in ("2", "boom", "inf", "3")]
     kept, bad = _score(T, rs)
-    assert [r.text for r in kept] == ["2", "3"] and bad == 2
+    assert [r.text for r in kept] == ["2", "3"] and len(bad) == 2
+    assert [b["completion"] for b in bad] == ["boom", "inf"] and "ValueError: bad" in bad[0]["error"]
 
 
 def test_ray_actor_generation_stays_within_eta(tmp_path):

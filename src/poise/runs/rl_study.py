@@ -123,35 +123,31 @@ def policy_loss(v: RLVariantConfig, logp: torch.Tensor, old: torch.Tensor, behav
     return values, agg_mask, metrics
 
 
-BAD_REWARD_EXAMPLES: list[dict[str, str]] = []  # the latest few, reported in results and the log
-
-
-def _score(task: Any, rollouts: list) -> tuple[list, int]:
-    """Score the rollouts; returns the ones with a valid reward (``r.reward`` set) and how many
-    were dropped. A reward function that raises or returns a non-finite value drops that
-    sample from the batch (it would otherwise train as a wrong answer), counts it, and keeps
-    its prompt, completion and error (the last 10) for the run's results; the run goes on."""
-    kept, bad = [], 0
+def _score(task: Any, rollouts: list) -> tuple[list, list[dict[str, str]]]:
+    """Score the rollouts; returns the ones with a valid reward (``r.reward`` set) and one
+    record (prompt, completion, error) per dropped sample. A reward function that raises or
+    returns a non-finite value drops that sample from the batch (it would otherwise train as
+    a wrong answer); the run goes on and reports the failures."""
+    kept, failures = [], []
     for r in rollouts:
         try:
             x = float(task.reward(r.problem, r.text))
             if not math.isfinite(x):
                 raise ValueError(f"reward function returned {x}")
         except Exception as e:  # noqa: BLE001 - any failure of user code is reported, never fatal
-            bad += 1
-            BAD_REWARD_EXAMPLES.append({"prompt": r.problem.prompt, "completion": r.text,
-                                        "error": f"{type(e).__name__}: {e}"})
-            del BAD_REWARD_EXAMPLES[:-10]
+            failures.append({"prompt": r.problem.prompt, "completion": r.text, "error": f"{type(e).__name__}: {e}"})
             continue
         r.reward = x
         kept.append(r)
-    return kept, bad
+    return kept, failures
 
 
 def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokenizer, task: Any,
-            gen: torch.Generator, dtype: torch.dtype | None) -> tuple[list, torch.Tensor, torch.Tensor, int, int]:
+            gen: torch.Generator, dtype: torch.dtype | None) -> tuple[list, torch.Tensor, torch.Tensor, int, list]:
     """One step's training samples by the variant's sampling strategy: ``(rollouts, rewards,
-    advantages, samples generated, bad rewards)``; group ids are renumbered 0..G-1."""
+    advantages, samples generated, reward failures)``; group ids are renumbered 0..G-1.
+    Returning the failures (rather than keeping them in module state) lets a Ray actor
+    report them too."""
     advantage = _registry.get("advantage", v.advantage)
 
     def sample(problems: list, n: int) -> list:
@@ -160,11 +156,11 @@ def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokeniz
 
     if v.sampling == "uniform":
         batch = sample(task.sample(t.prompts), t.group_size)
-        rollouts, bad = _score(task, batch)
+        rollouts, bad = _score(task, batch)  # bad: the failure records
         generated = len(batch)
     if v.sampling == "dynamic":
         kept: list = []
-        generated = bad = 0
+        generated, bad = 0, []
         for _ in range(v.max_gen_batches):
             batch = sample(task.sample(t.prompts), t.group_size)
             generated += len(batch)
@@ -187,7 +183,7 @@ def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokeniz
         ada = AdaSampler(len(problems), n=t.group_size, round_repeat=max(2, t.group_size // 2),
                          max_rounds=v.ada_rounds)
         pool: list[list] = [[] for _ in problems]
-        generated = bad = 0
+        generated, bad = 0, []
         while active := ada.active():
             batch = sample([problems[i] for i in active], ada.round_repeat)
             generated += len(batch)
@@ -216,9 +212,11 @@ def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokeniz
 
 @torch.no_grad()
 def _held_out_accuracy(model: torch.nn.Module, tok: CharTokenizer, task: Any, problems: list,
-                       max_new_tokens: int) -> float:
+                       max_new_tokens: int, failures: list[dict[str, str]] | None = None) -> float:
     rollouts = generate(model, tok, problems, group_size=1, max_new_tokens=max_new_tokens, greedy=True)
-    kept, _ = _score(task, rollouts)
+    kept, bad = _score(task, rollouts)
+    if failures is not None:
+        failures.extend(bad)
     return sum(r.reward for r in kept) / max(1, len(rollouts))  # a failed reward counts as wrong here
 
 
@@ -235,14 +233,17 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
     dtype = torch.bfloat16 if t.sampler_dtype == "bfloat16" else None
     ckpt_dir = metrics_path.parent.parent / "checkpoints" / metrics_path.stem if metrics_path else None
     latest = latest_checkpoint(ckpt_dir) if ckpt_dir and t.checkpoint_every else None
-    BAD_REWARD_EXAMPLES.clear()
+    examples: list[dict[str, str]] = []  # the last 10 reward failures, reported in the results
+
+    def record(failures: list[dict[str, str]]) -> None:
+        examples[:] = (examples + failures)[-10:]
     if latest is not None:  # resume: everything the loop carries comes back from the checkpoint
         st = load_checkpoint(latest, model, opt, gen)
         task.rng.setstate(_tuplify(st["task_rng"]))
         start, curve = st["step"] + 1, st["curves"]
         eval_steps, eval_acc, eval_samples = st["eval_steps"], st["eval_acc"], st["eval_samples"]
         collapsed_at, bad_rewards, generated_total = st["collapsed_at"], st["bad_rewards"], st["generated_total"]
-        BAD_REWARD_EXAMPLES.extend(st["bad_reward_examples"])
+        examples.extend(st["bad_reward_examples"])
         truncate_jsonl(metrics_path, st["step"])
         if progress is not None:
             progress(st["step"])
@@ -251,7 +252,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             sft_warmup(model, tok, _task(cfg, 20_000 + seed), steps=t.sft_steps, lr=t.sft_lr, seed=seed)
         start = 1
         curve = {k: [] for k in ("reward", "entropy", "mismatch_abs", "grad_norm", "clip_frac")}
-        eval_steps, eval_acc = [0], [_held_out_accuracy(model, tok, task, held, t.max_new_tokens)]
+        eval_failures: list[dict[str, str]] = []
+        eval_steps, eval_acc = [0], [_held_out_accuracy(model, tok, task, held, t.max_new_tokens, eval_failures)]
+        record(eval_failures)
         eval_samples = [0]
         collapsed_at = None
         bad_rewards = generated_total = 0
@@ -274,7 +277,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             else:
                 (rollouts, rewards_t, adv, n_generated, bad), used = sampler.get()
                 version_gap = (step - 1) - used
-            bad_rewards += bad
+            bad_rewards += len(bad)
+            record(bad)
             generated_total += n_generated
             if not rollouts:  # every reward failed: nothing to learn from this batch
                 if writer:
@@ -323,7 +327,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             curve["grad_norm"].append(gn)
             curve["clip_frac"].append(rec.get("clip_frac/region", 0.0))
             if step % t.eval_every == 0 or step == t.steps:
-                acc = _held_out_accuracy(model, tok, task, held, t.max_new_tokens)
+                eval_failures = []
+                acc = _held_out_accuracy(model, tok, task, held, t.max_new_tokens, eval_failures)
+                record(eval_failures)
                 eval_steps.append(step)
                 eval_acc.append(acc)
                 eval_samples.append(generated_total)
@@ -337,7 +343,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                     "task_rng": task.rng.getstate(), "curves": curve, "eval_steps": eval_steps,
                     "eval_acc": eval_acc, "eval_samples": eval_samples, "collapsed_at": collapsed_at,
                     "bad_rewards": bad_rewards, "generated_total": generated_total,
-                    "bad_reward_examples": BAD_REWARD_EXAMPLES})
+                    "bad_reward_examples": examples})
             if progress is not None:
                 progress(1)
             if diverged_at:
@@ -354,7 +360,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             "eval_steps": eval_steps, "eval_acc": eval_acc, "eval_samples": eval_samples, "final_acc": eval_acc[-1],
             "samples_generated": generated_total,
             "collapsed_at": collapsed_at, "diverged_at": diverged_at, "bad_rewards": bad_rewards,
-            "bad_reward_examples": list(BAD_REWARD_EXAMPLES),
+            "bad_reward_examples": examples,
             "seconds_per_step": wall / max(1, len(curve["reward"]))}
 
 
