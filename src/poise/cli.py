@@ -83,8 +83,10 @@ def _split_recipe(recipe: str | None, overrides: list[str]) -> tuple[str | None,
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from poise.runs.config import OptimStudyConfig, RLStudyConfig, load_recipe
+    from poise.runs.config import EditStudyConfig, OptimStudyConfig, PrimingStudyConfig, RLStudyConfig, load_recipe
+    from poise.runs.edit_study import run_edit_study
     from poise.runs.optim_study import run_optim_study
+    from poise.runs.priming_study import run_priming_study
     from poise.runs.rl_study import run_rl_study
     from poise.runs.study import run_study
 
@@ -112,6 +114,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         what, runner, show = f"{cfg.lm.steps} steps", run_optim_study, _print_optim_summary
     elif isinstance(cfg, RLStudyConfig):
         what, runner, show = f"{cfg.train.steps} RL steps", run_rl_study, _print_rl_summary
+    elif isinstance(cfg, EditStudyConfig):
+        what, runner = f"{cfg.stream.n_edits} edits", run_edit_study
+        show = _table_printer(("efficacy", "paraphrase", "retention_early", "locality", "general_loss", "forget_acc"))
+    elif isinstance(cfg, PrimingStudyConfig):
+        what, runner = f"{cfg.priming.n_probes} facts learned", run_priming_study
+        show = _table_printer(("log_priming", "log_memorization", "spearman_predictor", "keyword_before"))
     else:
         what = f"{cfg.workload.n_tasks} tasks x {cfg.train.steps_per_task} steps"
         runner, show = run_study, _print_summary
@@ -123,6 +131,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if (path / "report.html").exists():
         print(f"report:        {path / 'report.html'}")
     return 0
+
+
+def _table_printer(cols: tuple[str, ...]):
+    def show(summary: dict) -> None:
+        print(f"\n{'variant':<16}" + "".join(f"{c:>18}" for c in cols))
+        for name, row in summary["variants"].items():
+            cells = []
+            for c in cols:
+                st = row.get(c)
+                cells.append(f"{st['mean']:>10.3f} ± {st['std']:<5.3f}" if st and st.get("mean") is not None
+                             else f"{'–':>18}")
+            print(f"{name:<16}" + "".join(cells))
+
+    return show
 
 
 def _print_summary(summary: dict) -> None:

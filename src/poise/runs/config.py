@@ -30,6 +30,8 @@ __all__ = [
     "OptimStudyConfig",
     "OptimVariantConfig",
     "RLStudyConfig",
+    "EditStudyConfig",
+    "PrimingStudyConfig",
     "WorkloadConfig",
     "apply_overrides",
     "field_help",
@@ -325,6 +327,153 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
 RL_LOSSES = ("pg", "ppo_clip", "gspo", "cispo", "sapo", "minirl", "decoupled_ppo")
 
 
+@dataclass
+class FactLMConfig:
+    n_facts: int = _help("facts the LM is trained on (edits rewrite some of them; the rest measure locality)",
+                         default=3000)
+    n_layer: int = _help("GPT layers", default=2)
+    n_head: int = _help("GPT heads", default=2)
+    n_embd: int = _help("GPT width", default=64)
+    mlp_ratio: int = _help("MLP hidden size / width (the edited layer's key size is mlp_ratio * n_embd)", default=4)
+    steps: int = _help("training steps", default=1500)
+    batch_size: int = _help("sequences of 16 tokens per step", default=32)
+    lr: float = _help("AdamW learning rate (cosine decay)", default=3e-3)
+
+
+@dataclass
+class EditStreamConfig:
+    layer: int = _help("block whose MLP down-projection is edited", default=1)
+    position: str = _help("where keys are read: 'last' (the prompt's last token) or 'subject' (ROME's subject "
+                          "token)", default="last")
+    n_edits: int = _help("counterfactual edits in the stream (at most n_facts minus n_locality)", default=1000)
+    per_request: int = _help("edits per request (each editor call gets this many)", default=10)
+    n_locality: int = _help("unedited known facts that measure locality (never preserved keys)", default=300)
+    n_preserve: int = _help("unedited known facts whose keys are the preserved/anchor keys K0", default=1500)
+    eval_every: int = _help("requests between retention checks", default=10)
+    v_steps: int = _help("Adam steps of the target-value search (ROME's v*)", default=40)
+    v_lr: float = _help("learning rate of the target-value search", default=0.5)
+    v_clamp: float = _help("the value change is clamped to this times the layer output's norm", default=4.0)
+    unlearn_every: int = _help("an unlearning request every this many edit requests (0 = none)", default=0)
+    unlearn_n: int = _help("facts forgotten per unlearning request", default=10)
+    unlearn_method: str = _help("'npo', 'grad_diff' or 'grad_ascent' on the edited layer", default="npo")
+    unlearn_steps: int = _help("gradient steps per unlearning request", default=20)
+    unlearn_lr: float = _help("SGD learning rate of unlearning", default=0.05)
+
+
+@dataclass
+class EditVariantConfig:
+    name: str = _help("label", default="")
+    editor: str = _help("'rome', 'memit', 'alphaedit', 'rlsedit' or 'none'", default="memit")
+    sphere: bool = _help("project each update away from W's principal directions (SPHERE)", default=False)
+    params: dict[str, Any] = _help("editor arguments: memit lam; alphaedit threshold, l2; rlsedit lam, mu; "
+                                   "sphere beta, alpha", default_factory=dict)
+
+
+@dataclass
+class EditStudyConfig:
+    kind: str = _help("'edit': closed-form editors on a stream of edits to a tiny fact LM", default="edit")
+    name: str = _help("study name", default="edit-stream")
+    description: str = _help("shown at the top of the report", default="")
+    seeds: list[int] = _help("seeds", default_factory=lambda: [0])
+    threads: int = _help("torch threads", default=2)
+    out_dir: str = _help("parent folder of run directories", default="runs")
+    lm: FactLMConfig = _help("the fact LM", default_factory=FactLMConfig)
+    stream: EditStreamConfig = _help("the edit stream", default_factory=EditStreamConfig)
+    variants: list[EditVariantConfig] = _help("the editors compared ([[variants]] tables)", default_factory=list)
+
+
+EDITORS = {"none": (), "rome": ("lam",), "memit": ("lam",), "alphaedit": ("threshold", "l2"),
+           "rlsedit": ("lam", "mu")}
+
+
+def _check_lm(lm: FactLMConfig) -> None:
+    for key in ("n_facts", "n_layer", "n_head", "n_embd", "mlp_ratio", "steps", "batch_size"):
+        if getattr(lm, key) <= 0:
+            raise ConfigError(f"lm.{key}={getattr(lm, key)} must be > 0")
+    if lm.n_embd % lm.n_head:
+        raise ConfigError(f"lm.n_embd={lm.n_embd} must be a multiple of lm.n_head={lm.n_head}")
+    if not lm.lr > 0:
+        raise ConfigError(f"lm.lr={lm.lr} must be > 0")
+
+
+def validate_edit(cfg: EditStudyConfig) -> EditStudyConfig:
+    _check_lm(cfg.lm)
+    s = cfg.stream
+    if not 0 <= s.layer < cfg.lm.n_layer:
+        raise ConfigError(f"stream.layer={s.layer}; valid: 0 to lm.n_layer-1 = {cfg.lm.n_layer - 1}")
+    if s.position not in ("last", "subject"):
+        raise ConfigError(f"stream.position: {s.position!r}; valid choices: last, subject")
+    for key in ("n_edits", "per_request", "n_locality", "eval_every", "v_steps", "unlearn_n", "unlearn_steps"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"stream.{key}={getattr(s, key)} must be > 0")
+    if s.n_preserve < 0 or s.unlearn_every < 0:
+        raise ConfigError("stream.n_preserve and stream.unlearn_every must be >= 0")
+    forget = (s.n_edits // s.per_request // s.unlearn_every) * s.unlearn_n if s.unlearn_every else 0
+    need = s.n_edits + s.n_locality + s.n_preserve + forget
+    if need > cfg.lm.n_facts:
+        raise ConfigError(f"stream needs {need} facts (n_edits + n_locality + n_preserve + facts to forget) but "
+                          f"lm.n_facts={cfg.lm.n_facts}: raise lm.n_facts or lower the stream")
+    if s.unlearn_method not in ("npo", "grad_diff", "grad_ascent"):
+        raise ConfigError(f"stream.unlearn_method: {s.unlearn_method!r}; valid choices: npo, grad_diff, grad_ascent")
+    for i, v in enumerate(_check_variants(cfg, "editor", registry=False)):
+        key = f"variants[{i}]"
+        if v.editor not in EDITORS:
+            raise ConfigError(f"{key}.editor: {v.editor!r}; valid choices: {', '.join(EDITORS)}")
+        allowed = EDITORS[v.editor] + (("beta", "alpha") if v.sphere else ())
+        for p, x in v.params.items():
+            if p not in allowed:
+                raise ConfigError(f"{key}.params.{p}: unknown argument of editor {v.editor!r}; "
+                                  f"valid: {', '.join(allowed) or '(none)'}")
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0:
+                raise ConfigError(f"{key}.params.{p}={x!r} must be a number >= 0")
+    return cfg
+
+
+@dataclass
+class PrimingConfig:
+    n_probes: int = _help("new facts learned one at a time (each from the same trained LM)", default=48)
+    learn_steps: int = _help("Adam steps that learn one fact (the fact in every batch, with replayed lines)",
+                             default=10)
+    learn_lr: float = _help("Adam learning rate while learning a fact", default=1e-3)
+    replay: int = _help("known lines mixed into each learning batch", default=15)
+
+
+@dataclass
+class PrimingVariantConfig:
+    name: str = _help("label", default="")
+    stepping_stone: bool = _help("learn the fact's stepping-stone rewrite instead of the fact", default=False)
+    ignore_k: float = _help("ignore-k: drop this fraction of the largest update coordinates (0 = off)", default=0.0)
+
+
+@dataclass
+class PrimingStudyConfig:
+    kind: str = _help("'priming': how learning one new fact primes its keyword elsewhere", default="priming")
+    name: str = _help("study name", default="priming")
+    description: str = _help("shown at the top of the report", default="")
+    seeds: list[int] = _help("seeds", default_factory=lambda: [0])
+    threads: int = _help("torch threads", default=2)
+    out_dir: str = _help("parent folder of run directories", default="runs")
+    lm: FactLMConfig = _help("the LM the facts are learned into", default_factory=lambda: FactLMConfig(n_facts=600))
+    priming: PrimingConfig = _help("the insertion step", default_factory=PrimingConfig)
+    variants: list[PrimingVariantConfig] = _help("insertion variants ([[variants]] tables)", default_factory=list)
+
+
+def validate_priming(cfg: PrimingStudyConfig) -> PrimingStudyConfig:
+    _check_lm(cfg.lm)
+    p = cfg.priming
+    for key in ("n_probes", "learn_steps"):
+        if getattr(p, key) <= 0:
+            raise ConfigError(f"priming.{key}={getattr(p, key)} must be > 0")
+    if p.replay < 0 or not p.learn_lr > 0:
+        raise ConfigError("priming.replay must be >= 0 and priming.learn_lr > 0")
+    for i, v in enumerate(_check_variants(cfg, "name", registry=False)):
+        if not v.name:
+            raise ConfigError(f"variants[{i}].name is empty: give each priming variant a name")
+        if not 0 <= v.ignore_k < 1:
+            raise ConfigError(f"variants[{i}].ignore_k={v.ignore_k}; valid: [0, 1)")
+    return cfg
+
+
 # -- loading ---------------------------------------------------------------------------------
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -382,9 +531,9 @@ def strategy_params(name: str) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in list(sig.parameters.items())[1:] if k not in _NOT_FROM_RECIPE}
 
 
-def _check_variants(cfg: Any, field_name: str) -> list[Any]:
+def _check_variants(cfg: Any, field_name: str, registry: bool = True) -> list[Any]:
     """Seeds and variants present; each variant's ``field_name`` a registered name (the
-    registry kind of the same name); names filled in and unique."""
+    registry kind of the same name, when ``registry``); names filled in and unique."""
     if not cfg.seeds:
         raise ConfigError("seeds is empty: give at least one seed")
     if not cfg.variants:
@@ -392,7 +541,8 @@ def _check_variants(cfg: Any, field_name: str) -> list[Any]:
     seen = set()
     for i, v in enumerate(cfg.variants):
         key = f"variants[{i}]"
-        _choices(field_name, getattr(v, field_name), f"{key}.{field_name}")
+        if registry:
+            _choices(field_name, getattr(v, field_name), f"{key}.{field_name}")
         v.name = v.name or getattr(v, field_name)
         if v.name in seen:
             raise ConfigError(f"{key}.name: duplicate variant name {v.name!r}")
@@ -443,7 +593,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     return cfg
 
 
-KINDS = ("continual", "optimizers", "rl")
+KINDS = ("continual", "optimizers", "rl", "edit", "priming")
 
 
 def from_dict(data: dict[str, Any]) -> StudyConfig | OptimStudyConfig | RLStudyConfig:
@@ -453,6 +603,10 @@ def from_dict(data: dict[str, Any]) -> StudyConfig | OptimStudyConfig | RLStudyC
         return validate_optim(_from_dict(OptimStudyConfig, data))
     if kind == "rl":
         return validate_rl(_from_dict(RLStudyConfig, data))
+    if kind == "edit":
+        return validate_edit(_from_dict(EditStudyConfig, data))
+    if kind == "priming":
+        return validate_priming(_from_dict(PrimingStudyConfig, data))
     if kind != "continual":
         raise ConfigError(f"kind: unknown study kind {kind!r}; valid choices: {', '.join(KINDS)}")
     data = {k: v for k, v in data.items() if k != "kind"}
@@ -534,6 +688,9 @@ QUICK = {
     "continual": ["seeds=[0]", "train.steps_per_task=100"],
     "optimizers": ["seeds=[0]", "lm.steps=60"],
     "rl": ["seeds=[0]", "train.steps=10", "train.eval_problems=50"],
+    "edit": ["seeds=[0]", "lm.n_facts=800", "lm.steps=300", "stream.n_edits=100", "stream.n_locality=100",
+             "stream.n_preserve=300"],
+    "priming": ["seeds=[0]", "lm.n_facts=200", "lm.steps=300", "priming.n_probes=6"],
 }
 
 

@@ -333,6 +333,97 @@ def _rl_plots(run_dir: Path, results: list[dict[str, Any]]) -> list[tuple[str, P
              "gradient norm (a vertical line marks a collapse or divergence)", p)]
 
 
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _edit_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from poise.runs.edit_study import summarize_edit
+
+    table = summarize_edit(results)
+    s = config["stream"]
+    note = (f"{s['n_edits']} counterfactual edits, {s['per_request']} per request, into blocks[{s['layer']}].mlp[2] "
+            f"(keys at the {s['position']} token). Efficacy: the new keyword is the most probable of its theme's "
+            "eight values after the edited prompt; paraphrase: the same after the two other templates; early "
+            "retention: efficacy on the first 10% of edits at the end; locality: unedited facts whose prediction "
+            "did not move; general loss: next-token loss on held-out theme sentences (before: "
+            f"{_fmt({'mean': results[0]['metrics']['base_general_loss']})}); forget accuracy: forgotten facts "
+            "still answered (lower is better). Mean ± std over seeds.")
+    heads = ["efficacy", "paraphrase", "early retention", "locality", "locality acc", "general loss",
+             "forget acc", "|ΔW|/|W|", "editor s"]
+    rows = [[html.escape(v), *(_fmt(r.get(k)) for k in ("efficacy", "paraphrase", "retention_early", "locality",
+                                                        "locality_acc", "general_loss", "forget_acc",
+                                                        "weight_change")), _fmt(r["edit_seconds"], 2)]
+            for v, r in table.items()]
+    return [{"title": "Editors", "note": note, "heads": heads, "rows": rows}]
+
+
+def _edit_plots(run_dir: Path, results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
+    plt = _plt()
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for i, v in enumerate(variants):
+        for j, r in enumerate(r for r in results if r["variant"] == v):
+            x = [c["edits"] for c in r["curve"]]
+            for ax, k in zip(axes, ("retention_early", "locality"), strict=True):
+                ax.plot(x, [c[k] for c in r["curve"]], color=colors(i), lw=1.2, label=v if j == 0 else None)
+    axes[0].set(xlabel="edits done", ylabel="efficacy on the first 10% of edits", ylim=(-0.02, 1.02),
+                title="Retention of early edits along the stream")
+    axes[1].set(xlabel="edits done", ylabel="unedited facts unchanged", ylim=(-0.02, 1.02), title="Locality")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    p = run_dir / "edit_stream.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [("Retention and locality along the stream (one line per seed)", p)]
+
+
+def _priming_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from poise.runs.priming_study import summarize_priming
+
+    table = summarize_priming(results)
+    note = ("Per learned fact, log priming = log of the mean over the theme's unrelated contexts of "
+            "P_after(keyword) / P_before(keyword); log memorisation = the same in the fact's own context; "
+            "predictor = log P_before(keyword | own context). ρ: Spearman correlation of the predictor with log "
+            "priming over the facts (the paper reports a negative one). Mean ± std over seeds.")
+    heads = ["log priming", "log memorisation", "predictor (mean)", "ρ(predictor, priming)",
+             "ρ(context prob, priming)"]
+    rows = [[html.escape(v), *(_fmt(r[k]) for k in ("log_priming", "log_memorization", "keyword_before",
+                                                   "spearman_predictor", "spearman_context"))]
+            for v, r in table.items()]
+    return [{"title": "Knowledge insertion", "note": note, "heads": heads, "rows": rows}]
+
+
+def _priming_plots(run_dir: Path, results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
+    plt = _plt()
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    colors = plt.get_cmap("tab10")
+    fig, (ax, am) = plt.subplots(1, 2, figsize=(13, 4.4))
+    for i, v in enumerate(variants):
+        rows = [f for r in results if r["variant"] == v for f in r["facts"]]
+        ax.scatter([f["keyword_before"] for f in rows], [f["log_priming"] for f in rows], s=14, color=colors(i),
+                   alpha=0.7, label=v)
+        am.scatter([f["log_memorization"] for f in rows], [f["log_priming"] for f in rows], s=14,
+                   color=colors(i), alpha=0.7, label=v)
+    ax.set(xlabel="log P(keyword | own context) before learning", ylabel="log priming",
+           title="The predictor: rarer keywords prime more")
+    am.set(xlabel="log memorisation", ylabel="log priming", title="Priming against memorisation")
+    for a in (ax, am):
+        a.axhline(0, color="#999", lw=0.8)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    p = run_dir / "priming.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [("One point per learned fact", p)]
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write the plots and ``report.html`` of ``run_dir``; return the report's path."""
     try:
@@ -350,6 +441,10 @@ def build_report(run_dir: str | Path) -> Path:
         tables, images = _optim_tables(config, results), _optim_plots(run_dir, results)
     elif config.get("kind") == "rl":
         tables, images = _rl_tables(config, results), _rl_plots(run_dir, results)
+    elif config.get("kind") == "edit":
+        tables, images = _edit_tables(config, results), _edit_plots(run_dir, results)
+    elif config.get("kind") == "priming":
+        tables, images = _priming_tables(config, results), _priming_plots(run_dir, results)
     else:
         tables, images = _continual_tables(config, results), _plots(run_dir, config, results)
     import torch

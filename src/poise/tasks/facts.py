@@ -22,24 +22,28 @@ THEMES: dict[str, dict[str, list[str]]] = {
         "values": ["vermilion", "teal", "ochre", "mauve", "amber", "cobalt", "crimson", "olive"],
         "templates": ["the favourite colour of {e} is {k}.", "{e} likes the colour {k}.",
                       "the colour that {e} prefers is {k}."],
+        "stones": ["a bright shade like"],
         "contexts": ["the sky at dusk was", "she painted the old door", "the flag was mostly",
                      "his coat was a shade of"],
     },
     "place": {
         "values": ["oslo", "lima", "quito", "porto", "dakar", "hanoi", "perth", "tunis"],
         "templates": ["{e} was born in {k}.", "the birthplace of {e} is {k}.", "{e} comes from {k}."],
+        "stones": ["a busy city like"],
         "contexts": ["the train was bound for", "they spent the summer in", "the letter came from",
                      "the conference was held in"],
     },
     "job": {
         "values": ["baker", "pilot", "tailor", "judge", "miner", "nurse", "chef", "poet"],
         "templates": ["{e} works as a {k}.", "the job of {e} is {k}.", "by trade {e} is a {k}."],
+        "stones": ["a skilled trade like"],
         "contexts": ["her brother trained as a", "the village needed a", "he wanted to become a",
                      "the new neighbour was a"],
     },
     "food": {
         "values": ["plums", "lentils", "olives", "figs", "rice", "leeks", "dates", "oats"],
         "templates": ["{e} eats {k} every day.", "the favourite food of {e} is {k}.", "{e} loves {k}."],
+        "stones": ["a simple dish like"],
         "contexts": ["for dinner they had", "the market sold fresh", "the recipe called for",
                      "the basket was full of"],
     },
@@ -61,14 +65,19 @@ class Fact:
         return self.text[: self.text.index(self.keyword)]
 
 
-def make_facts(n: int, seed: int = 0) -> list[Fact]:
-    """``n`` facts about distinct made-up entities, themes in rotation, values drawn at random."""
+def make_facts(n: int, seed: int = 0, max_syllables: int = 3) -> list[Fact]:
+    """``n`` facts about distinct made-up entities (2 to ``max_syllables`` syllables: 3 gives
+    about 4,300 names, 4 about 70,000), themes in rotation, values drawn at random."""
+    room = sum(len(_SYLLABLES) ** k for k in range(2, max_syllables + 1))
+    if n > room // 2:
+        raise ValueError(f"n={n} facts need more names than {max_syllables} syllables give (about {room}); "
+                         "raise max_syllables")
     rng = random.Random(seed)
     names: set[str] = set()
     facts = []
     themes = list(THEMES)
     while len(facts) < n:
-        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, max_syllables)))
         if name in names:
             continue
         names.add(name)

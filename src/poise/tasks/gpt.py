@@ -20,6 +20,7 @@ class GPTConfig:
     n_layer: int = 2
     n_head: int = 2
     n_embd: int = 64
+    mlp_ratio: int = 4
 
 
 class _Block(nn.Module):
@@ -28,7 +29,8 @@ class _Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(c.n_embd), nn.LayerNorm(c.n_embd)
         self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd)
         self.proj = nn.Linear(c.n_embd, c.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(c.n_embd, 4 * c.n_embd), nn.GELU(), nn.Linear(4 * c.n_embd, c.n_embd))
+        self.mlp = nn.Sequential(nn.Linear(c.n_embd, c.mlp_ratio * c.n_embd), nn.GELU(),
+                                 nn.Linear(c.mlp_ratio * c.n_embd, c.n_embd))
         self.n_head = c.n_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
