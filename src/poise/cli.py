@@ -83,6 +83,7 @@ def _split_recipe(recipe: str | None, overrides: list[str]) -> tuple[str | None,
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from poise.distributed import init_from_env, is_main
     from poise.runs.config import EditStudyConfig, OptimStudyConfig, PrimingStudyConfig, RLStudyConfig, load_recipe
     from poise.runs.edit_study import run_edit_study
     from poise.runs.optim_study import run_optim_study
@@ -90,6 +91,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from poise.runs.rl_study import run_rl_study
     from poise.runs.study import run_study
 
+    _, world = init_from_env()  # under torchrun: join the process group (every rank runs the study; rank 0 writes)
     recipe, overrides = _split_recipe(args.recipe, args.overrides)
     if args.resume:
         from poise.runs.config import from_dict
@@ -123,9 +125,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         what = f"{cfg.workload.n_tasks} tasks x {cfg.train.steps_per_task} steps"
         runner, show = run_study, _print_summary
-    print(f"poise run {cfg.name}: {len(cfg.variants)} variants x {len(cfg.seeds)} seeds = {n} runs, "
-          f"{what} each", file=sys.stderr)
+    if is_main():
+        print(f"poise run {cfg.name}: {len(cfg.variants)} variants x {len(cfg.seeds)} seeds = {n} runs, "
+              f"{what} each", file=sys.stderr)
+    if world > 1 and not args.run_dir:
+        raise FileNotFoundError("under torchrun give --run-dir (the same path on every rank)")
     path = runner(cfg, args.run_dir, progress=False if args.no_progress else None, report=not args.no_report)
+    if not is_main():
+        return 0
     show(json.loads((path / "summary.json").read_text()))
     print(f"\nrun directory: {path}")
     if (path / "report.html").exists():
@@ -264,6 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ImportError) as e:
         print(f"poise: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, a read-only or vanished run directory
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"poise: cannot write{where}: {e.strerror or e}. Every metric line and result written before is "
+              "kept; fix the cause and continue with `poise run --resume RUN_DIR`.", file=sys.stderr)
+        return 1
+    except FloatingPointError as e:  # update guards gave up: non-finite gradients kept coming
+        print(f"poise: training stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("poise: interrupted; finished runs are kept in the run directory", file=sys.stderr)
         return 130

@@ -113,6 +113,11 @@ class ContinualEvaluator:
         predict: ``predict(model, x, classes) -> labels``; default: argmax of the logits,
             restricted to ``classes``.
         include_unseen: also evaluate tasks whose training has not begun.
+        shard: under ``torch.distributed`` (e.g. ``torchrun``), each rank evaluates every
+            ``world_size``-th sample and the correct counts are summed across ranks (all
+            ranks must call the evaluator together, as the DDP training loop does); the
+            accuracies equal one process's. ``"auto"`` (default) shards when a process group
+            with more than one rank is initialised; False never does.
         windows: the ``w`` of the windowed forgetting/plasticity metrics reported.
         gap_eps: tolerance for the stability gap's recovery time.
     """
@@ -130,6 +135,7 @@ class ContinualEvaluator:
         include_unseen: bool = False,
         windows: Sequence[int] = (10,),
         gap_eps: float = 0.02,
+        shard: bool | str = "auto",
     ) -> None:
         if not eval_sets:
             raise ValueError("eval_sets is empty: give at least one task's (x, y)")
@@ -144,6 +150,9 @@ class ContinualEvaluator:
         self.include_unseen = include_unseen
         self.windows = tuple(windows)
         self.gap_eps = gap_eps
+        if shard not in ("auto", True, False):
+            raise ValueError(f"shard={shard!r}; valid choices: 'auto', True, False")
+        self.shard = shard
         rng = np.random.default_rng(seed)
         self.sets: dict[Any, EvalSet] = {}
         for tid, s in eval_sets.items():
@@ -232,7 +241,16 @@ class ContinualEvaluator:
         self.records.append(_Record(self.step, self._task, accs))
         return accs
 
+    def _world(self) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if self.shard is False or not dist.is_available() or not dist.is_initialized():
+            return 0, 1
+        return dist.get_rank(), dist.get_world_size()
+
     def _accuracy(self, model: nn.Module, s: EvalSet) -> float:
+        rank, world = self._world()
+        model = getattr(model, "module", model)  # DDP: its forward may talk to other ranks; the module does not
         flags = {m: m.training for m in model.modules()}
         try:
             device = next(model.parameters()).device
@@ -242,13 +260,20 @@ class ContinualEvaluator:
         model.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                for i in range(0, len(s.y), self.batch_size):
-                    x = s.x[i : i + self.batch_size].to(device)
-                    y = s.y[i : i + self.batch_size].to(device)
+                xs, ys = (s.x, s.y) if world == 1 else (s.x[rank::world], s.y[rank::world])
+                for i in range(0, len(ys), self.batch_size):
+                    x = xs[i : i + self.batch_size].to(device)
+                    y = ys[i : i + self.batch_size].to(device)
                     correct += int((self.predict(model, x, s.classes) == y).sum())
         finally:
             for m, f in flags.items():
                 m.training = f
+        if world > 1:
+            import torch.distributed as dist
+
+            total = torch.tensor([correct], dtype=torch.float64)
+            dist.all_reduce(total)
+            correct = int(total.item())
         return correct / max(1, len(s.y))
 
     # -- results -------------------------------------------------------------------------

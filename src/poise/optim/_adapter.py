@@ -15,6 +15,23 @@ __all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "TransformOptimizer"]
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _view(t: Tensor, shard_safe: bool) -> Tensor:
+    """A DTensor's local shard (shard-safe optimizers) or its gathered whole tensor."""
+    if not _is_dtensor(t):
+        return t
+    return t.to_local() if shard_safe else t.full_tensor()
+
+
+def _local_shard(full: Tensor, like: Tensor) -> Tensor:
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements).to_local()
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A NaN or Inf gradient reached the optimizer under ``nonfinite="raise"``."""
 
@@ -33,7 +50,9 @@ class TransformOptimizer(torch.optim.Optimizer):
     ``nonfinite`` decides what a NaN/Inf gradient does: ``"raise"`` (default) raises
     :class:`NonFiniteGradientError` naming the parameter before any state changes; ``"skip"``
     skips the whole step (no state or parameter changes) and counts it in
-    ``self.skipped_steps``; ``"ignore"`` checks nothing (fastest; a NaN then spreads into the
+    ``self.skipped_steps``, and after ``max_consecutive_skips`` skips in a row raises
+    :class:`NonFiniteGradientError` naming the parameters and the step (None: never);
+    ``"ignore"`` checks nothing (fastest; a NaN then spreads into the
     state). The check costs one sum per gradient and one host sync per step.
 
     ``diagnostics=True`` fills ``self.last_diagnostics`` after each step with 0-d tensors
@@ -44,8 +63,10 @@ class TransformOptimizer(torch.optim.Optimizer):
     were reset / whose projection or preconditioner bases were recomputed this step).
     """
 
+    shard_safe = False  # subclasses whose every stage is elementwise say True (see poise.distributed)
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], transform: Transform,
-                 nonfinite: str = "raise", diagnostics: bool = False):
+                 nonfinite: str = "raise", diagnostics: bool = False, max_consecutive_skips: int | None = None):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r}; valid choices: {', '.join(NONFINITE_POLICIES)}")
         defaults = dict(defaults)
@@ -56,6 +77,11 @@ class TransformOptimizer(torch.optim.Optimizer):
         self.transform = transform
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.steps_called = 0
+        if max_consecutive_skips is not None and max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips={max_consecutive_skips} must be >= 1 or None")
+        self.max_consecutive_skips = max_consecutive_skips
         self.diagnostics = diagnostics
         self.last_diagnostics: dict[str, Tensor] = {}
 
@@ -68,9 +94,17 @@ class TransformOptimizer(torch.optim.Optimizer):
         return out
 
     def _finite(self) -> bool:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [_view(p.grad, True) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return True
+        if any(_is_dtensor(p) for g in self.param_groups for p in g["params"]):  # every rank must agree
+            import torch.distributed as dist
+
+            flag = torch.stack([torch.logical_not(torch.isfinite(g)).any() for g in grads]).float()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if not bool(flag.any()):
+                return True
+            return self._nonfinite_found(flag.bool())
         # fast screen, one read per tensor: a NaN or Inf anywhere makes the sum non-finite; a
         # sum that overflows on finite values is a false alarm the exact check below clears
         if bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
@@ -78,12 +112,21 @@ class TransformOptimizer(torch.optim.Optimizer):
         bad = torch.stack([torch.logical_not(torch.isfinite(g)).any() for g in grads])
         if not bool(bad.any()):
             return True
-        if self.nonfinite == "skip":
-            self.skipped_steps += 1
-            return False
+        return self._nonfinite_found(bad)
+
+    def _nonfinite_found(self, bad: Tensor) -> bool:
         names = self._names()
         flat = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         which = [names[id(p)] for p, b in zip(flat, bad.tolist(), strict=True) if b]
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.max_consecutive_skips and self.consecutive_skips >= self.max_consecutive_skips:
+                raise NonFiniteGradientError(
+                    f"{self.consecutive_skips} steps in a row skipped for non-finite gradients, the last at step "
+                    f"{self.steps_called} in {', '.join(which)}; stopping (max_consecutive_skips="
+                    f"{self.max_consecutive_skips})")
+            return False
         raise NonFiniteGradientError(
             f"non-finite gradient in {', '.join(which)}; nothing was updated. Use "
             f"nonfinite='skip' to skip such steps, or fix the loss (see poise docs)")
@@ -94,8 +137,10 @@ class TransformOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.steps_called += 1
         if self.nonfinite != "ignore" and not self._finite():
             return loss
+        self.consecutive_skips = 0
         before = ([p.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
                   if self.diagnostics else None)
         for group in self.param_groups:
@@ -108,13 +153,28 @@ class TransformOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 st = self.state[p]
                 if "step" not in st:
-                    st.update(init_state(self.transform, p, group))
+                    st.update(init_state(self.transform, _view(p, self.shard_safe), group))
                 states.append(st)
             tick(states)
-            updates = self.transform.update([p.grad for p in params], states, params, group)
-            for p, u in zip(params, updates, strict=True):
-                if u is not None:
-                    p.add_(u.to(p.dtype))
+            dt = [_is_dtensor(p) for p in params]
+            if not any(dt):
+                updates = self.transform.update([p.grad for p in params], states, params, group)
+                for p, u in zip(params, updates, strict=True):
+                    if u is not None:
+                        p.add_(u.to(p.dtype))
+                continue
+            # FSDP2 / DTensor parameters: local shards when every stage is elementwise, else whole tensors
+            views = [_view(p, self.shard_safe) for p in params]
+            grads = [_view(p.grad, self.shard_safe) for p in params]
+            snap = [v.clone() for v in views]
+            updates = self.transform.update(grads, states, views, group)
+            for p, v, s0, u, d in zip(params, views, snap, updates, dt, strict=True):
+                if not d or self.shard_safe:
+                    if u is not None:
+                        v.add_(u.to(v.dtype))
+                    continue
+                total = v - s0 if u is None else v - s0 + u.to(v.dtype)  # a stage may have written in place
+                p.to_local().add_(_local_shard(total, p))
         if before is not None:
             self.last_diagnostics = self._diagnose(before)
         return loss

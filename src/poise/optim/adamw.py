@@ -29,9 +29,12 @@ class AdamW(TransformOptimizer):
     three-stage chain it is tested equal to; ``fused=False`` runs the chain.
     """
 
+    shard_safe = True  # every stage is elementwise: a shard's update is the whole tensor's update, sliced
+
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, convention: str = "torch",
-                 fused: bool | None = None, nonfinite: str = "raise", diagnostics: bool = False):
+                 fused: bool | None = None, nonfinite: str = "raise", diagnostics: bool = False,
+                 max_consecutive_skips: int | None = None):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
         if convention not in ("torch", "hf"):
@@ -46,4 +49,4 @@ class AdamW(TransformOptimizer):
             t = chain(scale_by_adam(convention), scale_by_learning_rate(),
                       add_decayed_weights("before" if convention == "torch" else "after"), name="adamw")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, t, nonfinite, diagnostics)
+        super().__init__(params, defaults, t, nonfinite, diagnostics, max_consecutive_skips)

@@ -25,9 +25,12 @@ class CLASSP(TransformOptimizer):
     authors' script). Arguments under the authors' names: ``lr, threshold, epsilon, power,
     apply_scaling``, plus ``include_current``."""
 
+    shard_safe = True  # every stage is elementwise: a shard's update is the whole tensor's update, sliced
+
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 0.2, threshold: float = 0.5,
                  epsilon: float = 1e-5, power: float = 1.0, apply_scaling: bool = True, include_current: bool = True,
-                 nonfinite: str = "raise", diagnostics: bool = False):
+                 nonfinite: str = "raise", diagnostics: bool = False,
+                 max_consecutive_skips: int | None = None):
         _check.in_range("lr", lr, 0.0, float("inf"))
         _check.in_range("threshold", threshold, 0.0, float("inf"))
         _check.in_range("epsilon", epsilon, 0.0, float("inf"), lo_open=True)
@@ -35,4 +38,4 @@ class CLASSP(TransformOptimizer):
         t = chain(scale_by_classp(), scale_by_learning_rate(), name="classp")
         super().__init__(params, dict(lr=lr, threshold=threshold, epsilon=epsilon, power=power,
                                       apply_scaling=apply_scaling, include_current=include_current), t, nonfinite,
-                         diagnostics)
+                         diagnostics, max_consecutive_skips)

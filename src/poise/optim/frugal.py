@@ -26,11 +26,14 @@ class FRUGAL(TransformOptimizer):
     authors': ``lr, betas, eps, weight_decay, density, update_gap, proj_params_lr_scale,
     inactive_update_rule, inactive_lr_scale, reset_statistics``, plus ``mode`` and ``seed``."""
 
+    shard_safe = False  # needs whole tensors (projections, bases or norms): DTensor parameters are gathered
+
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, density: float = 0.25, update_gap: int = 200,
                  proj_params_lr_scale: float = 1.0, inactive_update_rule: str = "sign_sgd",
                  inactive_lr_scale: float = 1.0, reset_statistics: bool = True, mode: str = "block", seed: int = 0,
-                 nonfinite: str = "raise", diagnostics: bool = False):
+                 nonfinite: str = "raise", diagnostics: bool = False,
+                 max_consecutive_skips: int | None = None):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
         _check.in_range("density", density, 0.0, 1.0, hi_open=False)
@@ -45,4 +48,4 @@ class FRUGAL(TransformOptimizer):
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density=density, update_gap=update_gap,
             proj_params_lr_scale=proj_params_lr_scale, inactive_update_rule=inactive_update_rule,
             inactive_lr_scale=inactive_lr_scale, reset_statistics=reset_statistics, mode=mode, seed=seed),
-            t, nonfinite, diagnostics)
+            t, nonfinite, diagnostics, max_consecutive_skips)

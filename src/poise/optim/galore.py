@@ -34,15 +34,18 @@ class GaLoreAdamW(TransformOptimizer):
     the chain; ``fused=False`` runs the chain as written.
     """
 
+    shard_safe = False  # needs whole tensors (projections, bases or norms): DTensor parameters are gathered
+
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, fused: bool = True,
-                 nonfinite: str = "raise", diagnostics: bool = False):
+                 nonfinite: str = "raise", diagnostics: bool = False,
+                 max_consecutive_skips: int | None = None):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
         t = chain(project_low_rank(scale_by_adam("hf"), apply=fused), scale_by_learning_rate(),
                   add_decayed_weights("after"), name="galore_adamw")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      correct_bias=correct_bias), t, nonfinite, diagnostics)
+                                      correct_bias=correct_bias), t, nonfinite, diagnostics, max_consecutive_skips)
         for i, g in enumerate(self.param_groups):
             if "rank" in g:
                 _check.positive_int(f"param_groups[{i}].rank", g["rank"])

@@ -40,15 +40,18 @@ class QGaLoreAdamW(TransformOptimizer):
     the weight memory), and Adam's moments are float32, not bitsandbytes 8-bit.
     """
 
+    shard_safe = False  # needs whole tensors (projections, bases or norms): DTensor parameters are gathered
+
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, seed: int = 0, nonfinite: str = "raise",
-                 diagnostics: bool = False):
+                 diagnostics: bool = False,
+                 max_consecutive_skips: int | None = None):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
         t = chain(project_low_rank(scale_by_adam("hf")), scale_by_learning_rate(), add_decayed_weights("after"),
                   name="qgalore_adamw")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), t,
-                         nonfinite, diagnostics)
+                         nonfinite, diagnostics, max_consecutive_skips)
         self.seed = seed
         for i, g in enumerate(self.param_groups):
             if "rank" not in g:

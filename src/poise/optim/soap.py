@@ -39,12 +39,15 @@ class SOAP(TransformOptimizer):
     parameter only builds its preconditioner (no update), as in the authors' code.
     """
 
+    shard_safe = False  # needs whole tensors (projections, bases or norms): DTensor parameters are gathered
+
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, normalize_grads: bool = False,
                  data_format: str = "channels_first", correct_bias: bool = True, nonfinite: str = "raise",
-                 diagnostics: bool = False):
+                 diagnostics: bool = False,
+                 max_consecutive_skips: int | None = None):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
         if shampoo_beta != -1:
@@ -59,4 +62,4 @@ class SOAP(TransformOptimizer):
             lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
             precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
             merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
-            correct_bias=correct_bias), chain(*parts, name="soap"), nonfinite, diagnostics)
+            correct_bias=correct_bias), chain(*parts, name="soap"), nonfinite, diagnostics, max_consecutive_skips)

@@ -26,10 +26,13 @@ class SPAM(TransformOptimizer):
     betas, eps, weight_decay, correct_bias, warmup_steps, threshold, DeltaT,
     grad_accu_steps``. Dense only (no ``density`` masks)."""
 
+    shard_safe = True  # every stage is elementwise: a shard's update is the whole tensor's update, sliced
+
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, warmup_steps: int = 150,
                  threshold: float = 5000, DeltaT: int = 500, grad_accu_steps: int = 20,  # noqa: N803 (authors' name)
-                 nonfinite: str = "raise", diagnostics: bool = False):
+                 nonfinite: str = "raise", diagnostics: bool = False,
+                 max_consecutive_skips: int | None = None):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
         _check.positive_int("warmup_steps", warmup_steps, allow_zero=True)
@@ -39,4 +42,5 @@ class SPAM(TransformOptimizer):
         t = chain(spam(scale_by_adam("hf")), scale_by_learning_rate(), add_decayed_weights("after"), name="spam")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       correct_bias=correct_bias, warmup_steps=warmup_steps, threshold=threshold,
-                                      DeltaT=DeltaT, grad_accu_steps=grad_accu_steps), t, nonfinite, diagnostics)
+                                      DeltaT=DeltaT, grad_accu_steps=grad_accu_steps), t,
+            nonfinite, diagnostics, max_consecutive_skips)

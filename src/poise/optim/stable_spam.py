@@ -52,11 +52,14 @@ class StableSPAM(TransformOptimizer):
     one-pass AdamW kernel, tested equal to them; ``fused=False`` runs the chain above.
     """
 
+    shard_safe = False  # needs whole tensors (projections, bases or norms): DTensor parameters are gathered
+
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, gamma1: float = 0.7, gamma2: float = 0.9,
                  gamma3: float = 0.999, total_T: int | None = None, eta_min: float = 0.5,
                  update_proj_gap: int = 1000, reset_semantics: str = "official", fused: bool = True,
-                 nonfinite: str = "raise", diagnostics: bool = False):
+                 nonfinite: str = "raise", diagnostics: bool = False,
+                 max_consecutive_skips: int | None = None):
         _check.common(lr, eps, weight_decay)
         _check.betas(betas)
         if gamma1 == -1:
@@ -76,4 +79,5 @@ class StableSPAM(TransformOptimizer):
                       add_decayed_weights("before"), name="stable_spam")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, total_T=total_T,
-                                      eta_min=eta_min, update_proj_gap=update_proj_gap), t, nonfinite, diagnostics)
+                                      eta_min=eta_min, update_proj_gap=update_proj_gap), t,
+            nonfinite, diagnostics, max_consecutive_skips)

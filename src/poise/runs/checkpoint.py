@@ -12,6 +12,7 @@ the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,26 +48,44 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
     return final
 
 
+_STEP_DIR = re.compile(r"step-\d{6,}")
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete step directory named by ``<directory>/latest.json``, or None when
+    there is none yet. A manifest that is not ``{"step": int, "path": "step-NNNNNN"}`` (or
+    names a directory outside ``directory``) raises ``ValueError``."""
     pointer = Path(directory) / "latest.json"
     if not pointer.is_file():
         return None
     try:
-        path = Path(directory) / json.loads(pointer.read_text())["path"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"checkpoint manifest {pointer} is malformed: {e}") from None
+        data = json.loads(pointer.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint manifest {pointer} is not JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("path"), str) or \
+            not _STEP_DIR.fullmatch(data["path"]) or type(data.get("step")) is not int:
+        raise ValueError(f"checkpoint manifest {pointer} is malformed: expected "
+                         f'{{"step": <int>, "path": "step-NNNNNN"}}, got {str(data)[:80]}')
+    path = Path(directory) / data["path"]
     return path if (path / "state.json").is_file() else None
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator) -> dict[str, Any]:
     """Restore model, optimizer and RNG states in place; return the JSON state."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     path = Path(path)
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    return json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or type(state.get("step")) is not int:
+            raise ValueError("state.json has no integer 'step'")
+        load_model(model, str(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise ValueError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from None
+    return state

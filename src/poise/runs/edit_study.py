@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from poise.distributed import is_main
 from poise.edit.linear import RLSEditor, alphaedit, memit, rome, sphere_project
 from poise.edit.unlearn import grad_ascent_loss, grad_diff_loss, npo_loss
 from poise.runs.config import EditStudyConfig, FactLMConfig
@@ -49,6 +50,7 @@ from poise.tasks.facts import THEMES, Fact, make_facts
 __all__ = ["fact_lm", "run_edit_study", "run_one_edit", "summarize_edit"]
 
 _CACHE: dict[str, Any] = {}
+_TARGETS: dict[str, Any] = {}
 
 
 def fact_lm(lm: FactLMConfig, seed: int, extra: int = 0,
@@ -202,13 +204,18 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
     early = max(1, s.n_edits // 10)
     n_req = (s.n_edits + s.per_request - 1) // s.per_request
 
-    prompts = [template_prompt(f, 0) for f in edits]
-    K, V = edit_targets(model, tok, layer, prompts, _positions(tok, prompts, edits, s.position), new_kw,
-                        steps=s.v_steps, lr=s.v_lr, clamp=s.v_clamp)
-    pp = [template_prompt(f, j) for f in preserve for j in range(3)]
-    pf = [f for f in preserve for _ in range(3)]
-    K0 = keys_at(model, tok, layer, pp, _positions(tok, pp, pf, s.position)) if pp else K[:, :0]
-    K0 = K0 / max(1, K0.shape[1]) ** 0.5  # K0 K0^T = the preserved keys' mean second moment
+    key = json.dumps([dataclasses.asdict(cfg.lm), dataclasses.asdict(s), seed])
+    if _TARGETS.get("key") != key:  # the same for every editor of this seed: found once
+        prompts = [template_prompt(f, 0) for f in edits]
+        K, V = edit_targets(model, tok, layer, prompts, _positions(tok, prompts, edits, s.position), new_kw,
+                            steps=s.v_steps, lr=s.v_lr, clamp=s.v_clamp)
+        pp = [template_prompt(f, j) for f in preserve for j in range(3)]
+        pf = [f for f in preserve for _ in range(3)]
+        K0 = keys_at(model, tok, layer, pp, _positions(tok, pp, pf, s.position)) if pp else K[:, :0]
+        K0 = K0 / max(1, K0.shape[1]) ** 0.5  # K0 K0^T = the preserved keys' mean second moment
+        _TARGETS.clear()
+        _TARGETS.update(key=key, K=K, V=V, K0=K0)
+    K, V, K0 = _TARGETS["K"], _TARGETS["V"], _TARGETS["K0"]
     C0 = K0 @ K0.T
     base_local = _predict(model, tok, local, 0)
     base_local_acc = _hit_rate(model, tok, local, [f.keyword for f in local], 0)
@@ -219,7 +226,7 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
     W0 = layer.weight.detach().double().clone()
     ed = _Editor(v, W0, K0, C0)
     forget: list[Fact] = []
-    writer = JsonlWriter(metrics_path) if metrics_path else None
+    writer = JsonlWriter(metrics_path) if metrics_path and is_main() else None
     curve: list[dict[str, Any]] = []
     edit_seconds = 0.0
     t0 = time.perf_counter()

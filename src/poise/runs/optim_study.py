@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from poise import _registry
+from poise.distributed import is_main
 from poise.optim import NonFiniteGradientError
 from poise.runs.config import GALORE_GROUP_KEYS, OptimStudyConfig, OptimVariantConfig
 from poise.runs.store import JsonlWriter
@@ -80,7 +81,7 @@ def run_one_optim(cfg: OptimStudyConfig, variant_index: int, seed: int, metrics_
                           n_embd=c.n_embd))
     opt = make_optimizer(v, model)
     gen = torch.Generator().manual_seed(seed)
-    writer = JsonlWriter(metrics_path) if metrics_path else None
+    writer = JsonlWriter(metrics_path) if metrics_path and is_main() else None
     losses: list[float] = []
     val_steps: list[int] = []
     val_losses: list[float] = []

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from poise.distributed import is_main
 from poise.edit.priming import keyword_logprob, memorization_score, priming_score, stepping_stone
 from poise.runs.config import PrimingStudyConfig
 from poise.runs.edit_study import fact_lm
@@ -83,7 +84,7 @@ def run_one_priming(cfg: PrimingStudyConfig, variant_index: int, seed: int, metr
     before = copy.deepcopy(model)
     state = before.state_dict()
     enc = tok.encode
-    writer = JsonlWriter(metrics_path) if metrics_path else None
+    writer = JsonlWriter(metrics_path) if metrics_path and is_main() else None
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     try:

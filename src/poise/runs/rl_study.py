@@ -54,6 +54,48 @@ def _task(cfg: RLStudyConfig, seed: int) -> Any:
     return cls(level=cfg.task.level, seed=seed, **kw)
 
 
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """True when ``flag`` holds on any rank (every rank must then take the same branch)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    x = torch.tensor([float(flag)])
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return bool(x.item())
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    x = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(x)
+    return float(x.item()) / world
+
+
+def _in_sync(model: torch.nn.Module, world: int) -> bool:
+    """Whether every rank ends with the same weights (DDP kept them together)."""
+    if world == 1:
+        return True
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    lo, hi = flat.clone(), flat.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
+
+
 def build_policy(t: Any, vocab_size: int) -> torch.nn.Module:
     """The policy from the config: poise's GPT, or a Hugging Face Llama / Qwen2 causal LM built
     from a config (random weights, no download)."""
@@ -223,15 +265,21 @@ def _held_out_accuracy(model: torch.nn.Module, tok: CharTokenizer, task: Any, pr
 def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: Path | None = None,
                progress: Any = None) -> dict[str, Any]:
     v, t = cfg.variants[variant_index], cfg.train
+    rank, world = _world()
+    if world > 1 and t.async_eta and t.async_backend == "ray":
+        raise ValueError("train.async_backend='ray' under torchrun is not supported: every rank would start its "
+                         "own Ray actors; use async_backend='thread' (one sampler thread per rank)")
+    ckpt_dir = metrics_path.parent.parent / "checkpoints" / metrics_path.stem if metrics_path else None
+    if rank > 0:  # rank 0 writes the run's files; the others train with it (and resume from its checkpoints)
+        metrics_path, progress = None, None
     tok = CharTokenizer()
-    task = _task(cfg, seed)
+    task = _task(cfg, seed if rank == 0 else seed + 100_003 * rank)  # each rank its own prompts
     held = _task(cfg, 10_000 + seed).sample(t.eval_problems)
     torch.manual_seed(seed)
     model = build_policy(t, tok.vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed if rank == 0 else seed + 7919 * rank)
     dtype = torch.bfloat16 if t.sampler_dtype == "bfloat16" else None
-    ckpt_dir = metrics_path.parent.parent / "checkpoints" / metrics_path.stem if metrics_path else None
     latest = latest_checkpoint(ckpt_dir) if ckpt_dir and t.checkpoint_every else None
     examples: list[dict[str, str]] = []  # the last 10 reward failures, reported in the results
 
@@ -244,7 +292,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
         eval_steps, eval_acc, eval_samples = st["eval_steps"], st["eval_acc"], st["eval_samples"]
         collapsed_at, bad_rewards, generated_total = st["collapsed_at"], st["bad_rewards"], st["generated_total"]
         examples.extend(st["bad_reward_examples"])
-        truncate_jsonl(metrics_path, st["step"])
+        if metrics_path is not None:
+            truncate_jsonl(metrics_path, st["step"])
         if progress is not None:
             progress(st["step"])
     else:
@@ -261,6 +310,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
         if metrics_path is not None and metrics_path.exists():
             metrics_path.unlink()  # a fresh run: no stale lines from an earlier attempt
     diverged_at = None
+    # under torchrun: the training forward goes through DDP (gradients averaged over ranks);
+    # sampling and evaluation use the module itself
+    trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     writer = JsonlWriter(metrics_path) if metrics_path else None
     sampler: AsyncSampler | RaySampler | None = None
     if t.async_eta and t.async_backend == "ray":
@@ -280,7 +332,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             bad_rewards += len(bad)
             record(bad)
             generated_total += n_generated
-            if not rollouts:  # every reward failed: nothing to learn from this batch
+            if _any_rank(not rollouts, world):  # every reward failed on some rank: all ranks skip the step
                 if writer:
                     writer.write({"step": step, "skipped": True, "bad_rewards": bad_rewards})
                 if sampler is not None:
@@ -295,13 +347,13 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                     old = trainer_logprobs(model, rollouts)
             else:  # on-policy: pi_old is the current policy; its log-probs come with the forward below
                 old = None
-            rec: dict[str, Any] = {"step": step, "reward": float(rewards_t.mean()),
+            rec: dict[str, Any] = {"step": step, "reward": _mean_over_ranks(float(rewards_t.mean()), world),
                                    "samples_generated": generated_total, "bad_rewards": bad_rewards,
                                    "staleness/version_gap": version_gap}
             for c in chunks:
                 sub = [rollouts[i] for i in c]
                 idx = torch.as_tensor(c)
-                logp, ent = trainer_logprobs(model, sub, with_entropy=True)
+                logp, ent = trainer_logprobs(trainer, sub, with_entropy=True)
                 m = mask[idx][:, : logp.shape[1]]
                 old_c = logp.detach() if old is None else old[idx][:, : logp.shape[1]]
                 values, agg_mask, metrics = policy_loss(v, logp, old_c, behav[idx][:, : logp.shape[1]], adv[idx], m,
@@ -310,7 +362,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-                if not math.isfinite(float(loss.detach())) or not math.isfinite(gn):
+                if _any_rank(not math.isfinite(float(loss.detach())) or not math.isfinite(gn), world):
                     diverged_at = step
                     break
                 opt.step()
@@ -338,7 +390,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                     collapsed_at = step
             if writer:
                 writer.write(rec)
-            if ckpt_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and not diverged_at:
+            if rank == 0 and ckpt_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and not diverged_at:
                 save_checkpoint(ckpt_dir, step, model, opt, gen, {
                     "task_rng": task.rng.getstate(), "curves": curve, "eval_steps": eval_steps,
                     "eval_acc": eval_acc, "eval_samples": eval_samples, "collapsed_at": collapsed_at,
@@ -361,7 +413,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             "samples_generated": generated_total,
             "collapsed_at": collapsed_at, "diverged_at": diverged_at, "bad_rewards": bad_rewards,
             "bad_reward_examples": examples,
-            "seconds_per_step": wall / max(1, len(curve["reward"]))}
+            "seconds_per_step": wall / max(1, len(curve["reward"])),
+            "world_size": world, "ranks_in_sync": _in_sync(model, world)}
 
 
 class AsyncSampler:
@@ -509,4 +562,5 @@ def summarize_rl(results: list[dict[str, Any]]) -> dict[str, Any]:
 def run_rl_study(cfg: RLStudyConfig, run_dir: str | Path | None = None, progress: bool | None = None,
                  report: bool = True) -> Path:
     """Run every objective x seed; write the run directory; return its path."""
-    return execute(cfg, run_dir, progress, report, cfg.train.steps, run_one_rl, summarize_rl, "rl")
+    return execute(cfg, run_dir, progress, report, cfg.train.steps, run_one_rl, summarize_rl, "rl",
+                   resumable=True)

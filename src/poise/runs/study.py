@@ -98,7 +98,9 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
         windows=e.windows,
         gap_eps=e.gap_eps,
     )
-    writer = JsonlWriter(metrics_path) if metrics_path else None
+    from poise.distributed import is_main
+
+    writer = JsonlWriter(metrics_path) if metrics_path and is_main() else None
     t0 = time.perf_counter()
     try:
         metrics = fit_stream(
@@ -106,6 +108,7 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
             steps_per_task=cfg.train.steps_per_task, batch_size=cfg.train.batch_size,
             n_classes=stream.n_classes, seed=seed,
             log=writer.write if writer else None, progress=progress,
+            shard=False,  # under torchrun every rank trains the same model on the whole batch; evaluation is sharded
         )
     finally:
         if writer:
@@ -147,19 +150,25 @@ def summarize(results: list[dict[str, Any]], windows: list[int]) -> dict[str, An
 
 
 def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report: bool, steps_per_run: int,
-            run_one_fn: Any, summarize_fn: Any, kind: str) -> Path:
+            run_one_fn: Any, summarize_fn: Any, kind: str, resumable: bool = False) -> Path:
     """Run every variant x seed of ``cfg`` with ``run_one_fn(cfg, i, seed, metrics_path,
     progress)``, write each result and a fresh ``summary.json`` (``summarize_fn(results)``)
     after every run, then the report. Shared by every study kind. Runs whose result file
-    already exists are not run again (``poise run --resume``); a run function may also resume
-    from its own checkpoints (the RL study does)."""
+    already exists are not run again (``poise run --resume``); an unfinished run starts again
+    from scratch (its partial metrics file is replaced) unless ``resumable``: then the run
+    function resumes from its own checkpoints and truncates its metrics file to them (the RL
+    study does)."""
+    from poise.distributed import is_main
+
+    main = is_main()  # under torchrun every rank runs every run; rank 0 writes the files
     torch.set_num_threads(cfg.threads)
     path = Path(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path / "config.json", dataclasses.asdict(cfg))
+    if main:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path / "config.json", dataclasses.asdict(cfg))
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("CI") != "true"
-    bar = _Progress(steps_per_run * len(cfg.variants) * len(cfg.seeds), progress)
+    bar = _Progress(steps_per_run * len(cfg.variants) * len(cfg.seeds), progress and main)
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 
@@ -173,22 +182,38 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
                 bar.describe(f"{v.name} seed {seed}")
                 tag = f"{v.name}-s{seed}"
                 done = path / "results" / f"{tag}.json"
-                if done.is_file():  # resuming: this run finished before
-                    results.append(json.loads(done.read_text()))
+                if _agreed(done.is_file()):  # resuming: this run finished before
+                    results.append(json.loads(done.read_text()) if main else {})
                     bar.update(steps_per_run)
                     continue
-                r = run_one_fn(cfg, i, seed, path / "metrics" / f"{tag}.jsonl", bar.update)
-                atomic_write_json(done, r)
+                metrics = path / "metrics" / f"{tag}.jsonl"
+                if main and not resumable and metrics.exists():
+                    metrics.unlink()  # a partial run from an interrupted attempt: it starts again
+                r = run_one_fn(cfg, i, seed, metrics, bar.update)
                 results.append(r)
-                atomic_write_json(path / "summary.json", summary(False))
+                if main:
+                    atomic_write_json(done, r)
+                    atomic_write_json(path / "summary.json", summary(False))
     finally:
         bar.close()
-    atomic_write_json(path / "summary.json", summary(True))
-    if report:
+    if main:
+        atomic_write_json(path / "summary.json", summary(True))
+    if report and main:
         from poise.runs.report import build_report
 
         build_report(path)
     return path
+
+
+def _agreed(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (one run directory, maybe not shared by all machines)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def run_study(cfg: StudyConfig, run_dir: str | Path | None = None, progress: bool | None = None,

@@ -94,7 +94,7 @@ def scale_by_adam(convention: str = "torch", bias_correction: bool = True, forea
             out[i] = r
         return out
 
-    return Transform(lambda p, h: {}, update, "adam")
+    return Transform(lambda p, h: {}, update, "adam", True)
 
 
 def scale_by_bias_correction(step_offset: int = 0) -> Transform:
@@ -116,7 +116,7 @@ def scale_by_bias_correction(step_offset: int = 0) -> Transform:
             out.append(u.mul_(math.sqrt(1 - b2**t) / (1 - b1**t)))
         return out
 
-    return Transform(lambda p, h: {}, update, "bias_correction")
+    return Transform(lambda p, h: {}, update, "bias_correction", True)
 
 
 def scale_by_learning_rate() -> Transform:
@@ -126,7 +126,7 @@ def scale_by_learning_rate() -> Transform:
         lr = hyper["lr"]
         return [None if u is None else u.mul_(-lr) for u in updates]
 
-    return Transform(lambda p, h: {}, update, "lr")
+    return Transform(lambda p, h: {}, update, "lr", True)
 
 
 def add_decayed_weights(when: str = "before") -> Transform:
@@ -152,7 +152,7 @@ def add_decayed_weights(when: str = "before") -> Transform:
             return [None if u is None else u.add_(p, alpha=-c) for u, p in zip(updates, params, strict=True)]
         return [None if u is None else u.mul_(1 - c).add_(p, alpha=-c) for u, p in zip(updates, params, strict=True)]
 
-    return Transform(lambda p, h: {}, update, "weight_decay")
+    return Transform(lambda p, h: {}, update, "weight_decay", True)
 
 
 def fused_adamw() -> Transform:
@@ -201,4 +201,4 @@ def fused_adamw() -> Transform:
                 out[i] = None
         return out
 
-    return Transform(lambda p, h: {}, update, "adam")
+    return Transform(lambda p, h: {}, update, "adam", True)

@@ -51,11 +51,17 @@ SHARED = frozenset({"step", "clock", "momentum_scale"})
 
 
 class Transform(NamedTuple):
-    """A gradient transformation: a pair of functions, plus a name that prefixes its state."""
+    """A gradient transformation: a pair of functions, plus a name that prefixes its state.
+
+    ``shard_safe``: the update of a slice of a tensor is the slice of the tensor's update
+    (every operation is elementwise, or uses only scalars shared by all entries such as the
+    step), so it may run on FSDP2's local shards as is. False (the default) for anything
+    that reads a whole tensor: norms, maxima, top-k, projections, preconditioners."""
 
     init: Callable[[Tensor, Hyper], dict[str, Any]]
     update: Callable[[Updates, list[State], list[Tensor], Hyper], Updates]
     name: str = "transform"
+    shard_safe: bool = False
 
 
 class Scoped(MutableMapping[str, Any]):
@@ -93,7 +99,7 @@ def scoped(states: Sequence[State], prefix: str) -> list[State]:
 
 def identity() -> Transform:
     """Passes updates through unchanged."""
-    return Transform(lambda p, h: {}, lambda u, s, p, h: u, "identity")
+    return Transform(lambda p, h: {}, lambda u, s, p, h: u, "identity", True)
 
 
 def chain(*transforms: Transform, name: str = "chain") -> Transform:
@@ -117,7 +123,7 @@ def chain(*transforms: Transform, name: str = "chain") -> Transform:
             updates = t.update(updates, scoped(states, pre), params, hyper)
         return updates
 
-    return Transform(init, update, name)
+    return Transform(init, update, name, all(t.shard_safe for t in transforms))
 
 
 def init_state(transform: Transform, param: Tensor, hyper: Hyper) -> dict[str, Any]:

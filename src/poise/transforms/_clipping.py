@@ -145,7 +145,7 @@ def cosine_momentum_schedule() -> Transform:
                 s["momentum_scale"] = torch.tensor(eta + (1 - eta) * (1 + math.cos(math.pi * c / (T + 1))) / 2)
         return updates
 
-    return Transform(lambda p, h: {}, update, "momentum_schedule")
+    return Transform(lambda p, h: {}, update, "momentum_schedule", True)
 
 
 def normalize_by_rms(eps: float = 1e-30) -> Transform:

@@ -47,5 +47,5 @@ def periodic_reset(inner: Transform, semantics: str = "official") -> Transform:
                     clear(s)
         return out
 
-    return Transform(inner.init, update, inner.name)
+    return Transform(inner.init, update, inner.name, inner.shard_safe)
 

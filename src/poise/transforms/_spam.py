@@ -76,4 +76,4 @@ def spam(inner: Transform) -> Transform:
                 s["warmup_step"].zero_()
         return out
 
-    return Transform(lambda p, h: {}, update, "spam")
+    return Transform(lambda p, h: {}, update, "spam", inner.shard_safe)

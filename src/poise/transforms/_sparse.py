@@ -85,4 +85,4 @@ def scale_by_classp() -> Transform:
             out.append(step.mul_(gate))
         return out
 
-    return Transform(lambda p, h: {}, update, "classp")
+    return Transform(lambda p, h: {}, update, "classp", True)
