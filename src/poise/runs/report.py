@@ -412,7 +412,7 @@ def _priming_plots(run_dir: Path, results: list[dict[str, Any]]) -> list[tuple[s
         am.scatter([f["log_memorization"] for f in rows], [f["log_priming"] for f in rows], s=14,
                    color=colors(i), alpha=0.7, label=v)
     ax.set(xlabel="log P(keyword | own context) before learning", ylabel="log priming",
-           title="The predictor: rarer keywords prime more")
+           title="Priming against the predictor (the paper finds: lower, more priming)")
     am.set(xlabel="log memorisation", ylabel="log priming", title="Priming against memorisation")
     for a in (ax, am):
         a.axhline(0, color="#999", lw=0.8)
