@@ -288,6 +288,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
     if latest is not None:  # resume: everything the loop carries comes back from the checkpoint
         st = load_checkpoint(latest, model, opt, gen)
         task.rng.setstate(_tuplify(st["task_rng"]))
+        if rank > 0:  # the checkpoint holds rank 0's sampling state: the others draw their own prompts again
+            task.rng.seed(seed + 100_003 * rank + 1_000_003 * st["step"])
+            gen.manual_seed(seed + 7919 * rank + 1_000_003 * st["step"])
         start, curve = st["step"] + 1, st["curves"]
         eval_steps, eval_acc, eval_samples = st["eval_steps"], st["eval_acc"], st["eval_samples"]
         collapsed_at, bad_rewards, generated_total = st["collapsed_at"], st["bad_rewards"], st["generated_total"]
