@@ -373,6 +373,7 @@ def _edit_plots(run_dir: Path, results: list[dict[str, Any]]) -> list[tuple[str,
             x = [c["edits"] for c in r["curve"]]
             for ax, k in zip(axes, ("retention_early", "locality"), strict=True):
                 ax.plot(x, [c[k] for c in r["curve"]], color=colors(i), lw=1.2, label=v if j == 0 else None)
+    axes[0].axhline(1 / 8, color="#999", ls=":", lw=1, label="chance (1 of 8 values)")
     axes[0].set(xlabel="edits done", ylabel="efficacy on the first 10% of edits", ylim=(-0.02, 1.02),
                 title="Retention of early edits along the stream")
     axes[1].set(xlabel="edits done", ylabel="unedited facts unchanged", ylim=(-0.02, 1.02), title="Locality")
