@@ -21,16 +21,18 @@ __all__ = ["main"]
 
 
 def _fields_epilog() -> str:
-    from poise.runs.config import OptimStudyConfig, field_help
+    from poise.runs.config import EditStudyConfig, OptimStudyConfig, PrimingStudyConfig, RLStudyConfig, field_help
 
     lines = ["recipe fields (set in the TOML or as key=value overrides):", ""]
     for key, tp, default, help_ in field_help():
         lines.append(f"  {key}  ({tp}, default {default})")
         lines.extend(textwrap.wrap(help_, 88, initial_indent="      ", subsequent_indent="      "))
-    lines += ["", "recipes with kind = \"optimizers\" (e.g. `poise run optimizers`) have these fields instead:", ""]
-    for key, tp, default, help_ in field_help(OptimStudyConfig):
-        lines.append(f"  {key}  ({tp}, default {default})")
-        lines.extend(textwrap.wrap(help_, 88, initial_indent="      ", subsequent_indent="      "))
+    for kind, example, cls in (("optimizers", "optimizers", OptimStudyConfig), ("rl", "rl-stability", RLStudyConfig),
+                               ("edit", "edit-stream", EditStudyConfig), ("priming", "priming", PrimingStudyConfig)):
+        lines += ["", f"recipes with kind = \"{kind}\" (e.g. `poise run {example}`) have these fields instead:", ""]
+        for key, tp, default, help_ in field_help(cls):
+            lines.append(f"  {key}  ({tp}, default {default})")
+            lines.extend(textwrap.wrap(help_, 88, initial_indent="      ", subsequent_indent="      "))
     lines += [
         "",
         "  each [[variants]] table: name (label), strategy (registry name), params (its",
@@ -52,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         "runs/<timestamp>-<recipe>/ with config.json, per-step metrics (JSON Lines), "
         "summary.json, PNG plots and report.html. RECIPE is a built-in name (poise list recipes), "
         "recipes/<name>.toml under the current folder, or a path; without it the default study "
-        "runs.",
+        "runs. Under torchrun (torchrun --nproc_per_node=N -m poise.cli run RECIPE --run-dir DIR) every "
+        "rank runs the study, rank 0 writes DIR (required), evaluation is sharded and RL policies train "
+        "through DDP; see docs/distributed.md.",
         epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
