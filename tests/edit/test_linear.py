@@ -20,6 +20,9 @@ def test_rome_writes_the_new_pair_exactly():
     print(f"ROME: max |(W + dW) k - v| = {err:.1e}")
     assert err < 1e-12
     assert torch.linalg.matrix_rank(d) == 1
+    # minimum C-norm: the Lagrange condition dW C = r k^T / (k^T C^-1 k), r = v - W k
+    r, k = V[:, 0] - W @ K[:, 0], K[:, 0]
+    torch.testing.assert_close(d @ C, torch.outer(r, k) / (k @ torch.linalg.solve(C, k)), atol=1e-12, rtol=0)
 
 
 def test_memit_solves_the_normal_equations():

@@ -35,6 +35,26 @@ def test_keyword_logprob_by_hand_on_a_uniform_model():
     assert priming_score(Uniform(), Uniform(), TOK.encode, ["a", "b"], "teal") == pytest.approx(1.0)
 
 
+def test_priming_and_memorisation_scores_by_hand():
+    class Biased(torch.nn.Module):  # logit c on the token "e", 0 elsewhere
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x):
+            out = torch.zeros(*x.shape, TOK.vocab_size)
+            out[..., TOK.encode("e")[0]] = self.c
+            return out
+
+    V, c = TOK.vocab_size, 3.0
+    # "teal": P(e) = e^c / (V - 1 + e^c), the 3 other letters 1 / (V - 1 + e^c); before: 1/V each
+    ratio = math.exp(c) * V**4 / (V - 1 + math.exp(c)) ** 4
+    assert priming_score(Biased(0.0), Biased(c), TOK.encode, ["the sky was", "a"], "teal") == pytest.approx(ratio)
+    assert priming_score(Biased(c), Biased(0.0), TOK.encode, ["a"], "teal") == pytest.approx(1 / ratio)
+    assert memorization_score(Biased(0.0), Biased(c), TOK.encode, "the sky was", "teal") == pytest.approx(ratio)
+    assert priming_score(Biased(0.0), Biased(c), TOK.encode, ["a"], "tall") < 1  # no "e": every letter loses
+
+
 def test_learning_a_fact_raises_its_keyword_in_its_own_context():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32))

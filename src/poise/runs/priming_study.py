@@ -30,6 +30,7 @@ from poise.runs.store import JsonlWriter
 from poise.runs.study import _stats, execute
 from poise.tasks.factlm import WordTokenizer, _pad, base_lines
 from poise.tasks.facts import THEMES
+from poise.transforms import ignore_top_k
 
 __all__ = ["run_one_priming", "run_priming_study", "spearman", "summarize_priming"]
 
@@ -43,10 +44,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def _prune_top(delta: torch.Tensor, k: float) -> torch.Tensor:
-    n = math.ceil(k * delta.numel())
-    flat = delta.reshape(-1).clone()
-    flat[torch.topk(flat.abs(), n, sorted=False).indices] = 0.0
-    return flat.view_as(delta)
+    """``delta`` with its ``ceil(k n)`` largest-magnitude coordinates zeroed (ignore-k applied
+    to a realised update, by the same transform the optimizers chain)."""
+    return ignore_top_k(k).update([delta.clone()], [{}], [delta], {})[0]
 
 
 def _learn(model: nn.Module, tok: WordTokenizer, text: str, replay: list[str], cfg: PrimingStudyConfig,
