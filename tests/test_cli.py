@@ -73,3 +73,16 @@ def test_list_env_and_report_errors(tmp_path, capsys):
 def test_dry_run_prints_resolved_config(capsys):
     assert main(["run", "--dry-run", "train.lr=0.2"]) == 0
     assert json.loads(capsys.readouterr().out)["train"]["lr"] == 0.2
+
+
+def test_summary_table_keeps_long_metric_names_apart(capsys):
+    from poise.cli import _table_printer
+
+    cols = ("log_memorization", "spearman_predictor", "x")
+    row = {c: {"mean": -1.5, "std": 0.25} for c in cols}
+    _table_printer(cols)({"variants": {"plain": row, "empty": {}}})
+    header, *rows = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["variant", *cols]
+    assert rows[0].split() == ["plain"] + ["-1.500", "±", "0.250"] * 3
+    assert rows[1].split() == ["empty", "–", "–", "–"]
+    assert len({len(line) for line in (header, *rows)}) == 1  # columns line up

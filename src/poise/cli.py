@@ -146,13 +146,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _table_printer(cols: tuple[str, ...]):
     def show(summary: dict) -> None:
-        print(f"\n{'variant':<16}" + "".join(f"{c:>18}" for c in cols))
+        widths = [max(18, len(c) + 2) for c in cols]  # a long metric name never runs into its neighbour
+        print(f"\n{'variant':<16}" + "".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
         for name, row in summary["variants"].items():
             cells = []
-            for c in cols:
+            for c, w in zip(cols, widths, strict=True):
                 st = row.get(c)
-                cells.append(f"{st['mean']:>10.3f} ± {st['std']:<5.3f}" if st and st.get("mean") is not None
-                             else f"{'–':>18}")
+                cell = f"{st['mean']:.3f} ± {st['std']:<5.3f}" if st and st.get("mean") is not None else "–"
+                cells.append(cell.rjust(w))
             print(f"{name:<16}" + "".join(cells))
 
     return show
