@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Transform, init_state, tick
+from poise.transforms._base import Transform, fill_hyper, init_state, missing_hyper, tick
 
 __all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "TransformOptimizer"]
 
@@ -55,6 +55,13 @@ class TransformOptimizer(torch.optim.Optimizer):
     ``"ignore"`` checks nothing (fastest; a NaN then spreads into the
     state). The check costs one sum per gradient and one host sync per step.
 
+    Hyperparameters: every group (at construction, in :meth:`add_param_group` and after
+    :meth:`load_state_dict`) is completed with ``defaults`` and then with the defaults the
+    transform declares (``transform.reads``); a key the transform requires that neither the
+    group nor ``defaults`` sets raises ``ValueError("stage 'clip_global_norm' reads hyper
+    'max_norm': add it to defaults or the param group")`` at construction, not at the first
+    ``step()``.
+
     ``diagnostics=True`` fills ``self.last_diagnostics`` after each step with 0-d tensors
     (no ``.item()``, no host sync): ``update_ratio`` (``||p_new - p_old|| / ||p_old||`` over
     all parameters; costs a copy of the parameters per step), ``clipped_frac`` (mean over
@@ -73,8 +80,8 @@ class TransformOptimizer(torch.optim.Optimizer):
         lr = defaults.get("lr")
         if lr is not None and not isinstance(lr, Tensor) and lr < 0:
             raise ValueError(f"lr={lr} must be >= 0")
+        self.transform = transform  # before the groups are added: add_param_group reads its declared keys
         super().__init__(params, defaults)
-        self.transform = transform
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -84,6 +91,18 @@ class TransformOptimizer(torch.optim.Optimizer):
         self.max_consecutive_skips = max_consecutive_skips
         self.diagnostics = diagnostics
         self.last_diagnostics: dict[str, Tensor] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, then the transform's declared defaults are filled in;
+        a required key missing from the group and the defaults raises ``ValueError`` (and the
+        group is not added)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        missing = missing_hyper(self.transform, param_group, self.defaults)
+        if missing:
+            raise ValueError("; ".join(missing))
+        super().add_param_group(param_group)
+        fill_hyper(self.transform, self.param_groups[-1])
 
     def _names(self) -> dict[int, str]:
         out = {}
@@ -206,9 +225,15 @@ class TransformOptimizer(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, keeping each state tensor's saved dtype; groups saved
+        before a key was declared get the current defaults for it."""
         saved = {pid: {k: v.dtype for k, v in st.items() if isinstance(v, Tensor)}
                  for pid, st in state_dict["state"].items()}
         super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            for k, v in self.defaults.items():
+                g.setdefault(k, v)
+            fill_hyper(self.transform, g)
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params, strict=True):

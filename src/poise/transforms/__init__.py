@@ -1,7 +1,7 @@
 """Gradient transforms: ``(init, update)`` pairs composed with :func:`chain`.
 
 See :mod:`poise.transforms._base` for the contract (state in place, hyperparameters from the
-parameter group, ``None`` = skip).
+parameter group, ``None`` = skip, declared hyperparameter keys in ``Transform.reads``).
 """
 
 from poise.transforms._adam import (
@@ -11,7 +11,21 @@ from poise.transforms._adam import (
     scale_by_bias_correction,
     scale_by_learning_rate,
 )
-from poise.transforms._base import Transform, apply_updates, chain, identity, init_state, tick
+from poise.transforms._base import (
+    REQUIRED,
+    Read,
+    Transform,
+    apply_updates,
+    chain,
+    declare,
+    fill_hyper,
+    identity,
+    init_state,
+    merge_reads,
+    missing_hyper,
+    rename,
+    tick,
+)
 from poise.transforms._clipping import (
     clip_by_global_norm,
     clip_spikes_by_max_ema,
@@ -28,6 +42,8 @@ from poise.transforms._spam import spam, spam_warmup_scale
 from poise.transforms._sparse import ignore_top_k, scale_by_classp
 
 __all__ = [
+    "REQUIRED",
+    "Read",
     "Transform",
     "add_decayed_weights",
     "apply_updates",
@@ -36,17 +52,22 @@ __all__ = [
     "clip_spikes_by_max_ema",
     "fused_adamw",
     "cosine_momentum_schedule",
+    "declare",
     "dequantize",
+    "fill_hyper",
     "identity",
     "ignore_top_k",
     "init_state",
     "merge_dims",
+    "merge_reads",
+    "missing_hyper",
     "normalize_by_norm_ema",
     "normalize_by_rms",
     "periodic_reset",
     "project_low_rank",
     "project_orthogonal",
     "quantize",
+    "rename",
     "scale_by_adam",
     "scale_by_bias_correction",
     "scale_by_classp",

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Hyper, State, Transform, Updates
+from poise.transforms._base import BETAS, CORRECT_BIAS, EPS, LR, WEIGHT_DECAY, Hyper, State, Transform, Updates, declare
 
 __all__ = [
     "add_decayed_weights", "fused_adamw", "scale_by_adam", "scale_by_bias_correction", "scale_by_learning_rate",
@@ -94,7 +94,8 @@ def scale_by_adam(convention: str = "torch", bias_correction: bool = True, forea
             out[i] = r
         return out
 
-    return Transform(lambda p, h: {}, update, "adam", True)
+    return Transform(lambda p, h: {}, update, "adam", True,
+                     declare("adam", betas=BETAS, eps=EPS, correct_bias=CORRECT_BIAS))
 
 
 def scale_by_bias_correction(step_offset: int = 0) -> Transform:
@@ -116,7 +117,8 @@ def scale_by_bias_correction(step_offset: int = 0) -> Transform:
             out.append(u.mul_(math.sqrt(1 - b2**t) / (1 - b1**t)))
         return out
 
-    return Transform(lambda p, h: {}, update, "bias_correction", True)
+    return Transform(lambda p, h: {}, update, "bias_correction", True,
+                     declare("bias_correction", betas=BETAS, correct_bias=CORRECT_BIAS))
 
 
 def scale_by_learning_rate() -> Transform:
@@ -126,7 +128,7 @@ def scale_by_learning_rate() -> Transform:
         lr = hyper["lr"]
         return [None if u is None else u.mul_(-lr) for u in updates]
 
-    return Transform(lambda p, h: {}, update, "lr", True)
+    return Transform(lambda p, h: {}, update, "lr", True, declare("lr", lr=LR))
 
 
 def add_decayed_weights(when: str = "before") -> Transform:
@@ -152,7 +154,8 @@ def add_decayed_weights(when: str = "before") -> Transform:
             return [None if u is None else u.add_(p, alpha=-c) for u, p in zip(updates, params, strict=True)]
         return [None if u is None else u.mul_(1 - c).add_(p, alpha=-c) for u, p in zip(updates, params, strict=True)]
 
-    return Transform(lambda p, h: {}, update, "weight_decay", True)
+    return Transform(lambda p, h: {}, update, "weight_decay", True,
+                     declare("weight_decay", lr=LR, weight_decay=WEIGHT_DECAY))
 
 
 def fused_adamw() -> Transform:
@@ -201,4 +204,5 @@ def fused_adamw() -> Transform:
                 out[i] = None
         return out
 
-    return Transform(lambda p, h: {}, update, "adam", True)
+    return Transform(lambda p, h: {}, update, "adam", True,
+                     declare("fused_adamw", lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY))

@@ -30,18 +30,29 @@ A few state entries are shared by every transform of a parameter (0-d float32 te
 
 All other keys are namespaced by :func:`chain` with the transform's name
 (``"adam.exp_avg"``), so state dicts are readable and transforms never collide.
+
+**Declared hyperparameters.** Every transform says which ``hyper`` keys it reads
+(``Transform.reads``: key -> :class:`Read` with a default, or :data:`REQUIRED`, and a short
+*meaning*). :func:`chain` merges the declarations and refuses two stages that read one key
+with different meanings (GaLore's ``update_proj_gap`` is a projector refresh, Stable-SPAM's a
+momentum reset), so composing them cannot silently tie two settings; give one stage its own
+key with :func:`rename` (or the stage's ``key=`` argument). :class:`poise.optim.TransformOptimizer`
+fills the declared defaults into every param group and raises at construction for a
+required key that no group or default provides (:func:`missing_hyper`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "Hyper", "State", "Transform", "Updates", "apply_updates", "chain", "identity", "init_state", "scoped", "tick",
+    "REQUIRED", "Hyper", "Read", "State", "Transform", "Updates", "apply_updates", "chain", "declare", "fill_hyper",
+    "identity", "init_state", "merge_reads", "missing_hyper", "rename", "scoped", "tick",
 ]
 
 State = MutableMapping[str, Any]
@@ -50,18 +61,191 @@ Updates = list[Tensor | None]
 SHARED = frozenset({"step", "clock", "momentum_scale"})
 
 
+class _Required:
+    """The default of a key that has none: the param group (or the optimizer's defaults) must set it."""
+
+    _instance: _Required | None = None
+
+    def __new__(cls) -> _Required:  # a singleton, so it survives copy/deepcopy/pickle as itself
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+    def __reduce__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+class Read(NamedTuple):
+    """One hyperparameter a stage reads from the param group.
+
+    ``default``: the value filled into a group that does not set the key (:data:`REQUIRED`: no
+    default, the group or the optimizer's defaults must give it); ``meaning``: a short tag of
+    what the value *is* (``"learning rate"``, ``"GaLore projector refresh interval"``); two
+    stages may share a key only with equal meanings; ``stage``: the stage that declared it (for
+    messages); ``when``: the key is read only in groups where this other key is set (not None),
+    e.g. GaLore's ``update_proj_gap`` only where ``rank`` is; defaults are filled and required
+    keys checked only there. A default of ``None`` means "absent is off" (GaLore's ``rank``):
+    it is not written into groups, and the stage reads a missing key as ``None``."""
+
+    default: Any = REQUIRED
+    meaning: str = ""
+    stage: str = ""
+    when: str | None = None
+
+
+_NO_READS: Mapping[str, Read] = MappingProxyType({})
+
+# meanings read by several stages (one key may be shared only under one meaning)
+LR = (REQUIRED, "learning rate")
+BETAS = ((0.9, 0.999), "Adam moment EMA rates (beta1, beta2)")
+EPS = (1e-8, "epsilon added to a denominator")
+WEIGHT_DECAY = (0.0, "decoupled weight decay")
+CORRECT_BIAS = (True, "Adam bias correction on/off")
+
+
 class Transform(NamedTuple):
     """A gradient transformation: a pair of functions, plus a name that prefixes its state.
 
     ``shard_safe``: the update of a slice of a tensor is the slice of the tensor's update
     (every operation is elementwise, or uses only scalars shared by all entries such as the
     step), so it may run on FSDP2's local shards as is. False (the default) for anything
-    that reads a whole tensor: norms, maxima, top-k, projections, preconditioners."""
+    that reads a whole tensor: norms, maxima, top-k, projections, preconditioners.
+
+    ``reads``: the ``hyper`` keys the transform reads, each a :class:`Read` (default or
+    :data:`REQUIRED`, meaning, declaring stage); build it with :func:`declare`."""
 
     init: Callable[[Tensor, Hyper], dict[str, Any]]
     update: Callable[[Updates, list[State], list[Tensor], Hyper], Updates]
     name: str = "transform"
     shard_safe: bool = False
+    reads: Mapping[str, Read] = _NO_READS
+
+
+def declare(stage: str, **keys: tuple[Any, str] | tuple[Any, str, str | None]) -> Mapping[str, Read]:
+    """``reads`` for a stage: ``declare("clip_global_norm", max_norm=(REQUIRED, "global-norm bound"))``;
+    each value is ``(default, meaning)`` or ``(default, meaning, when)``."""
+    return MappingProxyType({k: Read(v[0], v[1], stage, v[2] if len(v) > 2 else None) for k, v in keys.items()})
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. tensors of several entries: not comparable as one truth value
+        return False
+
+
+def merge_reads(*reads: Mapping[str, Read]) -> Mapping[str, Read]:
+    """One declaration from several stages' (in chain order). A key read by two stages must have
+    the same meaning (else ``ValueError`` naming both stages, the key and how to alias it); its
+    default is the one the stages give (one stage may leave it :data:`REQUIRED`; two different
+    defaults are an error)."""
+    out: dict[str, Read] = {}
+    for r in reads:
+        for key, new in r.items():
+            old = out.get(key)
+            if old is None:
+                out[key] = new
+                continue
+            if old.meaning != new.meaning:
+                also = (" or periodic_reset(inner, key='reset_gap')"
+                        if "periodic_reset" in (old.stage, new.stage) else "")
+                raise ValueError(
+                    f"stages '{old.stage}' and '{new.stage}' both read hyper '{key}' with different meanings "
+                    f"({old.meaning!r} vs {new.meaning!r}); alias one of them to its own key, e.g. "
+                    f"rename(<the '{new.stage}' transform>, {key}='{new.stage}_{key}'){also}, and set that key "
+                    f"in the param group")
+            if old.when != new.when:
+                out[key] = old._replace(when=None)  # read unconditionally by one of them
+            if new.default is REQUIRED:
+                continue
+            if old.default is REQUIRED:
+                out[key] = out[key]._replace(default=new.default)
+            elif not _same(old.default, new.default):
+                raise ValueError(
+                    f"stages '{old.stage}' and '{new.stage}' both read hyper '{key}' ({old.meaning}) with different "
+                    f"defaults ({old.default!r} vs {new.default!r}); set '{key}' in the optimizer's defaults")
+    return MappingProxyType(out)
+
+
+def missing_hyper(transform: Transform, group: Mapping[str, Any], defaults: Mapping[str, Any] = _NO_READS) -> list[str]:
+    """Messages for the :data:`REQUIRED` keys of ``transform`` that neither ``group`` nor
+    ``defaults`` sets (``[]``: nothing missing)."""
+    out = []
+    for key, r in transform.reads.items():
+        if r.default is not REQUIRED or key in group or key in defaults:
+            continue
+        if r.when is not None and group.get(r.when, defaults.get(r.when)) is None:
+            continue
+        out.append(f"stage '{r.stage}' reads hyper '{key}': add it to defaults or the param group")
+    return out
+
+
+def fill_hyper(transform: Transform, group: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Set the declared defaults of ``transform`` that ``group`` lacks (in place; returns it).
+    A key declared ``when=<other>`` is filled only where ``<other>`` is set; a ``None`` default
+    is not written (the stage reads an absent key as ``None``)."""
+    for key, r in transform.reads.items():
+        if r.default is REQUIRED or r.default is None or key in group:
+            continue
+        if r.when is not None and group.get(r.when) is None:
+            continue
+        group[key] = r.default
+    return group
+
+
+class _Renamed(Mapping[str, Any]):
+    """A view of a param group in which a stage's own key names map to the names it was given."""
+
+    def __init__(self, root: Mapping[str, Any], names: Mapping[str, str]):
+        self.root, self.names = root, names
+
+    def __getitem__(self, key: str) -> Any:
+        return self.root[self.names.get(key, key)]
+
+    def __iter__(self) -> Iterator[str]:
+        inverse = {v: k for k, v in self.names.items()}
+        return (inverse.get(k, k) for k in self.root)
+
+    def __len__(self) -> int:
+        return len(self.root)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.names.get(key, key) in self.root
+
+
+def rename(transform: Transform, **names: str) -> Transform:
+    """``transform`` reading ``hyper[new]`` wherever it reads ``hyper[old]``, for ``old=new``
+    pairs: the alias that lets two stages with a clashing key share one param group, e.g.
+    ``rename(scale_by_classp(), threshold="gate_threshold")`` beside SPAM's ``threshold``.
+    ``old`` must be a key the transform declares (else ``ValueError`` listing them); the
+    state, name and declared defaults are kept."""
+    unknown = [k for k in names if k not in transform.reads]
+    if unknown:
+        raise ValueError(f"rename: {transform.name!r} reads no hyper {unknown[0]!r}; "
+                         f"valid: {', '.join(transform.reads) or '(none)'}")
+    reads: dict[str, Read] = {}
+    for key, r in transform.reads.items():
+        new = names.get(key, key)
+        if new in reads:
+            raise ValueError(f"rename: {transform.name!r} would read hyper {new!r} twice")
+        reads[new] = r._replace(when=names.get(r.when, r.when) if r.when else None)
+    view = MappingProxyType(dict(names))
+
+    def init(param: Tensor, hyper: Hyper) -> dict[str, Any]:
+        return transform.init(param, _Renamed(hyper, view))  # type: ignore[arg-type]
+
+    def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
+        return transform.update(updates, states, params, _Renamed(hyper, view))  # type: ignore[arg-type]
+
+    return Transform(init, update, transform.name, transform.shard_safe, MappingProxyType(reads))
 
 
 class Scoped(MutableMapping[str, Any]):
@@ -104,7 +288,10 @@ def identity() -> Transform:
 
 def chain(*transforms: Transform, name: str = "chain") -> Transform:
     """Apply ``transforms`` in order. Each one's state lives under ``"<its name>."``; a name
-    used twice gets its position appended (``"clip.1."``)."""
+    used twice gets its position appended (``"clip.1."``). The chain reads what its stages
+    read (:func:`merge_reads`): two stages reading one key with different meanings raise
+    ``ValueError`` here, naming both and how to alias one (:func:`rename`)."""
+    reads = merge_reads(*(t.reads for t in transforms))
     names: list[str] = []
     for t in transforms:
         n = t.name
@@ -123,7 +310,7 @@ def chain(*transforms: Transform, name: str = "chain") -> Transform:
             updates = t.update(updates, scoped(states, pre), params, hyper)
         return updates
 
-    return Transform(init, update, name, all(t.shard_safe for t in transforms))
+    return Transform(init, update, name, all(t.shard_safe for t in transforms), reads)
 
 
 def init_state(transform: Transform, param: Tensor, hyper: Hyper) -> dict[str, Any]:
@@ -147,7 +334,12 @@ def apply_updates(
     states: list[State] | None, hyper: Hyper,
 ) -> list[State]:
     """Functional use: one step of ``transform`` on ``params`` in place. ``states=None``
-    initialises them; returns the states to pass next time."""
+    initialises them; returns the states to pass next time. ``hyper`` is completed with the
+    transform's declared defaults (a copy; a missing required key raises ``ValueError``)."""
+    missing = missing_hyper(transform, hyper)
+    if missing:
+        raise ValueError("; ".join(missing))
+    hyper = fill_hyper(transform, dict(hyper))
     if states is None:
         states = [init_state(transform, p, hyper) for p in params]
     live = [i for i, g in enumerate(grads) if g is not None]

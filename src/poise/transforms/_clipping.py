@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Hyper, State, Transform, Updates
+from poise.transforms._base import EPS, REQUIRED, Hyper, State, Transform, Updates, declare
 
 __all__ = [
     "clip_by_global_norm",
@@ -34,7 +34,8 @@ def clip_by_global_norm() -> Transform:
             s["clip_norm"] = norm.detach()
         return [None if u is None else u.mul_(coef) for u in updates]
 
-    return Transform(lambda p, h: {}, update, "clip_global_norm")
+    return Transform(lambda p, h: {}, update, "clip_global_norm",
+                     reads=declare("clip_global_norm", max_norm=(REQUIRED, "global-norm clipping bound")))
 
 
 def _scalars(states: list[State], key: str, device: torch.device) -> Tensor:
@@ -85,7 +86,8 @@ def clip_spikes_by_max_ema() -> Transform:
                 s["clipped_frac"] = torch.zeros((), device=u.device)
         return out
 
-    return Transform(lambda p, h: {}, update, "spike_clip")
+    return Transform(lambda p, h: {}, update, "spike_clip",
+                     reads=declare("clip_spikes_by_max_ema", gamma3=(REQUIRED, "Stable-SPAM max|g| EMA rate theta")))
 
 
 def normalize_by_norm_ema() -> Transform:
@@ -124,7 +126,9 @@ def normalize_by_norm_ema() -> Transform:
             out[i] = us[j]
         return out
 
-    return Transform(lambda p, h: {}, update, "norm_ema")
+    return Transform(lambda p, h: {}, update, "norm_ema",
+                     reads=declare("normalize_by_norm_ema", gamma1=(REQUIRED, "Stable-SPAM norm EMA rate gamma1"),
+                                   gamma2=(REQUIRED, "Stable-SPAM squared-norm EMA rate gamma2"), eps=EPS))
 
 
 def cosine_momentum_schedule() -> Transform:
@@ -145,7 +149,9 @@ def cosine_momentum_schedule() -> Transform:
                 s["momentum_scale"] = torch.tensor(eta + (1 - eta) * (1 + math.cos(math.pi * c / (T + 1))) / 2)
         return updates
 
-    return Transform(lambda p, h: {}, update, "momentum_schedule", True)
+    return Transform(lambda p, h: {}, update, "momentum_schedule", True,
+                     declare("cosine_momentum_schedule", total_T=(None, "Stable-SPAM momentum schedule length T"),
+                             eta_min=(0.5, "Stable-SPAM momentum schedule floor", "total_T")))
 
 
 def normalize_by_rms(eps: float = 1e-30) -> Transform:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from poise.transforms._base import SHARED, Hyper, State, Transform, Updates, scoped
+from poise.transforms._base import SHARED, Hyper, State, Transform, Updates, declare, merge_reads, scoped
 
 __all__ = ["MODES", "RULES", "split_frugal"]
 
@@ -106,4 +106,12 @@ def split_frugal(inner: Transform) -> Transform:
                 out[i] = res[i] * a_scale
         return out
 
-    return Transform(lambda p, h: {}, update, "frugal")
+    own = declare(
+        "frugal", mode=("block", "FRUGAL subspace kind"), density=(0.25, "FRUGAL share of the state-full subspace"),
+        update_gap=(200, "FRUGAL subspace redraw interval"),
+        inactive_update_rule=("sign_sgd", "FRUGAL state-free rule"),
+        proj_params_lr_scale=(1.0, "FRUGAL scale of the state-full part"),
+        inactive_lr_scale=(1.0, "FRUGAL scale of the state-free part"),
+        reset_statistics=(True, "FRUGAL: drop the inner state at each redraw"),
+        seed=(0, "seed of the subspace draws"))
+    return Transform(lambda p, h: {}, update, "frugal", reads=merge_reads(inner.reads, own))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Hyper, State, Transform, Updates, scoped
+from poise.transforms._base import LR, WEIGHT_DECAY, Hyper, State, Transform, Updates, declare, merge_reads, scoped
 
 __all__ = ["PROJ_TYPES", "dequantize", "project_low_rank", "quantize"]
 
@@ -62,7 +62,8 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
     back ``P inner(R)``; ``full`` does both. ``proj_type`` ``std`` projects the larger side
     away (right when ``m >= n``), ``reverse_std`` the other. ``P`` is recomputed from the
     current gradient (SVD in float32) on the first step and every ``update_proj_gap`` steps
-    after (the official timing: shared steps ``1, gap+1, 2 gap+1, ...``); ``inner``'s state
+    after (the official timing: steps ``1, gap+1, 2 gap+1, ...`` of the shared ``clock``, so a
+    momentum reset inside ``inner`` does not move it); ``inner``'s state
     (Adam's moments) is *not* reprojected when ``P`` changes, as in the official code.
 
     Q-GaLore (Zhang et al., arXiv 2407.08296; VITA-Group/Q-GaLore): with
@@ -73,11 +74,16 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
     full and its mean is at least ``cos_threshold``, this tensor's gap is multiplied by
     ``gamma_proj`` (the queue is kept, so the gap can keep growing, as the authors').
 
-    Applies to parameters of groups that have ``hyper["rank"]``; others pass straight to
-    ``inner``. Tensors of more than two dims are projected as ``(shape[0], -1)`` matrices
-    (the official ``GaLoreProjectorTensor`` is broken; see docs/algorithms/galore.md).
-    Reads ``rank, update_proj_gap, scale, proj_type``. State: ``proj`` (and ``proj_b`` for
-    ``full``) as plain tensors, so checkpoints load with ``weights_only=True``.
+    Applies to parameters of groups whose ``hyper["rank"]`` is set (not None); other groups
+    pass straight to ``inner``. In a projected group, tensors of fewer than two dims (biases,
+    norm gains) are not projected either: they get ``inner``'s update as it is, without
+    ``scale`` (the authors' projector would fail on them). Tensors of more than two dims are
+    projected as ``(shape[0], -1)`` matrices (the official ``GaLoreProjectorTensor`` is
+    broken; see docs/algorithms/galore.md). Reads ``rank`` and, where it is set,
+    ``update_proj_gap`` (200), ``scale`` (1.0), ``proj_type`` ("std") and Q-GaLore's
+    ``proj_bits``, ``proj_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``
+    (declared in ``reads``). State: ``proj`` (and ``proj_b`` for ``full``) as plain tensors,
+    so checkpoints load with ``weights_only=True``.
 
     ``apply=True`` is the fused fast path of ``chain(project_low_rank(inner),
     scale_by_learning_rate(), add_decayed_weights("after"))`` for the projected
@@ -87,7 +93,7 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
     """
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
-        if "rank" not in hyper:
+        if hyper.get("rank") is None:
             return inner.update(updates, scoped(states, "inner."), params, hyper)
         rank, gap, scale = hyper["rank"], hyper["update_proj_gap"], hyper["scale"]
         proj_type = hyper.get("proj_type", "std")
@@ -103,7 +109,9 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
             g = u.reshape(u.shape[0], -1)
             side = _side((g.shape[0], g.shape[1]), proj_type)
             gap = int(s["gap"]) if "gap" in s else gap
-            refresh = ("proj" not in s and "proj_codes" not in s) or (int(s["step"]) - 1) % gap == 0
+            # the clock, not the bias-correction step: a momentum reset (which sets the step back)
+            # must not move the refresh schedule; the two are equal when nothing resets
+            refresh = ("proj" not in s and "proj_codes" not in s) or (int(s["clock"]) - 1) % gap == 0
             s["refreshed"] = torch.tensor(float(refresh))
             if refresh:
                 U, _, Vh = torch.linalg.svd(g.float(), full_matrices=False)
@@ -114,7 +122,7 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
                     s["proj"] = Vh[:rank, :].to(g.dtype, copy=True).contiguous()
                 if side == "full":
                     s["proj_b"] = Vh[:rank, :].to(g.dtype, copy=True).contiguous()
-                if "proj_bits" in hyper:
+                if hyper.get("proj_bits") is not None:
                     _q_galore_refresh(s, hyper, U, Vh, side, gap)
             P = _projector(s, g.dtype)
             if side == "right":
@@ -158,7 +166,18 @@ def project_low_rank(inner: Transform, apply: bool = False) -> Transform:
             out.append(full)
         return out
 
-    return Transform(lambda p, h: {}, update, "galore")
+    own = declare(
+        "galore", rank=(None, "GaLore projection rank (None: not projected)"),
+        update_proj_gap=(200, "GaLore projector refresh interval", "rank"),
+        scale=(1.0, "GaLore scale alpha of the projected update", "rank"),
+        proj_type=("std", "GaLore projection side", "rank"),
+        proj_bits=(None, "Q-GaLore projector bits (None: float projector)", "rank"),
+        proj_group_size=(256, "Q-GaLore projector quantization group size", "proj_bits"),
+        cos_threshold=(None, "Q-GaLore adaptive-gap cosine threshold (None: fixed gap)", "proj_bits"),
+        gamma_proj=(2, "Q-GaLore gap growth factor", "cos_threshold"),
+        queue_size=(5, "Q-GaLore cosine queue length", "cos_threshold"),
+        **({"lr": LR, "weight_decay": WEIGHT_DECAY} if apply else {}))
+    return Transform(lambda p, h: {}, update, "galore", reads=merge_reads(inner.reads, own))
 
 
 def _q_galore_refresh(s: State, hyper: Hyper, U: Tensor, Vh: Tensor, side: str, gap: int) -> None:

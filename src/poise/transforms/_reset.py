@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from poise.transforms._base import SHARED, Hyper, State, Transform, Updates
+from poise.transforms._base import SHARED, Hyper, State, Transform, Updates, declare, merge_reads
 
 __all__ = ["periodic_reset"]
 
 SEMANTICS = ("official", "clean")
 
 
-def periodic_reset(inner: Transform, semantics: str = "official") -> Transform:
-    r"""Reset ``inner``'s state every ``hyper["update_proj_gap"]`` steps of the shared clock
-    (Stable-SPAM's momentum reset, arXiv 2502.17055; the interval's name is the authors').
+def periodic_reset(inner: Transform, semantics: str = "official", key: str = "update_proj_gap") -> Transform:
+    r"""Reset ``inner``'s state every ``hyper[key]`` steps of the shared clock (Stable-SPAM's
+    momentum reset, arXiv 2502.17055). ``key`` defaults to the authors' name,
+    ``update_proj_gap``, which GaLore uses for its projector refresh: to compose the two, give
+    the reset its own key (``periodic_reset(inner, key="reset_gap")``), otherwise :func:`chain`
+    refuses the pair.
 
     At a reset step the shared ``step`` is set back to 1 and ``inner``'s state is dropped
     (``scale_by_adam`` recreates zero moments):
@@ -22,7 +25,7 @@ def periodic_reset(inner: Transform, semantics: str = "official") -> Transform:
       the *old* moments, now bias-corrected as step 1; they are zeroed after it;
     * ``"clean"``: the moments are zeroed first, so the reset step starts a fresh Adam.
 
-    ``update_proj_gap = 0`` disables resets. Records ``reset`` (1.0 on reset steps).
+    An interval of 0 (the default) disables resets.
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics={semantics!r}; valid choices: {', '.join(SEMANTICS)}")
@@ -32,7 +35,7 @@ def periodic_reset(inner: Transform, semantics: str = "official") -> Transform:
             del s[k]
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
-        gap = hyper.get("update_proj_gap", 0)
+        gap = hyper.get(key, 0)
         due = [u is not None and bool(gap) and int(s["clock"]) % gap == 0
                for u, s in zip(updates, states, strict=True)]
         for d, s in zip(due, states, strict=True):
@@ -47,5 +50,6 @@ def periodic_reset(inner: Transform, semantics: str = "official") -> Transform:
                     clear(s)
         return out
 
-    return Transform(inner.init, update, inner.name, inner.shard_safe)
+    reads = merge_reads(inner.reads, declare("periodic_reset", **{key: (0, "momentum-reset interval")}))
+    return Transform(inner.init, update, inner.name, inner.shard_safe, reads)
 

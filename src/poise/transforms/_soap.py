@@ -7,7 +7,7 @@ from itertools import chain as ichain
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Hyper, State, Transform, Updates
+from poise.transforms._base import BETAS, EPS, Hyper, State, Transform, Updates, declare
 
 __all__ = ["merge_dims", "scale_by_soap"]
 
@@ -198,4 +198,8 @@ def scale_by_soap(data_format: str = "channels_first") -> Transform:
             out.append(direction)
         return out
 
-    return Transform(lambda p, h: {}, update, "soap")
+    return Transform(lambda p, h: {}, update, "soap", reads=declare(
+        "soap", betas=BETAS, eps=EPS, shampoo_beta=(-1, "SOAP preconditioner EMA rate (-1: betas[1])"),
+        precondition_frequency=(10, "SOAP eigenbasis refresh interval"),
+        max_precond_dim=(10000, "SOAP largest preconditioned dim"), merge_dims=(False, "SOAP: merge small dims"),
+        precondition_1d=(False, "SOAP: precondition 1-D tensors")))

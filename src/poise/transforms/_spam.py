@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Hyper, State, Transform, Updates, scoped
+from poise.transforms._base import Hyper, State, Transform, Updates, declare, merge_reads, scoped
 
 __all__ = ["spam", "spam_warmup_scale"]
 
@@ -38,7 +38,10 @@ def spam(inner: Transform) -> Transform:
       restarts at 0 on the step before each reset (state ``warmup_step``, starting at
       ``W + 1``: no warm-up at the start of training).
 
-    Dense only: the authors' sparse-momentum ``density`` masks are not implemented.
+    Dense only: the authors' sparse-momentum ``density`` masks are not implemented. Declared
+    defaults are the authors' (``DeltaT=500, threshold=5000, grad_accu_steps=20,
+    warmup_steps=150``). ``threshold`` is also CLASSP's gate: to chain both, alias one with
+    :func:`poise.transforms.rename`.
     """
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
@@ -76,4 +79,8 @@ def spam(inner: Transform) -> Transform:
                 s["warmup_step"].zero_()
         return out
 
-    return Transform(lambda p, h: {}, update, "spam", inner.shard_safe)
+    own = declare("spam", DeltaT=(500, "SPAM momentum-reset interval"),
+                  threshold=(5000, "SPAM spike bound theta (g^2 > theta v)"),
+                  grad_accu_steps=(20, "SPAM steps without clipping after a reset"),
+                  warmup_steps=(150, "SPAM warm-up length after a reset"))
+    return Transform(lambda p, h: {}, update, "spam", inner.shard_safe, merge_reads(inner.reads, own))

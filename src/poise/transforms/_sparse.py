@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Hyper, State, Transform, Updates
+from poise.transforms._base import REQUIRED, Hyper, State, Transform, Updates, declare
 
 __all__ = ["ignore_top_k", "scale_by_classp"]
 
@@ -37,7 +37,8 @@ def ignore_top_k(k: float | None = None) -> Transform:
             out.append(u)
         return out
 
-    return Transform(lambda p, h: {}, update, "ignore_k")
+    reads = declare("ignore_k", ignore_k=(REQUIRED, "ignore-k fraction of coordinates")) if k is None else {}
+    return Transform(lambda p, h: {}, update, "ignore_k", False, reads)
 
 
 def scale_by_classp() -> Transform:
@@ -61,6 +62,10 @@ def scale_by_classp() -> Transform:
     The authors' script (oswaldoludwig/CLASSP) differs from the paper in two ways poise
     does not copy: its gate compares a boolean with the threshold (so it is always open for
     a nonzero gradient) and it accumulates ``|g|`` whatever ``p`` is (docs/algorithms/classp.md).
+
+    Declared defaults are the authors' (``threshold=0.5, epsilon=1e-5, power=1``).
+    ``threshold`` is also SPAM's spike bound: to chain both, alias one with
+    :func:`poise.transforms.rename` (``rename(scale_by_classp(), threshold="gate_threshold")``).
     """
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
@@ -85,4 +90,7 @@ def scale_by_classp() -> Transform:
             out.append(step.mul_(gate))
         return out
 
-    return Transform(lambda p, h: {}, update, "classp", True)
+    return Transform(lambda p, h: {}, update, "classp", True, declare(
+        "classp", threshold=(0.5, "CLASSP gate tau (g^2 > tau)"), epsilon=(1e-5, "CLASSP epsilon inside the root"),
+        power=(1.0, "CLASSP power p"), include_current=(True, "CLASSP: current gradient in G"),
+        apply_scaling=(True, "CLASSP: scale by G or gate only")))
