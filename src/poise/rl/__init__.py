@@ -3,6 +3,11 @@
 ``poise.rl.get_loss("ppo_clip")(logp, old_logp, adv, mask) -> LossOut(values, metrics)``;
 then ``poise.rl.aggregate(values, mask, mode, num_tokens=..., num_seqs=...)``.
 No model, no ``.item()``, no distributed calls inside.
+
+One call for every policy loss: ``call_loss(name, PolicyBatch(logp, old_logp, behav_logp, adv,
+mask))``; the whole step objective (IS correction, token selection and weights, BAPO):
+``policy_objective(batch, name, ...)``. The sample stage (generation, scoring, DAPO and
+Reinforce-Ada sampling, asynchronous samplers) is :mod:`poise.rl.rollout`.
 """
 
 from typing import Any
@@ -26,6 +31,7 @@ from poise.rl.advantages import (
     reinforce_advantage,
     rloo_advantage,
 )
+from poise.rl.batch import PolicyBatch, batch_inputs, call_loss, loss_options, policy_losses
 from poise.rl.correction import (
     ISWeights,
     decompose_ratio,
@@ -44,6 +50,19 @@ from poise.rl.losses import (
     pg_loss,
     ppo_clip_loss,
     sapo_loss,
+)
+from poise.rl.objective import PolicyObjective, is_placement, policy_objective
+from poise.rl.rollout import (
+    AsyncSampler,
+    Collected,
+    RaySampler,
+    Rollout,
+    collect,
+    completion_batch,
+    generate,
+    score_rollouts,
+    sft_warmup,
+    trainer_logprobs,
 )
 from poise.rl.sampling import AdaSampler, StalenessBuffer, dynamic_sampling_keep, overlong_penalty
 from poise.rl.tokens import (
@@ -72,32 +91,45 @@ def names() -> list[str]:
 __all__ = [
     "AGG_MODES",
     "AdaSampler",
+    "AsyncSampler",
+    "Collected",
     "ISWeights",
     "LossOut",
+    "PolicyBatch",
+    "PolicyObjective",
+    "RaySampler",
+    "Rollout",
     "StalenessBuffer",
     "aggregate",
     "bapo_bounds",
+    "batch_inputs",
     "batch_normalized_advantage",
     "broadcast",
-    "completion_stats",
+    "call_loss",
     "capo_mask",
     "capo_token_kl",
     "cispo_loss",
+    "collect",
+    "completion_batch",
+    "completion_stats",
     "decompose_ratio",
     "decoupled_ppo_loss",
     "dr_grpo_advantage",
     "dynamic_sampling_keep",
     "echo_clip_eps",
     "entropy_topk_mask",
+    "generate",
     "get_loss",
     "global_stat_advantage",
     "group_advantage",
     "gspo_loss",
     "gtpo_conflict_weights",
     "gtpo_entropy_filter",
+    "is_placement",
     "is_weights",
     "kl_penalty",
     "log_ratio",
+    "loss_options",
     "masked_entropy_stats",
     "masked_mean",
     "masked_sum",
@@ -107,11 +139,16 @@ __all__ = [
     "overlong_penalty",
     "pacs_loss",
     "pg_loss",
+    "policy_losses",
+    "policy_objective",
     "ppo_clip_loss",
     "prox_logp_loglinear",
     "reinforce_advantage",
     "rloo_advantage",
     "sapo_loss",
+    "score_rollouts",
     "sequence_log_ratio",
+    "sft_warmup",
     "steer_weights",
+    "trainer_logprobs",
 ]
