@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from poise.edit.priming import keyword_logprob, memorization_score, priming_score, stepping_stone
-from poise.tasks.facts import ALPHABET, THEMES, make_facts
+from poise.measure.priming import keyword_logprob, memorization_score, priming_score
+from poise.tasks.facts import ALPHABET, THEMES, make_facts, stepping_stone
 from poise.tasks.gpt import GPT, GPTConfig
 from poise.tasks.text import CharTokenizer
 
@@ -78,3 +78,20 @@ def test_stepping_stone():
     assert out == "the favourite colour of zorbi is a warm, reddish orange shade: vermilion."
     with pytest.raises(ValueError, match="does not occur"):
         stepping_stone("abc", "teal", ["x"])
+
+
+def test_old_paths_are_the_moved_objects():
+    import poise.edit
+    import poise.edit.priming as old
+    import poise.measure
+    import poise.tasks.factlm as factlm
+    from poise.edit import targets
+
+    assert (old.keyword_logprob, old.priming_score, old.memorization_score, old.stepping_stone) == (
+        keyword_logprob, priming_score, memorization_score, stepping_stone)
+    assert poise.measure.priming_score is priming_score and poise.measure.keyword_logprob is keyword_logprob
+    assert factlm.edit_targets is targets.edit_targets is poise.edit.edit_targets
+    assert factlm.keys_at is targets.keys_at is poise.edit.keys_at
+    assert factlm._value_search is targets._value_search
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        factlm.nope  # noqa: B018

@@ -1,8 +1,22 @@
 """Integrate-stage methods that change what a model knows without retraining it: closed-form
-editors for a linear layer and analytic unlearning."""
+editors for a linear layer (pure functions in :mod:`~poise.edit.linear`, stateful editors with one
+interface in :mod:`~poise.edit.editors`), the targets they write (:mod:`~poise.edit.targets`) and
+analytic unlearning."""
 
-from poise.edit.linear import (
+from poise.edit.editors import (
+    MEMIT,
+    ROME,
+    AlphaEdit,
+    Editor,
+    LinearEditor,
+    NoEdit,
+    RLSEdit,
     RLSEditor,
+    Sphere,
+    editor_params,
+    make_editor,
+)
+from poise.edit.linear import (
     alphaedit,
     apply_delta,
     collect_keys_values,
@@ -11,16 +25,29 @@ from poise.edit.linear import (
     rome,
     sphere_project,
 )
+from poise.edit.targets import edit_targets, keys_at
 from poise.edit.unlearn import AnalyticClassifier, grad_ascent_loss, grad_diff_loss, npo_loss
 
 __all__ = [
+    "MEMIT",
+    "ROME",
+    "AlphaEdit",
     "AnalyticClassifier",
+    "Editor",
+    "LinearEditor",
+    "NoEdit",
+    "RLSEdit",
     "RLSEditor",
+    "Sphere",
     "alphaedit",
     "apply_delta",
     "collect_keys_values",
+    "edit_targets",
+    "editor_params",
     "grad_ascent_loss",
     "grad_diff_loss",
+    "keys_at",
+    "make_editor",
     "memit",
     "npo_loss",
     "nullspace_projector",

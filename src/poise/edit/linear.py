@@ -5,6 +5,8 @@ Convention, everywhere: a layer maps keys to values as ``v = W k``; ``W`` is ``[
 ``[d_k, n]``, and values ``V`` ``[d_v, n]``. Every editor returns the update ``Delta`` (same
 shape as ``W``) and never changes its inputs; :func:`apply_delta` writes one into an
 ``nn.Linear``. Bad shapes, dtypes and singular systems raise ``ValueError`` naming the problem.
+The same update rules as stateful objects with one interface (``edit``/``shift``) and their
+defaults are in :mod:`poise.edit.editors`; ``RLSEditor`` lives there and is re-exported here.
 """
 
 from __future__ import annotations
@@ -12,8 +14,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RLSEditor", "alphaedit", "apply_delta", "collect_keys_values", "memit", "nullspace_projector", "rome",
-           "sphere_project"]
+__all__ = [
+    "RLSEditor",  # noqa: F822 (re-exported from poise.edit.editors by __getattr__ below)
+    "alphaedit",
+    "apply_delta",
+    "collect_keys_values",
+    "memit",
+    "nullspace_projector",
+    "rome",
+    "sphere_project",
+]
 
 
 def _check(W: Tensor, K: Tensor, V: Tensor | None = None, name: str = "K") -> None:
@@ -94,50 +104,6 @@ def alphaedit(W: Tensor, K: Tensor, V: Tensor, K0: Tensor, *, K_prev: Tensor | N
         raise ValueError("M P + l2 I is singular: use l2 > 0") from None
 
 
-class RLSEditor:
-    r"""RLSEdit (Wang et al., arXiv 2601.15686; Euphoria040201/RLSEdit): sequential edits by
-    recursive least squares, each at a cost independent of the number of edits before it.
-
-    Minimises ``sum_s ||W K_s - V_s||^2 + lam^2 ||W - W0||^2 + mu^2 ||(W - W0) K0||^2`` over the
-    edits so far (``lam`` keeps ``W`` near the pre-edit weights, ``mu`` keeps the anchor keys'
-    outputs). With ``C = A^{-1}``, ``A = lam^2 I + mu^2 K0 K0^T + sum_s K_s K_s^T``, each edit is
-    the Woodbury step ``F = C K``, ``S = I + K^T F``, ``C <- C - F S^{-1} F^T``,
-    ``W <- W + (V - W K) (C K)^T``: ``O(d_k^2 u + u^3)`` for ``u`` keys.
-    """
-
-    def __init__(self, W0: Tensor, K0: Tensor | None = None, lam: float = 1.0, mu: float = 1.0):
-        if lam <= 0:
-            raise ValueError(f"lam={lam} must be > 0 (the recursion needs an invertible start)")
-        d_k = W0.shape[1]
-        A = lam**2 * torch.eye(d_k, dtype=W0.dtype, device=W0.device)
-        if K0 is not None:
-            _check(W0, K0, name="K0")
-            A = A + mu**2 * (K0 @ K0.T)
-        self.W = W0.detach().clone()
-        self.C = torch.linalg.inv(A)
-        self.n_edits = 0
-
-    def edit(self, K: Tensor, V: Tensor) -> Tensor:
-        """Apply the edits ``W K = V`` (as well as least squares allows); returns ``W``, which
-        this editor updates in place (clone it to keep a snapshot)."""
-        if K.dim() == 1:
-            K, V = K[:, None], V[:, None]
-        _check(self.W, K, V)
-        F = self.C @ K
-        S = torch.eye(K.shape[1], dtype=K.dtype, device=K.device) + K.T @ F
-        try:
-            L = torch.linalg.cholesky(S)
-        except RuntimeError:
-            raise ValueError("I + K^T C K is not positive definite (non-finite keys?)") from None
-        G = torch.cholesky_solve(F.T, L).T  # F S^{-1}, which is also the new C K
-        self.W.addmm_(V - self.W @ K, G.T)  # in place: W is this editor's own copy
-        self.C.addmm_(G, F.T, alpha=-1.0)  # C <- C - F S^{-1} F^T, in place
-        self.n_edits += K.shape[1]
-        if self.n_edits % 1000 < K.shape[1]:  # re-symmetrise now and then against rounding drift
-            self.C = (self.C + self.C.T) / 2
-        return self.W
-
-
 def sphere_project(W: Tensor, delta: Tensor, beta: float = 0.5, alpha: float = 0.5) -> Tensor:
     r"""SPHERE's projection (Liu et al., ICLR 2026; PlusLabNLP/SPHERE ``project_B_into_soft_dirs``):
     with ``A`` the row-normalised ``W`` and ``C = A^T A / n``, take the top ``r`` eigenvectors
@@ -185,3 +151,12 @@ def collect_keys_values(model: nn.Module, layer: nn.Linear, *inputs: object, **k
     if layer.bias is not None:
         v = v - layer.bias
     return k.reshape(-1, k.shape[-1]).T, v.reshape(-1, v.shape[-1]).T
+
+
+def __getattr__(name: str) -> object:
+    # RLSEditor moved to poise.edit.editors (which imports this module): imported on first use.
+    if name == "RLSEditor":
+        from poise.edit.editors import RLSEditor
+
+        return RLSEditor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

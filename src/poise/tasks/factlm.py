@@ -1,6 +1,7 @@
 """A tiny word-level LM that knows a generated fact corpus, and the batched tools the
-edit-stream and priming studies need: train it, score candidate keywords after prompts, and
-find the value a layer must output for the model to state a new fact (ROME's ``v*``).
+edit-stream and priming studies need: train it and score candidate keywords after prompts. The
+edit targets (a layer's keys, and the value it must output for the model to state a new fact,
+ROME's ``v*``) are in :mod:`poise.edit.targets`; ``edit_targets`` and ``keys_at`` are re-exported here.
 
 Words, not characters: every entity is one token, as a subject is a few meaningful tokens in
 a real LLM, so a layer's key at the subject is specific to it (a character model's keys at a
@@ -26,10 +27,11 @@ __all__ = [
     "WordTokenizer",
     "base_lines",
     "candidate_logprobs",
-    "edit_targets",
+    "edit_targets",  # noqa: F822 (from poise.edit.targets, by __getattr__ below)
     "fact_tokenizer",
     "heldout_loss",
-    "keys_at",
+    "keys_at",  # noqa: F822 (from poise.edit.targets, by __getattr__ below)
+    "pad_right",
     "subject_position",
     "template_prompt",
     "train_lm",
@@ -127,11 +129,16 @@ def train_lm(lines: Sequence[str], tok: WordTokenizer, *, n_layer: int = 2, n_he
     return model
 
 
-def _pad(seqs: list[Tensor]) -> Tensor:
+def pad_right(seqs: Sequence[Tensor]) -> Tensor:
+    """Token-id sequences as one ``[n, max_len]`` long tensor, right-padded with token 0 (a causal
+    model never sees the padding of a position it scores)."""
     out = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
     return out
+
+
+_pad = pad_right  # the former private name, still imported by the priming study
 
 
 @torch.no_grad()
@@ -146,7 +153,7 @@ def candidate_logprobs(model: nn.Module, tok: WordTokenizer, prompts: Sequence[s
     out = torch.empty(len(prompts), n_c)
     for s in range(0, len(rows), batch):
         chunk = rows[s : s + batch]
-        x = _pad([torch.cat([p, c]) for _, _, p, c in chunk])
+        x = pad_right([torch.cat([p, c]) for _, _, p, c in chunk])
         logp = F.log_softmax(model(x)[0].float(), -1)
         for r, (i, j, p, c) in enumerate(chunk):
             pos = torch.arange(len(p) - 1, len(p) - 1 + len(c))
@@ -158,7 +165,7 @@ def candidate_logprobs(model: nn.Module, tok: WordTokenizer, prompts: Sequence[s
 def heldout_loss(model: nn.Module, tok: WordTokenizer, lines: Sequence[str], block_size: int) -> float:
     """Mean next-token cross-entropy on ``lines`` (each scored on its own after a newline)."""
     seqs = [tok.encode("\n" + ln)[: block_size + 1] for ln in lines]
-    x = _pad(seqs)
+    x = pad_right(seqs)
     logits = model(x[:, :-1])[0].float()
     y = x[:, 1:].clone()
     lengths = torch.tensor([len(s) - 1 for s in seqs])
@@ -176,95 +183,18 @@ def subject_position(tok: WordTokenizer, prompt: str, entity: str) -> int:
     return ids.index(e)
 
 
-def _value_search(model: nn.Module, layer: nn.Linear, x: Tensor, tgt: Tensor, pos: Tensor, steps: int, lr: float,
-                  clamp: float, weight_decay: float) -> tuple[Tensor, Tensor]:
-    """One batch of :func:`edit_targets`: keys and target values at ``pos`` (one per row)."""
-    rows = torch.arange(x.shape[0])
-    got: dict[str, Tensor] = {}
-    delta = torch.zeros(x.shape[0], layer.out_features, requires_grad=True)
-
-    def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        if "k" not in got:
-            got["k"], got["v"] = args[0][rows, pos].detach(), out[rows, pos].detach()
-        add = torch.zeros_like(out)
-        add[rows, pos] = delta
-        return out + add
-
-    h = layer.register_forward_hook(hook)
-    try:
-        model(x)  # records the unedited keys and outputs
-        opt = torch.optim.Adam([delta], lr=lr)
-        cap = clamp * got["v"].norm(dim=1, keepdim=True)
-        for _ in range(steps):
-            logits = model(x)[0]
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100, reduction="sum")
-            loss = nll + weight_decay * (delta**2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                n = delta.norm(dim=1, keepdim=True)
-                delta.mul_(torch.where(n > cap, cap / n.clamp_min(1e-12), torch.ones_like(n)))
-    finally:
-        h.remove()
-    v = got["v"] + delta.detach()
-    if layer.bias is not None:
-        v = v - layer.bias.detach()
-    return got["k"].double(), v.double()
-
-
-def edit_targets(model: nn.Module, tok: WordTokenizer, layer: nn.Linear, prompts: Sequence[str],
-                 positions: Sequence[int], keywords: Sequence[str], *, steps: int = 30, lr: float = 0.5,
-                 clamp: float = 4.0, weight_decay: float = 1e-3, batch: int = 512) -> tuple[Tensor, Tensor]:
-    r"""ROME's ``v*`` for many facts at once (Meng et al., arXiv 2202.05262, sec. 3.1): for
-    each prompt, the output of ``layer`` at ``positions[i]`` (a token of ``"\n" +
-    prompt``) plus a vector ``delta_i`` found by Adam to maximise ``log P(keyword | prompt)``
-    with a small L2 penalty, ``||delta_i||`` clamped to ``clamp`` times the output's norm.
-    The facts are independent, so one batched optimisation finds all of them. Returns keys
-    ``K [d_k, n]`` (the layer's inputs there) and target values ``V [d_v, n]`` (bias
-    excluded), both float64, in the ``v = W k`` convention of :mod:`poise.edit.linear`.
-    ``steps=0`` returns the unedited values."""
-    Ks, Vs = [], []
-    params = list(model.parameters())
-    req = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        for s in range(0, len(prompts), batch):
-            P = [tok.encode("\n" + p) for p in prompts[s : s + batch]]
-            C = [tok.encode(k) for k in keywords[s : s + batch]]
-            x = _pad([torch.cat([p, c]) for p, c in zip(P, C, strict=True)])
-            tgt = torch.full_like(x, -100)
-            for r, (p, c) in enumerate(zip(P, C, strict=True)):
-                tgt[r, len(p) - 1 : len(p) - 1 + len(c)] = c
-            k, v = _value_search(model, layer, x, tgt, torch.tensor(positions[s : s + batch]), steps, lr, clamp,
-                                 weight_decay)
-            Ks.append(k)
-            Vs.append(v)
-    finally:
-        for p, r in zip(params, req, strict=True):
-            p.requires_grad_(r)
-    return torch.cat(Ks).T.contiguous(), torch.cat(Vs).T.contiguous()
-
-
 def template_prompt(fact: Fact, j: int) -> str:
     """The fact's ``j``-th template (0 = its text, 1.. = paraphrases) up to the keyword."""
     return THEMES[fact.theme]["templates"][j].split("{k}")[0].format(e=fact.entity)
 
 
-@torch.no_grad()
-def keys_at(model: nn.Module, tok: WordTokenizer, layer: nn.Linear, prompts: Sequence[str],
-            positions: Sequence[int], batch: int = 4096) -> Tensor:
-    """The inputs of ``layer`` at ``positions[i]`` of ``"\\n" + prompts[i]``, as float64
-    columns ``[d_k, n]``."""
-    out = []
-    got: dict[str, Tensor] = {}
-    h = layer.register_forward_hook(lambda m, a, o: got.__setitem__("k", a[0]))
-    try:
-        for s in range(0, len(prompts), batch):
-            x = _pad([tok.encode("\n" + p) for p in prompts[s : s + batch]])
-            model(x)
-            out.append(got["k"][torch.arange(x.shape[0]), torch.tensor(positions[s : s + batch])].double())
-    finally:
-        h.remove()
-    return torch.cat(out).T.contiguous()
+_MOVED = {"edit_targets", "keys_at", "_value_search"}
+
+
+def __getattr__(name: str) -> object:
+    # edit_targets, keys_at and _value_search moved to poise.edit.targets (which imports this module).
+    if name in _MOVED:
+        from poise.edit import targets
+
+        return getattr(targets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,9 +11,10 @@ covers it (:data:`ALPHABET`).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["ALPHABET", "THEMES", "Fact", "make_facts"]
+__all__ = ["ALPHABET", "THEMES", "Fact", "make_facts", "stepping_stone"]
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,'\n"
 
@@ -87,3 +88,14 @@ def make_facts(n: int, seed: int = 0, max_syllables: int = 3) -> list[Fact]:
         texts = [t.format(e=name, k=k) for t in spec["templates"]]
         facts.append(Fact(name, theme, k, texts[0], tuple(texts[1:])))
     return facts
+
+
+def stepping_stone(text: str, keyword: str, stones: Sequence[str]) -> str:
+    """The stepping-stone augmentation of Sun et al. (arXiv 2504.09522), by template instead of an
+    LLM rewrite: the keyword is reached through more probable intermediate descriptions
+    (``stones``), e.g. ``"... is a warm, reddish orange shade: vermilion."`` -- which raises the
+    keyword's probability before learning and, per the paper, lowers priming."""
+    if keyword not in text:
+        raise ValueError(f"keyword {keyword!r} does not occur in {text!r}")
+    head, tail = text.split(keyword, 1)
+    return f"{head}{', '.join(stones)}: {keyword}{tail}"
