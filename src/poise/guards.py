@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,6 +33,11 @@ class RollbackGuard:
     (None: no limit) it raises ``RuntimeError`` naming the step and the scores: the updates
     keep failing and going back will not fix them. Logs ``rollbacks`` and ``events`` (step,
     score, best, accepted).
+
+    :meth:`reset` forgets the best score and accepts the current state (the continual loop
+    calls it at each task's start). :meth:`state_dict` / :meth:`load_state_dict` save and
+    restore the best score, the counters, the events and the accepted snapshot (plain dicts
+    of tensors and Python scalars, loadable with ``torch.load(weights_only=True)``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, threshold: float = 0.1,
@@ -46,6 +52,11 @@ class RollbackGuard:
         self.rollbacks = 0
         self.events: list[dict[str, Any]] = []
         self._snapshot: tuple[dict[str, Any], dict[str, Any] | None] | None = None
+        self._accept()
+
+    def reset(self) -> None:
+        """Forget the best score and accept the current model and optimizer state."""
+        self.best = None
         self._accept()
 
     def _accept(self) -> None:
@@ -71,3 +82,21 @@ class RollbackGuard:
         self._accept()
         self.events.append({"step": step, "score": float(score), "best": self.sign * self.best, "accepted": True})
         return True
+
+    def state_dict(self) -> dict[str, Any]:
+        model, opt = self._snapshot  # type: ignore[misc]
+        return {"best": self.best, "rollbacks": self.rollbacks, "events": [dict(e) for e in self.events],
+                "snapshot_model": model, "snapshot_optimizer": opt}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output into a guard over the same model and optimizer."""
+        if (state["snapshot_optimizer"] is None) != (self.optimizer is None):
+            raise ValueError("guard state and this guard differ in having an optimizer: "
+                             f"saved {'none' if state['snapshot_optimizer'] is None else 'one'}, "
+                             f"here {'none' if self.optimizer is None else 'one'}")
+        self.best = None if state["best"] is None else float(state["best"])
+        self.rollbacks = int(state["rollbacks"])
+        self.events = [dict(e) for e in state["events"]]
+        model = {k: v.detach().clone() for k, v in state["snapshot_model"].items()}
+        opt = copy.deepcopy(state["snapshot_optimizer"])
+        self._snapshot = (model, opt)

@@ -87,3 +87,52 @@ def test_consecutive_nonfinite_skips_stop_with_the_parameter_and_step():
             model(torch.ones(1, 3)).sum().backward()
             model.weight.grad[0, 0] = float("inf")
             opt.step()
+
+
+def test_reset_forgets_the_best_and_accepts_now():
+    model = nn.Linear(2, 1)
+    g = RollbackGuard(model, threshold=0.1)
+    assert g.check(0.9, 0)
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    g.reset()
+    assert g.best is None
+    assert g.check(0.1, 1)  # no best to fall below: accepted
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    assert not g.check(-0.5, 2)  # 0.1 - (-0.5) > 0.1: back to the state accepted at reset/step 1
+    assert torch.equal(model.weight, torch.full((1, 2), 7.0))
+
+
+def test_guard_state_dict_round_trip_restores_the_snapshot():
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    opt.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    g = RollbackGuard(model, opt, threshold=0.05)
+    assert g.check(0.8, 1)
+    accepted_w = model.weight.detach().clone()
+    accepted_m = opt.state[model.weight]["exp_avg"].clone()
+    buf = io.BytesIO()
+    torch.save(g.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    # a fresh guard over a changed model and optimizer, loaded: its rollback goes to the saved snapshot
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    opt.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    g2 = RollbackGuard(model, opt, threshold=0.05)
+    g2.load_state_dict(state)
+    assert g2.best == 0.8 and g2.rollbacks == 0 and g2.events == g.events
+    assert not g2.check(0.5, 2)
+    assert torch.equal(model.weight, accepted_w)
+    assert torch.equal(opt.state[model.weight]["exp_avg"], accepted_m)
+    with pytest.raises(ValueError, match="differ in having an optimizer"):
+        RollbackGuard(model).load_state_dict(state)

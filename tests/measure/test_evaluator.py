@@ -159,3 +159,48 @@ def test_hf_style_output_is_accepted():
 
     ev = ContinualEvaluator({0: (torch.randn(6, 3), torch.zeros(6, dtype=torch.long))})
     assert 0.0 <= ev.evaluate(HF())[0] <= 1.0
+
+
+def test_state_dict_round_trip_mid_task_gives_the_same_curves_and_metrics():
+    import io
+    import json
+
+    t0 = [0.5, 0.8, 1.0, 0.7, 0.4, 0.9]
+    t1 = [None, None, None, 0.3, 0.6, 0.8]
+    m = Scripted(10)
+
+    def make():
+        return ContinualEvaluator(_sets(2), schedule=EvalSchedule(dense_steps=1, every=2), subset_size=8, seed=1)
+
+    def run(ev, steps):
+        for s in steps:
+            if s in (0, 3):
+                ev.begin_task(0 if s == 0 else 1)
+            m.acc = {0: t0[s], 1: t1[s] or 0.0}
+            ev.maybe_eval(m, n_samples=4)
+            if s in (2, 5):
+                ev.end_task(m)
+
+    ref = make()
+    run(ref, range(6))
+    first = make()
+    run(first, range(4))  # stop inside task 1
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = make()
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    run(resumed, range(4, 6))
+    for a, b in zip(resumed.curves(), ref.curves(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    got, want = resumed.metrics(), ref.metrics()
+    got.pop("eval_seconds"), want.pop("eval_seconds")
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)  # NaN-aware equality
+    assert resumed.boundaries == ref.boundaries == {0: 3, 1: 6}
+    assert resumed.train_samples == 24 and resumed.eval_samples == ref.eval_samples
+
+    fresh = make()  # without the state the continuation has nothing to continue
+    with pytest.raises(RuntimeError, match="outside a task"):
+        run(fresh, range(4, 6))
+    with pytest.raises(ValueError, match=r"evaluator state is for tasks \[0, 1\], this evaluator has \[0, 1, 2\]"):
+        ContinualEvaluator(_sets(3)).load_state_dict(first.state_dict())

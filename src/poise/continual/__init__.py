@@ -8,6 +8,7 @@ from poise.continual._base import Batch, Compose, Strategy, classification_loss
 from poise.continual.ema import EMA
 from poise.continual.loop import fit_stream, task_batch
 from poise.continual.projection import AGEM, OGD, OGPSA, EpisodicMemory, agem_project, project_out
+from poise.continual.pruning import IgnoreK, prune_top
 from poise.continual.regularization import EWC, LwF, diagonal_fisher
 from poise.continual.replay import FineTune, Replay, ReservoirBuffer
 
@@ -21,6 +22,7 @@ __all__ = [
     "Compose",
     "EpisodicMemory",
     "FineTune",
+    "IgnoreK",
     "LwF",
     "Replay",
     "ReservoirBuffer",
@@ -30,5 +32,6 @@ __all__ = [
     "diagonal_fisher",
     "fit_stream",
     "project_out",
+    "prune_top",
     "task_batch",
 ]

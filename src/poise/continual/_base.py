@@ -11,6 +11,10 @@ One optimizer step of a training loop goes through the hooks in a fixed order::
     strategy.after_step(model, batch)      # reservoir insert, EMA, ...
 
 and around each task ``before_task(model, task_data)`` / ``after_task(model, task_data)``.
+``state_dict()`` / ``load_state_dict(state)`` save and restore everything a strategy has
+learnt (buffers, Fishers, anchors, frozen copies, random generators) as a plain dict of
+tensors and Python scalars/lists, loadable with ``torch.load(weights_only=True)``, so a
+run can be checkpointed and resumed mid-task (:func:`poise.continual.fit_stream`).
 A strategy works on any ``nn.Module``: the loss it needs for its own computations is
 ``loss_fn(model, batch)`` (default: cross-entropy of the model's logits, restricted to the
 batch's class mask when there is one), so a Hugging Face model or a custom loss plugs in by
@@ -19,14 +23,14 @@ passing ``loss_fn``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from poise.measure.evaluator import logits_of
+from poise._nn import logits_of, trainable
 
 __all__ = ["Batch", "Compose", "LossFn", "Strategy", "classification_loss", "trainable"]
 
@@ -64,16 +68,16 @@ def classification_loss(model: nn.Module, batch: Batch) -> Tensor:
     return F.cross_entropy(masked_logits(logits_of(model(batch.x)), batch.mask), batch.y)
 
 
-def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` pairs that require grad, in module order."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
 class Strategy:
     """Base class: every hook is a no-op. Subclasses override what they need.
 
     ``loss_terms`` returns named extra loss terms (summed into the loss by the loop);
     ``transform_grads`` and ``after_step`` may return named 0-d tensors as metrics.
+
+    A strategy that keeps state overrides :meth:`state_dict` and :meth:`load_state_dict`;
+    the base's are for a strategy with none (an empty dict; loading a non-empty one raises).
+    The hyperparameters are not part of the state: load into a strategy built with the same
+    arguments.
     """
 
     name = "strategy"
@@ -100,6 +104,16 @@ class Strategy:
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The model to evaluate (EMA evaluates its averaged copy)."""
         return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's learnt state (tensors, Python scalars and lists; tensors may be
+        shared with the strategy, as in ``torch.optim``)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (copied, never aliased)."""
+        if state:
+            raise ValueError(f"strategy {self.name!r} keeps no state; got keys {sorted(state)}")
 
 
 class Compose(Strategy):
@@ -149,3 +163,15 @@ class Compose(Strategy):
         for s in self.strategies:
             model = s.eval_model(model)
         return model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"strategies": [{"name": s.name, "state": s.state_dict()} for s in self.strategies]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = list(state["strategies"])
+        names = [s.name for s in self.strategies]
+        if [d["name"] for d in saved] != names:
+            raise ValueError(f"Compose state is for strategies {[d['name'] for d in saved]}, this Compose has "
+                             f"{names}")
+        for s, d in zip(self.strategies, saved, strict=True):
+            s.load_state_dict(d["state"])

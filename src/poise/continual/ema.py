@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,10 +30,14 @@ class EMA(Strategy):
             raise ValueError(f"decay={decay} must be in [0, 1)")
         self.decay = decay
         self.shadow: nn.Module | None = None
+        self._pending: dict[str, torch.Tensor] | None = None  # a loaded average, built at the next hook
 
     def _init(self, model: nn.Module) -> nn.Module:
         if self.shadow is None:
             self.shadow = copy.deepcopy(model)
+            if self._pending is not None:
+                self.shadow.load_state_dict(self._pending)
+                self._pending = None
             for p in self.shadow.parameters():
                 p.requires_grad_(False)
         return self.shadow
@@ -46,4 +52,18 @@ class EMA(Strategy):
         return {}
 
     def eval_model(self, model: nn.Module) -> nn.Module:
+        if self._pending is not None:
+            return self._init(model)
         return self.shadow if self.shadow is not None else model
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averaged copy's ``state_dict`` (None before the first step)."""
+        shadow = self._pending if self._pending is not None else (
+            None if self.shadow is None else self.shadow.state_dict())
+        return {"shadow": shadow}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The averaged copy is rebuilt (a copy of the trained model with the saved weights) at
+        the next hook that sees the model."""
+        self.shadow = None
+        self._pending = None if state["shadow"] is None else {k: v.clone() for k, v in state["shadow"].items()}

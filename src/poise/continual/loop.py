@@ -4,16 +4,22 @@ every call it makes is public."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from poise._nn import logits_of
 from poise.continual._base import Batch, Strategy, masked_logits
-from poise.measure.evaluator import ContinualEvaluator, logits_of
+from poise.continual._state import clone_tree
+from poise.distributed import rank_world
+from poise.guards import RollbackGuard
+from poise.measure.evaluator import ContinualEvaluator
 
-__all__ = ["fit_stream", "task_batch"]
+__all__ = ["CHECKPOINT_VERSION", "fit_stream", "task_batch"]
+
+CHECKPOINT_VERSION = 1
 
 
 def task_batch(task: Any, n_classes: int) -> Batch:
@@ -39,8 +45,11 @@ def fit_stream(
     seed: int = 0,
     log: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[int], None] | None = None,
-    guard: Any = None,
+    guard: RollbackGuard | None = None,
     shard: bool | str = "auto",
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``tasks`` in order and return ``evaluator.metrics()``.
 
@@ -48,33 +57,62 @@ def fit_stream(
     computes the task loss plus ``strategy.loss_terms``, back-propagates, applies
     ``strategy.transform_grads``, steps the optimizer, applies ``transform_update`` and
     ``after_step``, then ``evaluator.maybe_eval`` on ``strategy.eval_model(model)``. ``log``
-    receives one dict per step (floats), ``progress`` the number of steps done.
+    receives one dict per step (floats), ``progress`` the number of steps done (in this call).
 
     ``guard`` (a :class:`poise.guards.RollbackGuard` over this model and optimizer) is checked
     after each evaluation with the mean accuracy on the *earlier* tasks (the current task's
-    own accuracy is expected to move); its reference is reset at each task's start. A
-    rollback restores the last accepted weights and optimizer state and is logged as
-    ``guard/rolled_back``.
+    own accuracy is expected to move); it is reset at each task's start. A rollback restores
+    the last accepted weights and optimizer state and is logged as ``guard/rolled_back``.
+
+    Checkpoint and resume. With ``checkpoint_every = n > 0``, after every ``n``-th step (its
+    evaluation, guard check, ``log`` and ``progress`` done) ``on_checkpoint(state)`` receives
+    a snapshot (every tensor cloned) that is a plain dict of tensors and Python values,
+    loadable with ``torch.load(weights_only=True)``::
+
+        {"version": 1, "task_index": i, "step_in_task": k, "step": global step,
+         "task_ids": [...], "steps_per_task": ..., "batch_size": ..., "seed": ...,
+         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+         "strategy": strategy.state_dict(), "evaluator": evaluator.state_dict(),
+         "guard": guard.state_dict() or None,
+         "rng": {"data": <the batch generator's state>, "torch": torch.get_rng_state(),
+                 "cuda": [per-device states] (only when CUDA is initialised)}}
+
+    Passing that dict as ``resume`` (to a fresh model, optimizer, strategy and evaluator
+    built with the same arguments) restores all of it and continues at step ``k + 1`` of task
+    ``i`` without calling ``before_task``/``begin_task`` again (``k = steps_per_task``: only
+    the task's end runs), so the resumed run's weights, strategy state, evaluator curves and
+    logged records equal the uninterrupted run's. A state from other tasks, step counts,
+    batch size or seed raises ``ValueError`` naming the key.
 
     Under ``torch.distributed`` (``torchrun``; ``shard="auto"`` and more than one rank) every
     rank draws the same global batch and trains on its ``rank::world_size`` rows: wrap the
     model in ``DistributedDataParallel`` and the averaged gradient is the global batch's
     (for ``batch_size`` divisible by the world size). The evaluator shards its evaluation the
     same way. Strategies with data-dependent state (replay buffers, reference gradients)
-    then keep one state per rank.
+    then keep one state per rank, and ``on_checkpoint`` is called on every rank with its own.
     """
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 0 (0: never)")
+    if checkpoint_every and on_checkpoint is None:
+        raise ValueError(f"checkpoint_every={checkpoint_every} needs on_checkpoint (a callable taking the state)")
     gen = torch.Generator().manual_seed(seed)
-    rank, world = _world(shard)
-    step = 0
-    for task in tasks:
+    rank, world = rank_world(shard)
+    config = {"task_ids": [t.id for t in tasks], "steps_per_task": steps_per_task, "batch_size": batch_size,
+              "seed": seed}
+    step, start_task, start_k = 0, 0, 0
+    if resume is not None:
+        step, start_task, start_k = _restore(resume, config, model, optimizer, strategy, evaluator, guard, gen)
+    for ti in range(start_task, len(tasks)):
+        task = tasks[ti]
         data = task_batch(task, n_classes)
-        strategy.before_task(model, data)
-        evaluator.begin_task(task.id)
-        earlier = [t.id for t in tasks[: tasks.index(task)]]
-        if guard is not None:
-            guard.best = None
-            guard._accept()
-        for _ in range(steps_per_task):
+        resumed = resume is not None and ti == start_task
+        if not resumed:
+            strategy.before_task(model, data)
+            evaluator.begin_task(task.id)
+            if guard is not None:
+                guard.reset()
+        earlier = [t.id for t in tasks[:ti]]
+        for in_task in range(start_k if resumed else 0, steps_per_task):
             idx = torch.randint(len(data), (batch_size,), generator=gen)
             batch = data.index(idx[rank::world] if world > 1 else idx)
             model.train()
@@ -111,6 +149,15 @@ def fit_stream(
                 log(rec)
             if progress is not None:
                 progress(1)
+            if checkpoint_every and step % checkpoint_every == 0:
+                on_checkpoint(clone_tree({  # type: ignore[misc]
+                    "version": CHECKPOINT_VERSION, "task_index": ti, "step_in_task": in_task + 1, "step": step,
+                    **config,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "strategy": strategy.state_dict(), "evaluator": evaluator.state_dict(),
+                    "guard": None if guard is None else guard.state_dict(),
+                    "rng": _rng_state(gen),
+                }))
         strategy.after_task(model, data)
         accs = evaluator.end_task(strategy.eval_model(model))
         if log is not None:
@@ -119,17 +166,42 @@ def fit_stream(
     return evaluator.metrics()
 
 
-def _world(shard: bool | str) -> tuple[int, int]:
-    import torch.distributed as dist
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    out: dict[str, Any] = {"data": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
 
-    if shard not in ("auto", True, False):
-        raise ValueError(f"shard={shard!r}; valid choices: 'auto', True, False")
-    if shard is False or not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
+
+def _restore(state: Mapping[str, Any], config: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+             strategy: Strategy, evaluator: ContinualEvaluator, guard: RollbackGuard | None,
+             gen: torch.Generator) -> tuple[int, int, int]:
+    """Load a checkpoint of :func:`fit_stream` in place; returns ``(step, task_index, step_in_task)``."""
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"resume: checkpoint version {state.get('version')!r}; valid choices: {CHECKPOINT_VERSION}")
+    for key, want in config.items():
+        if state[key] != want:
+            raise ValueError(f"resume: the checkpoint has {key}={state[key]!r}, this run {key}={want!r}")
+    if (state["guard"] is None) != (guard is None):
+        raise ValueError(f"resume: the checkpoint was taken {'without' if state['guard'] is None else 'with'} a "
+                         f"guard, this run has {'none' if guard is None else 'one'}")
+    ti, k = int(state["task_index"]), int(state["step_in_task"])
+    if not (0 <= ti < len(config["task_ids"]) and 0 < k <= config["steps_per_task"]):
+        raise ValueError(f"resume: task_index={ti}, step_in_task={k} out of range for "
+                         f"{len(config['task_ids'])} tasks of {config['steps_per_task']} steps")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    strategy.load_state_dict(state["strategy"])
+    evaluator.load_state_dict(state["evaluator"])
+    if guard is not None:
+        guard.load_state_dict(state["guard"])
+    rng = state["rng"]
+    gen.set_state(rng["data"].clone())
+    torch.set_rng_state(rng["torch"].clone())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.clone() for s in rng["cuda"]])
+    return int(state["step"]), ti, k
 
 
 def _f(t: Tensor | float) -> float:
     return float(t.detach()) if isinstance(t, Tensor) else float(t)
-
-

@@ -7,13 +7,17 @@ optimizer step. The *gradient* is projected; an adaptive optimizer then rescales
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from poise._nn import logits_of, trainable
 from poise._registry import register
-from poise.continual._base import Batch, LossFn, Strategy, classification_loss, trainable
-from poise.measure.evaluator import logits_of
+from poise.continual._base import Batch, LossFn, Strategy, classification_loss
+from poise.continual._state import batch_from_state, batch_state, load_np_rng, np_rng_state
 from poise.transforms._projection import project_out
 
 __all__ = ["AGEM", "OGD", "OGPSA", "EpisodicMemory", "agem_project", "project_out"]
@@ -46,6 +50,13 @@ class EpisodicMemory:
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.tasks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": np_rng_state(self.rng), "tasks": [batch_state(b) for b in self.tasks]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load_np_rng(self.rng, state["rng"])
+        self.tasks = [batch_from_state(b) for b in state["tasks"]]
 
 
 def _grads(params: list[nn.Parameter]) -> list[Tensor]:
@@ -121,6 +132,12 @@ class AGEM(Strategy):
     def after_task(self, model: nn.Module, data: Batch) -> None:
         self.memory.add_task(data)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.memory.load_state_dict(state["memory"])
+
 
 @register("strategy", "ogd")
 class OGD(Strategy):
@@ -165,6 +182,13 @@ class OGD(Strategy):
             self.basis = torch.cat([self.basis, new])
         else:
             self.basis = _orthonormal_rows(new)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": np_rng_state(self.rng), "basis": self.basis}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load_np_rng(self.rng, state["rng"])
+        self.basis = None if state["basis"] is None else state["basis"].clone()
 
 
 @register("strategy", "ogpsa")
@@ -258,3 +282,15 @@ class OGPSA(Strategy):
 
     def after_task(self, model: nn.Module, data: Batch) -> None:
         self.memory.add_task(data)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stored samples, both generators, the current bases and the steps since the last
+        refresh (the fixed ``reference`` set is an argument, not state)."""
+        return {"memory": self.memory.state_dict(), "rng": np_rng_state(self.rng), "bases": dict(self.bases),
+                "since": self._since}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.memory.load_state_dict(state["memory"])
+        load_np_rng(self.rng, state["rng"])
+        self.bases = {n: b.clone() for n, b in state["bases"].items()}
+        self._since = int(state["since"])

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from poise._nn import logits_of, trainable
 from poise._registry import register
-from poise.continual._base import Batch, LossFn, Strategy, classification_loss, trainable
-from poise.measure.evaluator import logits_of
+from poise.continual._base import Batch, LossFn, Strategy, classification_loss
 
 __all__ = ["EWC", "LwF", "diagonal_fisher"]
 
@@ -131,6 +133,14 @@ class EWC(Strategy):
             self.fisher[n] = self.decay * self.fisher[n] + f if n in self.fisher else f
         self.anchor = {n: p.detach().clone() for n, p in trainable(model)}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "fisher": dict(self.fisher), "anchor": dict(self.anchor)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.gen.set_state(state["gen"].clone())
+        self.fisher = {n: f.clone() for n, f in state["fisher"].items()}
+        self.anchor = {n: a.clone() for n, a in state["anchor"].items()}
+
 
 @register("strategy", "lwf")
 class LwF(Strategy):
@@ -150,8 +160,19 @@ class LwF(Strategy):
         self.alpha, self.temperature = alpha, temperature
         self.old: nn.Module | None = None
         self.old_units: list[int] = []
+        self._pending: dict[str, Tensor] | None = None  # a loaded frozen copy, built at the next hook
+
+    def _freeze(self, model: nn.Module, state: Mapping[str, Tensor] | None = None) -> None:
+        self.old = copy.deepcopy(model).eval()
+        if state is not None:
+            self.old.load_state_dict(state)
+        for p in self.old.parameters():
+            p.requires_grad_(False)
+        self._pending = None
 
     def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
+        if self._pending is not None:
+            self._freeze(model, self._pending)
         if self.old is None or not self.old_units:
             return {}
         with torch.no_grad():
@@ -163,8 +184,19 @@ class LwF(Strategy):
         return {"lwf": self.alpha * T * T * kl}
 
     def after_task(self, model: nn.Module, data: Batch) -> None:
-        self.old = copy.deepcopy(model).eval()
-        for p in self.old.parameters():
-            p.requires_grad_(False)
+        self._freeze(model)
         seen = set(self.old_units) | {int(c) for c in data.y.unique()}
         self.old_units = sorted(seen)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The frozen copy's ``state_dict`` (None before the first task ends) and the output
+        units it distils."""
+        old = self._pending if self._pending is not None else (None if self.old is None else self.old.state_dict())
+        return {"old": old, "old_units": list(self.old_units)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The frozen copy is rebuilt (a copy of the trained model with the saved weights) at
+        the next hook that sees the model."""
+        self.old = None
+        self._pending = None if state["old"] is None else {k: v.clone() for k, v in state["old"].items()}
+        self.old_units = [int(u) for u in state["old_units"]]

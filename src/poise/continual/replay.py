@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from poise._registry import register
 from poise.continual._base import Batch, LossFn, Strategy, classification_loss
+from poise.continual._state import load_np_rng, np_rng_state
 
 __all__ = ["FineTune", "Replay", "ReservoirBuffer"]
 
@@ -17,6 +21,9 @@ class FineTune(Strategy):
     """Plain sequential fine-tuning: the lower bound every strategy is compared with."""
 
     name = "finetune"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing learnt besides the model
 
 
 class ReservoirBuffer:
@@ -70,6 +77,20 @@ class ReservoirBuffer:
     def __len__(self) -> int:
         return self.size
 
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, the stored samples (None before the first ``add``), which offered sample
+        sits in each slot, and the generator."""
+        return {"capacity": self.capacity, "seen": self.seen, "size": self.size, "rng": np_rng_state(self.rng),
+                "x": self._x, "y": self._y, "mask": self._mask, "ids": torch.from_numpy(self.ids.copy())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(f"buffer state has capacity {state['capacity']}, this buffer {self.capacity}")
+        self.seen, self.size = int(state["seen"]), int(state["size"])
+        load_np_rng(self.rng, state["rng"])
+        self._x, self._y, self._mask = (None if state[k] is None else state[k].clone() for k in ("x", "y", "mask"))
+        self.ids = state["ids"].numpy().astype(np.int64, copy=True)
+
 
 @register("strategy", "replay")
 class Replay(Strategy):
@@ -102,3 +123,9 @@ class Replay(Strategy):
     def after_step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         self.buffer.add(batch)
         return {"mem_size": torch.tensor(float(len(self.buffer)))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.buffer.load_state_dict(state["buffer"])

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_from_env", "is_main", "launch", "shard_safety"]
+__all__ = ["init_from_env", "is_main", "launch", "rank_world", "shard_safety"]
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
@@ -34,6 +34,18 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1
     dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_world(shard: bool | str = "auto") -> tuple[int, int]:
+    """``(rank, world_size)`` of this process for sharding work, ``(0, 1)`` when not distributed.
+
+    ``shard``: ``"auto"`` or True use the initialised process group (if any); False never
+    shards and returns ``(0, 1)``. Anything else raises ``ValueError`` listing the choices."""
+    if shard not in ("auto", True, False):
+        raise ValueError(f"shard={shard!r}; valid choices: 'auto', True, False")
+    if shard is False or not dist.is_available() or not dist.is_initialized():
+        return 0, 1
     return dist.get_rank(), dist.get_world_size()
 
 

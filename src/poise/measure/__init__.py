@@ -1,6 +1,7 @@
 """Measure what an update did: continual evaluation, forgetting metrics, model probes."""
 
-from poise.measure.evaluator import ContinualEvaluator, EvalSchedule, EvalSet, logits_of
+from poise._nn import logits_of, trainable
+from poise.measure.evaluator import ContinualEvaluator, EvalSchedule, EvalSet
 from poise.measure.metrics import (
     GapStats,
     average_accuracy,
@@ -13,6 +14,7 @@ from poise.measure.metrics import (
     windowed_forgetting,
     windowed_plasticity,
 )
+from poise.measure.priming import keyword_logprob, memorization_score, priming_score
 from poise.measure.probes import (
     kl_drift,
     model_kl_drift,
@@ -29,15 +31,19 @@ __all__ = [
     "average_accuracy",
     "backward_transfer",
     "forgetting",
+    "keyword_logprob",
     "kl_drift",
     "logits_of",
     "max_window_drop",
+    "memorization_score",
     "min_acc",
     "model_kl_drift",
     "model_negative_flips",
     "negative_flip_rate",
     "positive_flip_rate",
+    "priming_score",
     "stability_gap",
+    "trainable",
     "wc_acc",
     "windowed_forgetting",
     "windowed_plasticity",

@@ -33,9 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from poise._nn import logits_of
+from poise.distributed import rank_world
 from poise.measure import metrics as M
 
-__all__ = ["ContinualEvaluator", "EvalSchedule", "EvalSet", "logits_of"]
+__all__ = ["ContinualEvaluator", "EvalSchedule", "EvalSet", "logits_of"]  # logits_of lives in poise._nn
 
 
 @dataclass(frozen=True)
@@ -67,18 +69,6 @@ class EvalSet:
     x: Tensor
     y: Tensor
     classes: Sequence[int] | None = None
-
-
-def logits_of(output: Any) -> Tensor:
-    """The logits of a model's output: a tensor, an object with ``.logits`` (Hugging Face),
-    or a tuple whose first element is the logits."""
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
 def _default_predict(model: nn.Module, x: Tensor, classes: Sequence[int] | None) -> Tensor:
@@ -223,6 +213,46 @@ class ContinualEvaluator:
         """Accuracy of ``model`` on the given tasks now (default: all); records nothing."""
         return {t: self._accuracy(model, self.sets[t]) for t in (task_ids or self.task_ids)}
 
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`maybe_eval`, :meth:`end_task` and :meth:`metrics` depend on, as
+        plain Python values (counters, the task order, the boundaries and every recorded
+        evaluation); loadable with ``torch.load(weights_only=True)``. The evaluation sets are
+        not in it: a fresh evaluator built with the same arguments (and seed) has the same
+        subsets, and :meth:`load_state_dict` checks the task ids."""
+        return {
+            "task_ids": list(self.task_ids),
+            "step": self.step,
+            "train_samples": self.train_samples,
+            "eval_samples": self.eval_samples,
+            "boundary_eval_samples": self.boundary_eval_samples,
+            "eval_seconds": self.eval_seconds,
+            "seen": list(self.seen),
+            "boundaries": [[t, s] for t, s in self.boundaries.items()],
+            "records": [{"step": r.step, "task": r.task, "acc": [[t, a] for t, a in r.acc.items()]}
+                        for r in self.records],
+            "task": self._task,
+            "task_start": self._task_start,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (into an evaluator built with the same
+        evaluation sets); a different list of task ids raises ``ValueError``."""
+        if list(state["task_ids"]) != self.task_ids:
+            raise ValueError(f"evaluator state is for tasks {list(state['task_ids'])}, this evaluator has "
+                             f"{self.task_ids}")
+        self.step = int(state["step"])
+        self.train_samples = int(state["train_samples"])
+        self.eval_samples = int(state["eval_samples"])
+        self.boundary_eval_samples = int(state["boundary_eval_samples"])
+        self.eval_seconds = float(state["eval_seconds"])
+        self.seen = list(state["seen"])
+        self.boundaries = {t: int(s) for t, s in state["boundaries"]}
+        self.records = [_Record(int(r["step"]), r["task"], {t: float(a) for t, a in r["acc"]})
+                        for r in state["records"]]
+        self._task = state["task"]
+        self._task_start = int(state["task_start"])
+
     # -- internals -----------------------------------------------------------------------
     def _targets(self) -> list[Any]:
         return self.task_ids if self.include_unseen else [t for t in self.task_ids if t in self.seen]
@@ -241,15 +271,8 @@ class ContinualEvaluator:
         self.records.append(_Record(self.step, self._task, accs))
         return accs
 
-    def _world(self) -> tuple[int, int]:
-        import torch.distributed as dist
-
-        if self.shard is False or not dist.is_available() or not dist.is_initialized():
-            return 0, 1
-        return dist.get_rank(), dist.get_world_size()
-
     def _accuracy(self, model: nn.Module, s: EvalSet) -> float:
-        rank, world = self._world()
+        rank, world = rank_world(self.shard)
         model = getattr(model, "module", model)  # DDP: its forward may talk to other ranks; the module does not
         flags = {m: m.training for m in model.modules()}
         try:

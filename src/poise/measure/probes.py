@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from poise._nn import logits_of
 from poise._registry import register
-from poise.measure.evaluator import logits_of
 
 __all__ = ["kl_drift", "model_kl_drift", "model_negative_flips", "negative_flip_rate", "positive_flip_rate"]
 
