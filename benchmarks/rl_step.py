@@ -23,9 +23,9 @@ import warnings
 
 import torch
 
+from poise.rl import sft_warmup
 from poise.runs.config import load_recipe
-from poise.runs.rl_study import run_one_rl
-from poise.tasks.lm import sft_warmup
+from poise.runs.kinds.rl import run_one_rl
 from poise.tasks.reasoning import ArithmeticTask
 from poise.tasks.text import CharTokenizer
 
@@ -61,7 +61,7 @@ def build(seed: int = 0):
 
 
 def run_poise(model, steps: int, prompts: int, group: int) -> tuple[float, float]:
-    import poise.runs.rl_study as rs
+    import poise.runs.kinds.rl as rs
 
     overrides = [f"train.lr={LR}", f"train.steps={steps}", f"train.prompts={prompts}", f"train.group_size={group}",
                  "train.sft_steps=0", "train.sampler_dtype=float32", "train.eval_every=1000",

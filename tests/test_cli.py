@@ -76,13 +76,24 @@ def test_dry_run_prints_resolved_config(capsys):
 
 
 def test_summary_table_keeps_long_metric_names_apart(capsys):
-    from poise.cli import _table_printer
+    from poise.cli import print_summary
 
     cols = ("log_memorization", "spearman_predictor", "x")
     row = {c: {"mean": -1.5, "std": 0.25} for c in cols}
-    _table_printer(cols)({"variants": {"plain": row, "empty": {}}})
+    print_summary({"variants": {"plain": row, "empty": {}}}, tuple((c, c) for c in cols))
     header, *rows = capsys.readouterr().out.strip().splitlines()
     assert header.split() == ["variant", *cols]
     assert rows[0].split() == ["plain"] + ["-1.500", "±", "0.250"] * 3
     assert rows[1].split() == ["empty", "–", "–", "–"]
     assert len({len(line) for line in (header, *rows)}) == 1  # columns line up
+
+
+def test_summary_table_shows_counts_and_headings(capsys):
+    from poise.cli import print_summary
+
+    print_summary({"variants": {"a": {"diverged": {"count": 1, "runs": 3}, "acc": {"mean": 0.5, "std": 0.0}}},
+                   "wall_seconds": 12.0}, (("acc", "ACC"), ("diverged", "diverged")))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].split() == ["variant", "ACC", "diverged"]
+    assert out[-1].split() == ["a", "0.500", "±", "0.000", "1", "/", "3"]
+    assert "12 s" in out[0]

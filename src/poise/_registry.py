@@ -3,6 +3,10 @@
 ``register("strategy", "replay")(Replay)`` stores an object under a kind and a name;
 ``get("strategy", "replay")`` returns it; an unknown name raises :class:`UnknownNameError`
 that lists the valid choices. ``names(kind)`` lists what is registered, sorted.
+
+Each kind has one home module (:data:`HOMES`) whose import registers its built-ins; ``get`` and
+``names`` import only the home of the kind asked for. A name with a colon, ``"pkg.mod:Attr"``,
+is imported as a path instead of looked up, so a user's own class works wherever a name does.
 """
 
 from __future__ import annotations
@@ -35,9 +39,38 @@ def register(kind: str, name: str) -> Callable[[T], T]:
     return deco
 
 
+HOMES: dict[str, str] = {
+    "optimizer": "poise.optim",
+    "strategy": "poise.continual",
+    "loss": "poise.rl.losses",
+    "advantage": "poise.rl.advantages",
+    "metric": "poise.measure",
+    "stream": "poise.tasks.digits",
+    "model": "poise.models",
+    "rl_task": "poise.tasks.reasoning",
+    "editor": "poise.edit.editors",
+}
+
+
+def _import_path(kind: str, path: str) -> Any:
+    import importlib
+
+    mod, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise UnknownNameError(f"{kind} {path!r}: cannot import it ({e})") from None
+    return obj
+
+
 def get(kind: str, name: str) -> Any:
-    """Return the object registered as ``kind``/``name``, or raise listing the choices."""
-    _load_builtins()
+    """Return the object registered as ``kind``/``name`` (or imported from ``"pkg.mod:Attr"``),
+    or raise listing the choices."""
+    if isinstance(name, str) and ":" in name:
+        return _import_path(kind, name)
+    _load(kind)
     table = _REGISTRY.get(kind, {})
     if name not in table:
         choices = ", ".join(sorted(table)) or "(none)"
@@ -47,16 +80,19 @@ def get(kind: str, name: str) -> Any:
 
 def names(kind: str) -> list[str]:
     """Sorted names registered under ``kind``."""
-    _load_builtins()
+    _load(kind)
     return sorted(_REGISTRY.get(kind, {}))
 
 
 def kinds() -> list[str]:
-    _load_builtins()
+    for kind in HOMES:
+        _load(kind)
     return sorted(_REGISTRY)
 
 
-def _load_builtins() -> None:
-    # Importing the subpackages runs their @register decorators.
-    from poise import continual, measure, optim, rl, tasks  # noqa: F401
-    from poise.tasks import reasoning  # noqa: F401
+def _load(kind: str) -> None:
+    """Import ``kind``'s home module: its import runs the built-ins' ``@register`` decorators."""
+    if kind in HOMES:
+        import importlib
+
+        importlib.import_module(HOMES[kind])

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -21,16 +22,19 @@ __all__ = ["main"]
 
 
 def _fields_epilog() -> str:
-    from poise.runs.config import EditStudyConfig, OptimStudyConfig, PrimingStudyConfig, RLStudyConfig, field_help
+    from poise.runs.config import field_help
+    from poise.runs.kinds import get_kind, kind_names
 
-    lines = ["recipe fields (set in the TOML or as key=value overrides):", ""]
-    for key, tp, default, help_ in field_help():
-        lines.append(f"  {key}  ({tp}, default {default})")
-        lines.extend(textwrap.wrap(help_, 88, initial_indent="      ", subsequent_indent="      "))
-    for kind, example, cls in (("optimizers", "optimizers", OptimStudyConfig), ("rl", "rl-stability", RLStudyConfig),
-                               ("edit", "edit-stream", EditStudyConfig), ("priming", "priming", PrimingStudyConfig)):
-        lines += ["", f"recipes with kind = \"{kind}\" (e.g. `poise run {example}`) have these fields instead:", ""]
-        for key, tp, default, help_ in field_help(cls):
+    lines = []
+    for i, name in enumerate(kind_names()):
+        k = get_kind(name)
+        if i == 0:
+            lines += [f"recipe fields (set in the TOML or as key=value overrides; kind = \"{name}\", the default):",
+                      ""]
+        else:
+            lines += ["", f"recipes with kind = \"{name}\" (e.g. `poise run {k.example}`) have these fields instead:",
+                      ""]
+        for key, tp, default, help_ in field_help(k.Config):
             lines.append(f"  {key}  ({tp}, default {default})")
             lines.extend(textwrap.wrap(help_, 88, initial_indent="      ", subsequent_indent="      "))
     lines += [
@@ -70,9 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true",
                      help="smoke-test size: one seed and fewer steps (rl-stability: under 2 minutes)")
     ls = sub.add_parser("list", help="list registered names")
-    ls.add_argument("kind", nargs="?", default=None,
-                    choices=["recipes", "strategies", "optimizers", "losses", "advantages", "metrics", "streams",
-                             "models"])
+    ls.add_argument("kind", nargs="?", default=None, choices=list(LISTS))
     rep = sub.add_parser("report", help="rebuild the plots and report.html of a run directory")
     rep.add_argument("run_dir")
     sub.add_parser("env", help="versions and threads")
@@ -88,12 +90,9 @@ def _split_recipe(recipe: str | None, overrides: list[str]) -> tuple[str | None,
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from poise.distributed import init_from_env, is_main
-    from poise.runs.config import EditStudyConfig, OptimStudyConfig, PrimingStudyConfig, RLStudyConfig, load_recipe
-    from poise.runs.edit_study import run_edit_study
-    from poise.runs.optim_study import run_optim_study
-    from poise.runs.priming_study import run_priming_study
-    from poise.runs.rl_study import run_rl_study
-    from poise.runs.study import run_study
+    from poise.runs.config import load_recipe
+    from poise.runs.engine import execute
+    from poise.runs.kinds import kind_of
 
     _, world = init_from_env()  # under torchrun: join the process group (every rank runs the study; rank 0 writes)
     recipe, overrides = _split_recipe(args.recipe, args.overrides)
@@ -116,111 +115,113 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
     n = len(cfg.variants) * len(cfg.seeds)
-    if isinstance(cfg, OptimStudyConfig):
-        what, runner, show = f"{cfg.lm.steps} steps", run_optim_study, _print_optim_summary
-    elif isinstance(cfg, RLStudyConfig):
-        what, runner, show = f"{cfg.train.steps} RL steps", run_rl_study, _print_rl_summary
-    elif isinstance(cfg, EditStudyConfig):
-        what, runner = f"{cfg.stream.n_edits} edits", run_edit_study
-        show = _table_printer(("efficacy", "paraphrase", "retention_early", "locality", "general_loss", "forget_acc"))
-    elif isinstance(cfg, PrimingStudyConfig):
-        what, runner = f"{cfg.priming.n_probes} facts learned", run_priming_study
-        show = _table_printer(("log_priming", "log_memorization", "spearman_predictor", "keyword_before"))
-    else:
-        what = f"{cfg.workload.n_tasks} tasks x {cfg.train.steps_per_task} steps"
-        runner, show = run_study, _print_summary
+    kind = kind_of(cfg)
     if is_main():
-        print(f"poise run {cfg.name}: {len(cfg.variants)} variants x {len(cfg.seeds)} seeds = {n} runs, "
-              f"{what} each", file=sys.stderr)
+        print(f"poise run {cfg.name} ({kind.name}): {len(cfg.variants)} variants x {len(cfg.seeds)} seeds = {n} runs, "
+              f"{kind.describe(cfg)} each", file=sys.stderr)
     if world > 1 and not args.run_dir:
         raise FileNotFoundError("under torchrun give --run-dir (the same path on every rank)")
-    path = runner(cfg, args.run_dir, progress=False if args.no_progress else None, report=not args.no_report)
+    path = execute(cfg, args.run_dir, False if args.no_progress else None, not args.no_report, kind)
     if not is_main():
         return 0
-    show(json.loads((path / "summary.json").read_text()))
+    print_summary(json.loads((path / "summary.json").read_text()), kind.columns)
     print(f"\nrun directory: {path}")
     if (path / "report.html").exists():
         print(f"report:        {path / 'report.html'}")
     return 0
 
 
-def _table_printer(cols: tuple[str, ...]):
-    def show(summary: dict) -> None:
-        widths = [max(18, len(c) + 2) for c in cols]  # a long metric name never runs into its neighbour
-        print(f"\n{'variant':<16}" + "".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
-        for name, row in summary["variants"].items():
-            cells = []
-            for c, w in zip(cols, widths, strict=True):
-                st = row.get(c)
-                cell = f"{st['mean']:.3f} ± {st['std']:<5.3f}" if st and st.get("mean") is not None else "–"
-                cells.append(cell.rjust(w))
-            print(f"{name:<16}" + "".join(cells))
-
-    return show
+def _cell(st: object) -> str:
+    """One summary statistic as text: ``mean ± std``, ``count / runs``, or ``–`` when missing."""
+    if isinstance(st, dict) and "count" in st:
+        return f"{st['count']} / {st['runs']}"
+    m = st.get("mean") if isinstance(st, dict) else None
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "–"
+    return f"{m:.3f} ± {st.get('std') or 0.0:<5.3f}"
 
 
-def _print_summary(summary: dict) -> None:
-    cols = [("acc", "ACC"), ("forgetting", "FORG"), ("min_acc", "min-ACC"), ("wc_acc", "WC-ACC"),
-            ("gap_depth", "gap"), ("task0_acc_at_end", "t0 end"), ("task0_min_after", "t0 min")]
-
-    def f(s: dict) -> str:
-        m = s.get("mean")
-        return "   -  " if m is None or (isinstance(m, float) and math.isnan(m)) else f"{m:6.3f}"
-
-    print(f"\n{'variant':<12}" + "".join(f"{h:>9}" for _, h in cols) + f"   ({summary['wall_seconds']:.0f} s)")
-    for v, row in summary["variants"].items():
-        print(f"{v:<12}" + "".join(f"{f(row[k]):>9}" for k, _ in cols))
-
-
-def _print_optim_summary(summary: dict) -> None:
-    print(f"\n{'variant':<14}{'final val':>10}{'spikes':>8}{'diverged':>10}{'ms/step':>9}   "
-          f"({summary['wall_seconds']:.0f} s)")
-    for v, row in summary["variants"].items():
-        m = row["final_val_loss"]["mean"]
-        val = "   -  " if m is None or (isinstance(m, float) and math.isnan(m)) else f"{m:8.3f}"
-        print(f"{v:<14}{val:>10}{row['spikes']['mean']:>8.1f}"
-              f"{row['diverged']['count']:>6} / {row['diverged']['runs']}{row['seconds_per_step']['mean'] * 1e3:>9.1f}")
+def print_summary(summary: dict, columns: tuple[tuple[str, str], ...]) -> None:
+    """The summary table of any study kind: one row per variant, its kind's ``columns``."""
+    widths = [max(16, len(h) + 2) for _, h in columns]  # a long metric name never runs into its neighbour
+    names = list(summary["variants"])
+    first = max([12, *(len(v) + 2 for v in names)])
+    if "wall_seconds" in summary:
+        print(f"\n{len(names)} variants, {summary.get('runs', '?')} runs, {summary['wall_seconds']:.0f} s")
+    print(f"\n{'variant':<{first}}" + "".join(h.rjust(w) for (_, h), w in zip(columns, widths, strict=True)))
+    for name, row in summary["variants"].items():
+        print(f"{name:<{first}}" + "".join(_cell(row.get(k)).rjust(w)
+                                          for (k, _), w in zip(columns, widths, strict=True)))
 
 
-def _print_rl_summary(summary: dict) -> None:
-    print(f"\n{'variant':<18}{'held-out acc':>14}{'start':>8}{'reward':>8}{'entropy':>9}{'collapsed':>11}"
-          f"{'s/step':>8}   ({summary['wall_seconds']:.0f} s)")
-    def f(row: dict, k: str) -> float:
-        m = row[k]["mean"]
-        return float("nan") if m is None else m
+LISTS = {  # what `poise list` shows: a registry kind, or one of the workbench's own lists
+    "recipes": None, "kinds": None, "strategies": "strategy", "optimizers": "optimizer", "editors": "editor",
+    "losses": "loss", "advantages": "advantage", "metrics": "metric", "streams": "stream", "models": "model",
+    "rl_tasks": "rl_task",
+}
+_SIGNATURE_KINDS = ("strategy", "optimizer", "editor")  # constructors whose defaults a recipe may override
+_NOT_SETTABLE = ("self", "params", "loss_fn", "reference", "seed", "diagnostics")  # set by code, not by a recipe
 
-    for v, row in summary["variants"].items():
-        print(f"{v:<18}{f(row, 'final_acc'):>14.3f}{f(row, 'start_acc'):>8.3f}{f(row, 'final_reward'):>8.3f}"
-              f"{f(row, 'final_entropy'):>9.3f}{row['collapsed']['count']:>7} / {row['collapsed']['runs']}"
-              f"{f(row, 'seconds_per_step'):>8.2f}")
+
+def _signature(obj: object) -> str:
+    """``(a, b=1, ...)`` of a class's constructor: the arguments a recipe can set, with defaults
+    (``self``, ``params``, ``*args`` and ``**kwargs`` left out)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)  # type: ignore[misc]
+    except (TypeError, ValueError):
+        return ""
+    parts = []
+    for k, p in sig.parameters.items():
+        if k in _NOT_SETTABLE or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        parts.append(k if p.default is p.empty else f"{k}={p.default!r}")
+    return "(" + ", ".join(parts) + ")"
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a docstring's first paragraph (a period before a capital ends it)."""
+    import re
+
+    text = " ".join(text.split("\n\n")[0].split("::")[0].split())
+    m = re.search(r"\.\s+(?=[A-Z])", text)
+    return text if m is None else text[: m.start() + 1]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     import inspect
+    import tomllib
 
     from poise import _registry
-    from poise.runs.config import recipe_names, strategy_params
+    from poise.runs.config import find_recipe, recipe_names
+    from poise.runs.kinds import get_kind, kind_names
 
-    kinds = [args.kind] if args.kind else ["recipes", "strategies", "optimizers", "losses", "advantages", "metrics",
-                                           "streams", "models"]
-    for kind in kinds:
-        print(f"{kind}:")
-        if kind == "recipes":
+    for what in [args.kind] if args.kind else list(LISTS):
+        print(f"{what}:")
+        if what == "recipes":
             for n in recipe_names():
-                print(f"  {n}")
+                data = tomllib.loads(find_recipe(n)[1])
+                print(f"  {n}  (kind {data.get('kind', 'continual')})")
+                if data.get("description"):
+                    print(textwrap.fill(_first_sentence(data["description"]), 96, initial_indent="      ",
+                                        subsequent_indent="      "))
+        elif what == "kinds":
+            for n in kind_names():
+                k = get_kind(n)
+                doc = _first_sentence(inspect.getdoc(importlib.import_module(k.run_one.__module__)) or "")
+                print(f"  {n}  (e.g. poise run {k.example})")
+                if doc:
+                    print(textwrap.fill(doc, 96, initial_indent="      ", subsequent_indent="      "))
         else:
-            reg = {"strategies": "strategy", "optimizers": "optimizer", "losses": "loss", "advantages": "advantage",
-                   "metrics": "metric", "streams": "stream", "models": "model"}[kind]
+            reg = LISTS[what]
             for n in _registry.names(reg):
                 obj = _registry.get(reg, n)
-                doc = (inspect.getdoc(obj) or "").split("\n")[0]
-                extra = ""
-                if reg == "strategy":
-                    ps = strategy_params(n)
-                    extra = "(" + ", ".join(f"{k}={p.default!r}" for k, p in ps.items()) + ")"
+                extra = _signature(obj) if reg in _SIGNATURE_KINDS else ""
                 print(f"  {n}{extra}")
+                doc = _first_sentence(inspect.getdoc(obj) or "")
                 if doc:
-                    print(f"      {doc}")
+                    print(textwrap.fill(doc, 96, initial_indent="      ", subsequent_indent="      "))
         print()
     return 0
 
@@ -276,6 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ImportError) as e:
         print(f"poise: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:
+        from poise.runs.checkpoint import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"poise: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `poise list | head`: the reader has gone; nothing is wrong with the run
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 0
     except OSError as e:  # a full disk, a read-only or vanished run directory
         where = f" ({e.filename})" if e.filename else ""
         print(f"poise: cannot write{where}: {e.strerror or e}. Every metric line and result written before is "

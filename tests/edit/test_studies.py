@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from poise.cli import main
+from poise.continual import prune_top as _prune_top
 from poise.runs.config import ConfigError, load_recipe
 from poise.runs.edit_study import fact_lm, run_one_edit
-from poise.runs.priming_study import _prune_top, spearman
+from poise.runs.priming_study import spearman
 from poise.runs.store import read_jsonl
 from poise.tasks.factlm import (
     candidate_logprobs,
@@ -133,7 +134,7 @@ def _recipe(**variant0):
 def test_edit_variant_errors():
     from poise.runs.config import from_dict
 
-    with pytest.raises(ConfigError, match="valid choices: none, rome, memit"):
+    with pytest.raises(ConfigError, match="valid choices: alphaedit, memit, none, rlsedit, rome"):
         from_dict(_recipe(editor="mend"))
     with pytest.raises(ConfigError, match=r"variants\[0\].params.mu: unknown argument of editor 'memit'"):
         from_dict(_recipe(editor="memit", params={"mu": 1.0}))

@@ -29,7 +29,7 @@ def test_overrides_are_typed_and_address_variants():
     ("bogus=1", "unknown key 'bogus'; valid keys: name, description, seeds"),
     ("train.lr=fast", "train.lr: expected float, got str 'fast'"),
     ("seeds=3", "seeds: expected a list of int"),
-    ("train.optimizer=lion", "unknown optimizer 'lion'; valid choices: sgd, adam, adamw"),
+    ("train.optimizer=lion", "unknown optimizer 'lion'; valid choices: adam, adamw, classp, frugal, galore_adamw"),
     ("variants.replay.strategy=gem", "unknown strategy 'gem'; valid choices: agem, ema, ewc"),
     ("variants.replay.params.memory=5", "unknown parameter of strategy 'replay'; valid: mem_size"),
     ("variants.replay.params.mem_size=big", "params.mem_size: expected int, got str 'big'"),

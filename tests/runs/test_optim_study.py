@@ -38,7 +38,7 @@ def test_divergence_is_detected_and_stops_the_run(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("variants.soap.optimizer=lion", "unknown optimizer 'lion'; valid choices: adamw, classp, frugal, galore_adamw"),
+    ("variants.soap.optimizer=lion", "unknown optimizer 'lion'; valid choices: adam, adamw, classp, frugal"),
     ("variants.soap.params.momentum=0.9", "unknown argument of optimizer 'soap'; valid: lr, betas"),
     ("variants.soap.params.lr=-1.0", "lr=-1.0 is out of range"),
     ("lm.n_head=3", "lm.n_embd=64 must be a multiple of lm.n_head=3"),

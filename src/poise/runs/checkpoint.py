@@ -23,7 +23,11 @@ from torch import nn
 
 from poise.runs.store import atomic_write_json
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or its manifest that cannot be read; the message names the file."""
 
 
 def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -61,10 +65,10 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     try:
         data = json.loads(pointer.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"checkpoint manifest {pointer} is not JSON: {e}") from None
+        raise CheckpointError(f"checkpoint manifest {pointer} is not JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("path"), str) or \
             not _STEP_DIR.fullmatch(data["path"]) or type(data.get("step")) is not int:
-        raise ValueError(f"checkpoint manifest {pointer} is malformed: expected "
+        raise CheckpointError(f"checkpoint manifest {pointer} is malformed: expected "
                          f'{{"step": <int>, "path": "step-NNNNNN"}}, got {str(data)[:80]}')
     path = Path(directory) / data["path"]
     return path if (path / "state.json").is_file() else None
@@ -80,12 +84,12 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     try:
         state = json.loads((path / "state.json").read_text())
         if not isinstance(state, dict) or type(state.get("step")) is not int:
-            raise ValueError("state.json has no integer 'step'")
+            raise CheckpointError("state.json has no integer 'step'")
         load_model(model, str(path / "model.safetensors"))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         rng = torch.load(path / "rng.pt", weights_only=True)
         generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-        raise ValueError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from None
     return state

@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -88,13 +89,17 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def truncate_jsonl(path: str | Path, max_step: int) -> None:
+def truncate_jsonl(path: str | Path, max_step: int,
+                   drop_at_max: Callable[[dict[str, Any]], bool] | None = None) -> None:
     """Keep only the complete lines with ``step <= max_step`` (resuming from a checkpoint
-    taken at ``max_step``: later lines would be written again). Atomic."""
+    taken at ``max_step``: later lines would be written again), less the lines at ``max_step``
+    for which ``drop_at_max`` is true (written after the checkpoint). Atomic."""
     path = Path(path)
     if not path.exists():
         return
-    keep = [json.dumps(r) for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+    keep = [json.dumps(r) for r in read_jsonl(path)
+            if r.get("step", 0) < max_step
+            or (r.get("step", 0) == max_step and not (drop_at_max is not None and drop_at_max(r)))]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)

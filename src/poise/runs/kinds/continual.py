@@ -1,23 +1,19 @@
-"""Run a study: every variant x seed of a recipe, continually evaluated, into a run dir.
+"""The continual study kind: update rules (strategies) compared on a stream of tasks, with
+continual evaluation that exposes the stability gap.
 
-Layout of a run directory::
-
-    config.json                 the resolved config (after overrides and defaults)
-    metrics/<variant>-s<seed>.jsonl   one line per optimizer step, flushed as written
-    results/<variant>-s<seed>.json    final metrics and evaluation curves of that run
-    summary.json                mean and std over seeds per variant (rewritten after each run)
-    *.png, report.html          the report (``poise report RUN_DIR`` rebuilds it)
+One module holds the kind: its config dataclasses and validation, one run
+(:func:`run_one`: :func:`poise.continual.fit_stream` with a :class:`ContinualEvaluator`),
+the summary over seeds, the report's tables and plots, and ``KIND``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import html
 import inspect
-import json
-import math
 import os
-import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +23,181 @@ import torch
 from poise import _registry
 from poise.continual.loop import fit_stream
 from poise.measure.evaluator import ContinualEvaluator, EvalSchedule, EvalSet
-from poise.runs.config import StudyConfig
-from poise.runs.store import JsonlWriter, atomic_write_json, new_run_dir
-from poise.tasks.models import build_model
+from poise.models import build_model
+from poise.runs.checkpoint import CheckpointError
+from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
+from poise.runs.config import DEFAULT_RECIPE, ConfigError, _check_variants, _choices, _help
+from poise.runs.engine import _stats, execute
+from poise.runs.kinds._protocol import StudyKind
+from poise.runs.report import _fmt
+from poise.runs.store import JsonlWriter, truncate_jsonl
 
-__all__ = ["run_study", "summarize"]
+__all__ = ["EvalConfig", "StudyConfig", "TrainConfig", "VariantConfig", "WorkloadConfig", "KIND", "run_one",
+           "run_study", "summarize", "strategy_params", "validate"]
 
+
+# -- config --------------------------------------------------------------------------------
+@dataclass
+class WorkloadConfig:
+    stream: str = _help("continual stream (registry 'stream')", default="split-digits")
+    scenario: str = _help("split-digits: 'class' (one head) or 'task' (task id known); "
+                          "rotated/permuted: 'domain'", default="class")
+    n_tasks: int = _help("number of tasks in the stream", default=5)
+    model: str = _help("classifier (registry 'model')", default="mlp")
+    hidden: int = _help("hidden width of the model", default=256)
+    depth: int = _help("hidden layers of the MLP", default=2)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = _help("optimizer of every variant: a registered poise optimizer (poise list optimizers), "
+                           "torch's 'sgd' or 'adam', or an import path 'pkg.mod:Class'", default="sgd")
+    lr: float = _help("learning rate", default=0.05)
+    momentum: float = _help("SGD momentum", default=0.0)
+    weight_decay: float = _help("weight decay", default=0.0)
+    batch_size: int = _help("training samples per step (current task)", default=32)
+    steps_per_task: int = _help("optimizer steps on each task", default=300)
+    optimizer_params: dict[str, Any] = _help("more keyword arguments of the optimizer (betas, eps, ...) and its "
+                                             "declared group keys (galore_adamw: rank, update_proj_gap, scale, "
+                                             "proj_type)", default_factory=dict)
+    checkpoint_every: int = _help("write a mid-task checkpoint (model, optimizer, strategy, evaluator, RNG) every "
+                                  "this many steps; poise run --resume RUN_DIR continues an interrupted run from it "
+                                  "(0 = never: an interrupted run restarts from its start)", default=100)
+
+
+@dataclass
+class EvalConfig:
+    dense_steps: int = _help("evaluate every step for this many steps after each task "
+                             "boundary", default=0)
+    every: int = _help("then evaluate every this many steps (1 = per-iteration)", default=1)
+    subset_size: int = _help("evaluate each task on a fixed seeded subset of this many "
+                             "samples (0 = all)", default=0)
+    budget: float = _help("cap scheduled evaluation samples at budget x training samples "
+                          "(0 = no cap)", default=0.0)
+    windows: list[int] = _help("window sizes w of WF^w / WP^w, in evaluations",
+                               default_factory=lambda: [10])
+    gap_eps: float = _help("stability-gap recovery tolerance (accuracy)", default=0.02)
+
+
+@dataclass
+class VariantConfig:
+    name: str = _help("label of this variant in tables and plots", default="")
+    strategy: str = _help("continual strategy (registry 'strategy')", default="finetune")
+    params: dict[str, Any] = _help("keyword arguments of the strategy", default_factory=dict)
+    optimizer: str = _help("this variant's optimizer ('' = train.optimizer)", default="")
+    optimizer_params: dict[str, Any] = _help("this variant's optimizer arguments (with optimizer set: instead of "
+                                             "train.optimizer_params; else merged over them)", default_factory=dict)
+
+
+def _default_variants() -> list[VariantConfig]:
+    return [VariantConfig(n, n) for n in ("finetune", "replay", "ewc", "agem", "ogpsa")]
+
+
+@dataclass
+class StudyConfig:
+    name: str = _help("study name (names the run directory)", default=DEFAULT_RECIPE)
+    description: str = _help("one paragraph shown at the top of the report", default="")
+    seeds: list[int] = _help("seeds; every variant runs once per seed",
+                             default_factory=lambda: [0, 1, 2])
+    threads: int = _help("torch intra-op threads (tiny models run fastest on 1)", default=1)
+    out_dir: str = _help("parent folder of run directories", default="runs")
+    workload: WorkloadConfig = _help("the stream and model", default_factory=WorkloadConfig)
+    train: TrainConfig = _help("the optimizer and steps", default_factory=TrainConfig)
+    eval: EvalConfig = _help("continual evaluation", default_factory=EvalConfig)
+    variants: list[VariantConfig] = _help("the update rules compared ([[variants]] tables)",
+                                          default_factory=_default_variants)
+    kind: str = _help("'continual' (the default kind): update rules compared on a stream of tasks",
+                      default="continual")
+
+
+_NOT_FROM_RECIPE = {"loss_fn", "reference", "seed"}
+
+
+def strategy_params(name: str) -> dict[str, inspect.Parameter]:
+    cls = _registry.get("strategy", name)
+    sig = inspect.signature(cls.__init__)
+    return {k: p for k, p in list(sig.parameters.items())[1:] if k not in _NOT_FROM_RECIPE}
+
+
+def validate(cfg: StudyConfig) -> StudyConfig:
+    """Check registry names, ranges and strategy parameters; raise :class:`ConfigError`."""
+    _choices("stream", cfg.workload.stream, "workload.stream")
+    _choices("model", cfg.workload.model, "workload.model")
+    for key, v in [("train.lr", cfg.train.lr), ("train.batch_size", cfg.train.batch_size),
+                   ("train.steps_per_task", cfg.train.steps_per_task), ("eval.every", cfg.eval.every),
+                   ("workload.n_tasks", cfg.workload.n_tasks), ("workload.hidden", cfg.workload.hidden),
+                   ("threads", cfg.threads)]:
+        if v <= 0:
+            raise ConfigError(f"{key}={v} must be > 0")
+    for key, v in [("train.checkpoint_every", cfg.train.checkpoint_every),
+                   ("eval.dense_steps", cfg.eval.dense_steps), ("eval.subset_size", cfg.eval.subset_size),
+                   ("eval.budget", cfg.eval.budget)]:
+        if v < 0:
+            raise ConfigError(f"{key}={v} must be >= 0")
+    for i, v in enumerate(_check_variants(cfg, "strategy")):
+        key = f"variants[{i}]"
+        allowed = strategy_params(v.strategy)
+        for p, val in v.params.items():
+            if p not in allowed:
+                raise ConfigError(f"{key}.params.{p}: unknown parameter of strategy {v.strategy!r}; "
+                                  f"valid: {', '.join(allowed) or '(none)'}")
+            default = allowed[p].default
+            if default is not inspect.Parameter.empty and default is not None:
+                want = type(default)
+                ok = isinstance(val, want) and not (isinstance(val, bool) and want is not bool)
+                if want is float and isinstance(val, int) and not isinstance(val, bool):
+                    v.params[p] = float(val)
+                    ok = True
+                if not ok:
+                    raise ConfigError(f"{key}.params.{p}: expected {want.__name__}, "
+                                      f"got {type(val).__name__} {val!r}")
+    # the stream's own checks (scenario, n_tasks) run when it is built: build it now
+    try:
+        stream = _registry.get("stream", cfg.workload.stream)(n_tasks=cfg.workload.n_tasks,
+                                                              scenario=cfg.workload.scenario)
+    except ValueError as e:
+        raise ConfigError(f"workload: {e}") from None
+    # every variant's optimizer is built once on the study's model, so its own checks run now
+    model = _model(cfg, stream)
+    for i in range(len(cfg.variants)):
+        _optimizer(cfg, i, model)
+    return cfg
+
+
+def optimizer_spec(cfg: StudyConfig, variant_index: int) -> tuple[OptimizerSpec, str, str]:
+    """The optimizer of variant ``variant_index`` and the config keys that name it."""
+    v, t = cfg.variants[variant_index], cfg.train
+    if v.optimizer:
+        return (OptimizerSpec(v.optimizer, dict(v.optimizer_params)), f"variants[{variant_index}].optimizer",
+                f"variants[{variant_index}].optimizer_params")
+    key = f"variants[{variant_index}].optimizer_params" if v.optimizer_params else "train.optimizer_params"
+    return OptimizerSpec(t.optimizer, {**t.optimizer_params, **v.optimizer_params}), "train.optimizer", key
+
+
+def _optimizer(cfg: StudyConfig, variant_index: int, model: torch.nn.Module) -> torch.optim.Optimizer:
+    spec, name_key, params_key = optimizer_spec(cfg, variant_index)
+    return build_optimizer(spec, model, name_key, params_key, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                           momentum=cfg.train.momentum)
+
+
+def _model(cfg: StudyConfig, stream: Any) -> torch.nn.Module:
+    w = cfg.workload
+    return build_model(w.model, int(np.prod(stream.input_shape)), stream.n_classes, w.hidden, w.depth)
+
+
+def resolve(cfg: StudyConfig) -> dict[str, Any]:
+    """What each variant's optimizer was built as (class, groups, projected matrices)."""
+    w = cfg.workload
+    stream = _registry.get("stream", w.stream)(n_tasks=w.n_tasks, scenario=w.scenario)
+    model = _model(cfg, stream)
+    return {"optimizers": {v.name: describe_optimizer(_optimizer(cfg, i, model), model)
+                           for i, v in enumerate(cfg.variants)}}
+
+
+
+
+# -- one run --------------------------------------------------------------------------------
 SCALARS = ("acc", "forgetting", "bwt", "min_acc", "wc_acc", "gap_depth", "gap_recovery")
-
-
-def _optimizer(cfg: StudyConfig, params: Any) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def _strategy(name: str, params: dict[str, Any], seed: int) -> Any:
@@ -53,30 +208,6 @@ def _strategy(name: str, params: dict[str, Any], seed: int) -> Any:
     return cls(**kwargs)
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def describe(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path | None = None,
             progress: Any = None) -> dict[str, Any]:
     """Train one variant with one seed; returns metrics and curves."""
@@ -84,10 +215,9 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
     stream = _registry.get("stream", w.stream)(n_tasks=w.n_tasks, scenario=w.scenario)
     v = cfg.variants[variant_index]
     torch.manual_seed(seed)
-    in_features = int(np.prod(stream.input_shape))
-    model = build_model(w.model, in_features, stream.n_classes, w.hidden, w.depth)
+    model = _model(cfg, stream)
     strategy = _strategy(v.strategy, v.params, seed)
-    opt = _optimizer(cfg, model.parameters())
+    opt = _optimizer(cfg, variant_index, model)
     e = cfg.eval
     evaluator = ContinualEvaluator(
         {t.id: EvalSet(t.x_test, t.y_test, t.classes if t.restrict else None) for t in stream.tasks},
@@ -98,9 +228,22 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
         windows=e.windows,
         gap_eps=e.gap_eps,
     )
-    from poise.distributed import is_main
+    from poise.distributed import is_main, rank_world
 
-    writer = JsonlWriter(metrics_path) if metrics_path and is_main() else None
+    main = is_main()
+    # mid-task checkpoints (one process only: under torchrun each rank's sharded evaluator differs, and a
+    # study there restarts an unfinished run from its start)
+    every = cfg.train.checkpoint_every if rank_world()[1] == 1 else 0
+    ckpt = metrics_path.parent.parent / "checkpoints" / f"{metrics_path.stem}.pt" if metrics_path and every else None
+    resume = _load_checkpoint(ckpt) if ckpt is not None else None
+    if main and metrics_path is not None:
+        if resume is None:
+            metrics_path.unlink(missing_ok=True)  # a fresh run: no stale lines from an earlier attempt
+        else:  # lines after the checkpoint are written again (a task's boundary line follows its last step)
+            truncate_jsonl(metrics_path, resume["step"], drop_at_max=lambda r: bool(r.get("boundary")))
+    if resume is not None and progress is not None:
+        progress(resume["step"])
+    writer = JsonlWriter(metrics_path) if metrics_path and main else None
     t0 = time.perf_counter()
     try:
         metrics = fit_stream(
@@ -109,10 +252,17 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
             n_classes=stream.n_classes, seed=seed,
             log=writer.write if writer else None, progress=progress,
             shard=False,  # under torchrun every rank trains the same model on the whole batch; evaluation is sharded
+            checkpoint_every=every if ckpt is not None and main else 0,
+            on_checkpoint=(lambda st: _save_checkpoint(ckpt, st)) if ckpt is not None and main else None,
+            resume=resume,
         )
     finally:
         if writer:
             writer.close()
+    if ckpt is not None and main:
+        ckpt.unlink(missing_ok=True)  # the run's result file is about to be written: it supersedes the checkpoint
+        if ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
+            ckpt.parent.rmdir()
     steps, acc = evaluator.curves()
     return {
         "variant": v.name, "strategy": v.strategy, "seed": seed,
@@ -124,12 +274,22 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
     }
 
 
-def _stats(values: list[float]) -> dict[str, float | int]:
-    a = np.array([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))],
-                 dtype=float)
-    if len(a) == 0:
-        return {"mean": math.nan, "std": math.nan, "n": 0}
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``fit_stream``'s state, written atomically (a crash mid-write keeps the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file: say which, never run pickled code
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to restart "
+                         "this run from its start") from None
 
 
 def summarize(results: list[dict[str, Any]], windows: list[int]) -> dict[str, Any]:
@@ -149,75 +309,175 @@ def summarize(results: list[dict[str, Any]], windows: list[int]) -> dict[str, An
     return out
 
 
-def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report: bool, steps_per_run: int,
-            run_one_fn: Any, summarize_fn: Any, kind: str, resumable: bool = False) -> Path:
-    """Run every variant x seed of ``cfg`` with ``run_one_fn(cfg, i, seed, metrics_path,
-    progress)``, write each result and a fresh ``summary.json`` (``summarize_fn(results)``)
-    after every run, then the report. Shared by every study kind. Runs whose result file
-    already exists are not run again (``poise run --resume``); an unfinished run starts again
-    from scratch (its partial metrics file is replaced) unless ``resumable``: then the run
-    function resumes from its own checkpoints and truncates its metrics file to them (the RL
-    study does)."""
-    from poise.distributed import is_main
-
-    main = is_main()  # under torchrun every rank runs every run; rank 0 writes the files
-    torch.set_num_threads(cfg.threads)
-    path = Path(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name)
-    if main:
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path / "config.json", dataclasses.asdict(cfg))
-    if progress is None:
-        progress = sys.stderr.isatty() and os.environ.get("CI") != "true"
-    bar = _Progress(steps_per_run * len(cfg.variants) * len(cfg.seeds), progress and main)
-    results: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-
-    def summary(complete: bool) -> dict[str, Any]:
-        return {"study": cfg.name, "kind": kind, "complete": complete, "wall_seconds": time.perf_counter() - t0,
-                "runs": len(results), "variants": summarize_fn(results)}
-
-    try:
-        for seed in cfg.seeds:
-            for i, v in enumerate(cfg.variants):
-                bar.describe(f"{v.name} seed {seed}")
-                tag = f"{v.name}-s{seed}"
-                done = path / "results" / f"{tag}.json"
-                if _agreed(done.is_file()):  # resuming: this run finished before
-                    results.append(json.loads(done.read_text()) if main else {})
-                    bar.update(steps_per_run)
-                    continue
-                metrics = path / "metrics" / f"{tag}.jsonl"
-                if main and not resumable and metrics.exists():
-                    metrics.unlink()  # a partial run from an interrupted attempt: it starts again
-                r = run_one_fn(cfg, i, seed, metrics, bar.update)
-                results.append(r)
-                if main:
-                    atomic_write_json(done, r)
-                    atomic_write_json(path / "summary.json", summary(False))
-    finally:
-        bar.close()
-    if main:
-        atomic_write_json(path / "summary.json", summary(True))
-    if report and main:
-        from poise.runs.report import build_report
-
-        build_report(path)
-    return path
-
-
-def _agreed(flag: bool) -> bool:
-    """Rank 0's ``flag`` on every rank (one run directory, maybe not shared by all machines)."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return flag
-    box = [flag]
-    dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
 
 
 def run_study(cfg: StudyConfig, run_dir: str | Path | None = None, progress: bool | None = None,
               report: bool = True) -> Path:
     """Run every variant x seed of a continual study; write the run directory; return its path."""
-    return execute(cfg, run_dir, progress, report, cfg.train.steps_per_task * cfg.workload.n_tasks, run_one,
-                   lambda rs: summarize(rs, cfg.eval.windows), "continual")
+    return execute(cfg, run_dir, progress, report, KIND)
+
+
+# -- report --------------------------------------------------------------------------------
+def _curve_mean(results: list[dict[str, Any]], col: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and spread over seeds of task ``col``'s accuracy, or of the mean over seen tasks."""
+    per_seed = []
+    for r in results:
+        steps = np.array(r["curves"]["steps"], dtype=float)
+        acc = np.array([[np.nan if a is None else a for a in row] for row in r["curves"]["acc"]], dtype=float)
+        y = acc[:, col] if col is not None else np.nanmean(acc, axis=1)
+        per_seed.append((steps, y))
+    grid = per_seed[0][0]
+    ys = np.array([np.interp(grid, s, y, left=np.nan) if len(s) else grid * np.nan
+                   for s, y in per_seed])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: a task not yet seen
+        return grid, np.nanmean(ys, 0), np.nanstd(ys, 0)
+
+
+def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    by_v = {v: [r for r in results if r["variant"] == v] for v in variants}
+    colors = plt.get_cmap("tab10")
+    boundaries = results[0]["boundaries"]
+    out: list[tuple[str, Path]] = []
+
+    def bounds(ax: Any) -> None:
+        for b in boundaries[:-1]:
+            ax.axvline(b, color="#999", ls="--", lw=0.8)
+
+    # 1. first task's accuracy over the whole stream, with a zoom on the first switch
+    fig, (ax, az) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    for i, v in enumerate(variants):
+        x, m, s = _curve_mean(by_v[v], 0)
+        ax.plot(x, m, color=colors(i), lw=1.2, label=v)
+        ax.fill_between(x, m - s, m + s, color=colors(i), alpha=0.15)
+        az.plot(x, m, color=colors(i), lw=1.4, label=v)
+        az.fill_between(x, m - s, m + s, color=colors(i), alpha=0.15)
+    bounds(ax)
+    bounds(az)
+    ax.set(xlabel="optimizer step", ylabel="accuracy on task 0", ylim=(-0.02, 1.02),
+           title="Task 0 accuracy during the whole stream (mean ± std over seeds)")
+    if len(boundaries) > 1:
+        b0 = boundaries[0]
+        span = (boundaries[1] - b0) if len(boundaries) > 1 else b0
+        az.set_xlim(b0 - 0.1 * span, b0 + 0.6 * span)
+    az.set(xlabel="optimizer step", ylim=(-0.02, 1.02), title="Zoom: the first task switch")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    p = run_dir / "task0_accuracy.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    out.append(("Accuracy on the first task: the dip after each switch is the stability gap", p))
+
+    # 2. every task's curve, one panel per variant (the figure of De Lange et al.)
+    n_tasks = len(boundaries)
+    cols = min(3, len(variants))
+    rows = -(-len(variants) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    tcolors = plt.get_cmap("viridis")
+    for k, v in enumerate(variants):
+        ax = axes[k // cols][k % cols]
+        for t in range(n_tasks):
+            x, m, _ = _curve_mean(by_v[v], t)
+            ax.plot(x, m, color=tcolors(t / max(1, n_tasks - 1)), lw=1.0, label=f"task {t}")
+        bounds(ax)
+        ax.set(title=v, ylim=(-0.02, 1.02), xlabel="optimizer step")
+        if k % cols == 0:
+            ax.set_ylabel("accuracy")
+    for k in range(len(variants), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    p = run_dir / "task_curves.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    out.append(("Every task's accuracy, per variant (mean over seeds)", p))
+
+    # 3. average accuracy over seen tasks
+    fig, ax = plt.subplots(figsize=(13, 3.8))
+    for i, v in enumerate(variants):
+        x, m, s = _curve_mean(by_v[v], None)
+        ax.plot(x, m, color=colors(i), lw=1.2, label=v)
+        ax.fill_between(x, m - s, m + s, color=colors(i), alpha=0.15)
+    bounds(ax)
+    ax.set(xlabel="optimizer step", ylabel="mean accuracy over seen tasks", ylim=(-0.02, 1.02),
+           title="Average accuracy on the tasks seen so far")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    p = run_dir / "average_accuracy.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    out.append(("Average accuracy over the tasks seen so far", p))
+
+    # 4. final metrics side by side
+    names = ["acc", "min_acc", "wc_acc", "forgetting", "gap_depth"]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / max(1, len(variants))
+    for i, v in enumerate(variants):
+        vals = [[r["metrics"].get(k) for r in by_v[v]] for k in names]
+        vals = [[np.nan if a is None else a for a in row] for row in vals]
+        ax.bar(np.arange(len(names)) + i * width, [np.nanmean(a) for a in vals], width,
+               yerr=[np.nanstd(a) for a in vals], color=colors(i), label=v, capsize=2)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, ["ACC", "min-ACC", "WC-ACC", "FORG", "gap depth"])
+    ax.set(ylim=(0, 1.05), title="Final metrics per variant")
+    ax.legend(fontsize=8, ncol=len(variants))
+    fig.tight_layout()
+    p = run_dir / "metrics.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    out.append(("Final metrics per variant (mean ± std over seeds)", p))
+    return out
+
+
+METRICS_NOTE = (
+    "Mean ± sample std over seeds. ACC: final average accuracy; FORG: forgetting; min-ACC: mean over earlier "
+    "tasks of their worst accuracy after being learned; WC-ACC: worst-case accuracy; WF<sup>w</sup>: windowed "
+    "forgetting over w evaluations; gap depth: accuracy of a task at the switch minus its minimum during the next "
+    "task, averaged over switches; recovery: steps after the switch until accuracy is back within ε of its switch "
+    "value (mean over recovered switches). All accuracies on held-out data.")
+GAP_NOTE = ("Accuracy on task 0 at the end of its own training, its minimum at any evaluation after that, its "
+            "final value, and the depth and recovery time of the dip right after the first switch.")
+
+
+def _continual_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    windows = config["eval"]["windows"]
+    table = summarize(results, windows)
+    metric_keys = ["acc", "forgetting", "bwt", "min_acc", "wc_acc", *[f"wf{w}" for w in windows],
+                   "gap_depth", "gap_recovery"]
+    metric_heads = ["ACC", "FORG", "BWT", "min-ACC", "WC-ACC", *[f"WF<sup>{w}</sup>" for w in windows],
+                    "gap depth", "recovery (steps)"]
+    gap_keys = ["task0_acc_at_end", "task0_min_after", "task0_acc_final", "task0_gap_depth", "task0_gap_recovery"]
+    gap_heads = ["acc at end of task 0", "min after", "final", "gap depth", "recovery (steps)"]
+    return [
+        {"title": "Metrics per variant", "note": METRICS_NOTE, "heads": metric_heads,
+         "rows": [[html.escape(v)] + [_fmt(row[k]) for k in metric_keys] for v, row in table.items()]},
+        {"title": "The stability gap on the first task", "note": GAP_NOTE, "heads": gap_heads,
+         "rows": [[html.escape(v)] + [_fmt(row[k]) for k in gap_keys] for v, row in table.items()]},
+    ]
+
+
+
+
+KIND = StudyKind(
+    name="continual",
+    Config=StudyConfig,
+    example="stability-gap",
+    variant_key="strategy",
+    validate=validate,
+    steps_per_run=lambda cfg: cfg.train.steps_per_task * cfg.workload.n_tasks,
+    describe=lambda cfg: f"{cfg.workload.n_tasks} tasks x {cfg.train.steps_per_task} steps",
+    run_one=run_one,
+    summarize=lambda results, config: summarize(results, config["eval"]["windows"]),
+    tables=_continual_tables,
+    plots=_plots,
+    columns=(("acc", "ACC"), ("forgetting", "FORG"), ("min_acc", "min-ACC"), ("wc_acc", "WC-ACC"),
+             ("gap_depth", "gap"), ("task0_acc_at_end", "t0 end"), ("task0_min_after", "t0 min")),
+    quick=("seeds=[0]", "train.steps_per_task=100"),
+    resumable=True,
+    resolve=resolve,
+)

@@ -17,9 +17,11 @@ the update rule alone).
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +29,137 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from poise import _registry
 from poise.distributed import is_main
-from poise.edit.linear import RLSEditor, alphaedit, memit, rome, sphere_project
+from poise.edit.editors import editor_params, make_editor
+from poise.edit.targets import edit_targets, keys_at
 from poise.edit.unlearn import grad_ascent_loss, grad_diff_loss, npo_loss
-from poise.runs.config import EditStudyConfig, FactLMConfig
+from poise.runs.config import ConfigError, _check_variants, _help
+from poise.runs.engine import _stats, execute
+from poise.runs.kinds._protocol import StudyKind
+from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter
-from poise.runs.study import _stats, execute
 from poise.tasks.factlm import (
     WordTokenizer,
     base_lines,
     candidate_logprobs,
-    edit_targets,
     fact_tokenizer,
     heldout_loss,
-    keys_at,
     subject_position,
     template_prompt,
     train_lm,
 )
 from poise.tasks.facts import THEMES, Fact, make_facts
 
-__all__ = ["fact_lm", "run_edit_study", "run_one_edit", "summarize_edit"]
+__all__ = ["KIND", "EditStreamConfig", "EditStudyConfig", "EditVariantConfig", "FactLMConfig", "validate_edit",
+           "fact_lm", "run_edit_study", "run_one_edit", "summarize_edit"]
 
+# -- config --------------------------------------------------------------------------------
+@dataclass
+class FactLMConfig:
+    n_facts: int = _help("facts the LM is trained on (edits rewrite some of them; the rest measure locality)",
+                         default=3000)
+    n_layer: int = _help("GPT layers", default=2)
+    n_head: int = _help("GPT heads", default=2)
+    n_embd: int = _help("GPT width", default=64)
+    mlp_ratio: int = _help("MLP hidden size / width (the edited layer's key size is mlp_ratio * n_embd)", default=4)
+    steps: int = _help("training steps", default=1500)
+    batch_size: int = _help("sequences of 16 tokens per step", default=32)
+    lr: float = _help("AdamW learning rate (cosine decay)", default=3e-3)
+
+
+@dataclass
+class EditStreamConfig:
+    layer: int = _help("block whose MLP down-projection is edited", default=1)
+    position: str = _help("where keys are read: 'last' (the prompt's last token) or 'subject' (ROME's subject "
+                          "token)", default="last")
+    n_edits: int = _help("counterfactual edits in the stream (at most n_facts minus n_locality)", default=1000)
+    per_request: int = _help("edits per request (each editor call gets this many)", default=10)
+    n_locality: int = _help("unedited known facts that measure locality (never preserved keys)", default=300)
+    n_preserve: int = _help("unedited known facts whose keys are the preserved/anchor keys K0", default=1500)
+    eval_every: int = _help("requests between retention checks", default=10)
+    v_steps: int = _help("Adam steps of the target-value search (ROME's v*)", default=40)
+    v_lr: float = _help("learning rate of the target-value search", default=0.5)
+    v_clamp: float = _help("the value change is clamped to this times the layer output's norm", default=4.0)
+    unlearn_every: int = _help("an unlearning request every this many edit requests (0 = none)", default=0)
+    unlearn_n: int = _help("facts forgotten per unlearning request", default=10)
+    unlearn_method: str = _help("'npo', 'grad_diff' or 'grad_ascent' on the edited layer", default="npo")
+    unlearn_steps: int = _help("gradient steps per unlearning request", default=20)
+    unlearn_lr: float = _help("SGD learning rate of unlearning", default=0.05)
+
+
+@dataclass
+class EditVariantConfig:
+    name: str = _help("label", default="")
+    editor: str = _help("registry 'editor' (poise list editors: rome, memit, alphaedit, rlsedit, none)",
+                        default="memit")
+    sphere: bool = _help("project each update away from W's principal directions (SPHERE)", default=False)
+    params: dict[str, Any] = _help("the editor's arguments (their defaults: poise list editors), and with sphere "
+                                   "the wrapper's beta, alpha", default_factory=dict)
+
+
+@dataclass
+class EditStudyConfig:
+    kind: str = _help("'edit': closed-form editors on a stream of edits to a tiny fact LM", default="edit")
+    name: str = _help("study name", default="edit-stream")
+    description: str = _help("shown at the top of the report", default="")
+    seeds: list[int] = _help("seeds", default_factory=lambda: [0])
+    threads: int = _help("torch threads", default=2)
+    out_dir: str = _help("parent folder of run directories", default="runs")
+    lm: FactLMConfig = _help("the fact LM", default_factory=FactLMConfig)
+    stream: EditStreamConfig = _help("the edit stream", default_factory=EditStreamConfig)
+    variants: list[EditVariantConfig] = _help("the editors compared ([[variants]] tables)", default_factory=list)
+
+
+SPHERE_KEYS = ("beta", "alpha")  # the sphere wrapper's arguments in a variant's params
+
+
+def _check_lm(lm: FactLMConfig) -> None:
+    for key in ("n_facts", "n_layer", "n_head", "n_embd", "mlp_ratio", "steps", "batch_size"):
+        if getattr(lm, key) <= 0:
+            raise ConfigError(f"lm.{key}={getattr(lm, key)} must be > 0")
+    if lm.n_embd % lm.n_head:
+        raise ConfigError(f"lm.n_embd={lm.n_embd} must be a multiple of lm.n_head={lm.n_head}")
+    if not lm.lr > 0:
+        raise ConfigError(f"lm.lr={lm.lr} must be > 0")
+
+
+def validate_edit(cfg: EditStudyConfig) -> EditStudyConfig:
+    _check_lm(cfg.lm)
+    s = cfg.stream
+    if not 0 <= s.layer < cfg.lm.n_layer:
+        raise ConfigError(f"stream.layer={s.layer}; valid: 0 to lm.n_layer-1 = {cfg.lm.n_layer - 1}")
+    if s.position not in ("last", "subject"):
+        raise ConfigError(f"stream.position: {s.position!r}; valid choices: last, subject")
+    for key in ("n_edits", "per_request", "n_locality", "eval_every", "v_steps", "unlearn_n", "unlearn_steps"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"stream.{key}={getattr(s, key)} must be > 0")
+    if s.n_preserve < 0 or s.unlearn_every < 0:
+        raise ConfigError("stream.n_preserve and stream.unlearn_every must be >= 0")
+    forget = (s.n_edits // s.per_request // s.unlearn_every) * s.unlearn_n if s.unlearn_every else 0
+    need = s.n_edits + s.n_locality + s.n_preserve + forget
+    if need > cfg.lm.n_facts:
+        raise ConfigError(f"stream needs {need} facts (n_edits + n_locality + n_preserve + facts to forget) but "
+                          f"lm.n_facts={cfg.lm.n_facts}: raise lm.n_facts or lower the stream")
+    if s.unlearn_method not in ("npo", "grad_diff", "grad_ascent"):
+        raise ConfigError(f"stream.unlearn_method: {s.unlearn_method!r}; valid choices: npo, grad_diff, grad_ascent")
+    editors = [n for n in _registry.names("editor") if not getattr(_registry.get("editor", n), "wrapper", False)]
+    for i, v in enumerate(_check_variants(cfg, "editor", registry=False)):
+        key = f"variants[{i}]"
+        if v.editor not in editors:
+            raise ConfigError(f"{key}.editor: {v.editor!r}; valid choices: {', '.join(editors)}")
+        allowed = (*editor_params(v.editor), *(SPHERE_KEYS if v.sphere else ()))
+        for p, x in v.params.items():
+            if p not in allowed:
+                raise ConfigError(f"{key}.params.{p}: unknown argument of editor {v.editor!r}; "
+                                  f"valid: {', '.join(allowed) or '(none)'}")
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0:
+                raise ConfigError(f"{key}.params.{p}={x!r} must be a number >= 0")
+    return cfg
+
+
+
+# -- one run --------------------------------------------------------------------------------
 _CACHE: dict[str, Any] = {}
 _TARGETS: dict[str, Any] = {}
 
@@ -106,48 +217,11 @@ def _general_lines(seed: int, n: int = 400) -> list[str]:
     return out
 
 
-class _Editor:
-    """One variant's update rule over a float64 copy of the edited weight."""
-
-    def __init__(self, v: Any, W0: Tensor, K0: Tensor, C0: Tensor):
-        self.v, self.p = v, dict(v.params)
-        self.W, self.K0, self.C0 = W0.clone(), K0, C0
-        self.K_prev: list[Tensor] = []
-        if v.editor == "rlsedit":
-            self.rls = RLSEditor(W0, K0, lam=self.p.get("lam", 1.0), mu=self.p.get("mu", 10.0))
-        if v.editor == "rome":
-            self.C = C0 + self.p.get("lam", 1e-3) * torch.eye(C0.shape[0], dtype=C0.dtype)
-
-    def _sphere(self, delta: Tensor) -> Tensor:
-        if not self.v.sphere:
-            return delta
-        return sphere_project(self.W, delta, beta=self.p.get("beta", 0.5), alpha=self.p.get("alpha", 0.5))
-
-    def edit(self, K: Tensor, V: Tensor) -> None:
-        e = self.v.editor
-        if e == "none":
-            return
-        if e == "rlsedit":
-            self.W = self.rls.edit(K, V).clone()
-            return
-        if e == "rome":
-            for i in range(K.shape[1]):
-                self.W += self._sphere(rome(self.W, K[:, i], V[:, i], self.C))
-            return
-        if e == "memit":
-            delta = memit(self.W, K, V, self.C0, lam=self.p.get("lam", 100.0))
-        else:
-            prev = torch.cat(self.K_prev, 1) if self.K_prev else None
-            delta = alphaedit(self.W, K, V, self.K0, K_prev=prev, threshold=self.p.get("threshold", 1e-2),
-                              l2=self.p.get("l2", 1.0))
-            self.K_prev.append(K)
-        self.W += self._sphere(delta)
-
-    def shift(self, delta: Tensor) -> None:
-        """An outside change of the weight (unlearning) that the editor carries on from."""
-        self.W += delta
-        if self.v.editor == "rlsedit":
-            self.rls.W += delta
+def _editor(v: Any, W0: Tensor, K0: Tensor, C0: Tensor) -> Any:
+    """The variant's editor (:func:`poise.edit.make_editor`) over a float64 copy of the edited weight."""
+    sphere = {k: v.params[k] for k in SPHERE_KEYS if k in v.params} if v.sphere else None
+    return make_editor(v.editor, W0.clone(), K0, C0, sphere=sphere,
+                       **{k: x for k, x in v.params.items() if k not in SPHERE_KEYS})
 
 
 def _seq_logp(model: nn.Module, tok: WordTokenizer, facts: list[Fact], kws: list[str]) -> Tensor:
@@ -224,7 +298,7 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
     general = _general_lines(seed)
     base_general = heldout_loss(model, tok, general, model.config.block_size)
     W0 = layer.weight.detach().double().clone()
-    ed = _Editor(v, W0, K0, C0)
+    ed = _editor(v, W0, K0, C0)
     forget: list[Fact] = []
     writer = JsonlWriter(metrics_path) if metrics_path and is_main() else None
     curve: list[dict[str, Any]] = []
@@ -240,7 +314,7 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
                 except ValueError as e:
                     raise ValueError(f"{v.name}: request {r} (edits {lo}-{hi - 1}): {e}") from None
                 edit_seconds += time.perf_counter() - t
-                layer.weight.copy_(ed.W.to(layer.weight.dtype))
+                layer.weight.copy_(ed.weight.to(layer.weight.dtype))
                 if s.unlearn_every and (r + 1) % s.unlearn_every == 0:
                     batch = pool[len(forget) : len(forget) + s.unlearn_n]
                     ref = _seq_logp(model, tok, batch, [f.keyword for f in batch])
@@ -294,7 +368,8 @@ def summarize_edit(results: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for variant in dict.fromkeys(r["variant"] for r in results):
         rs = [r for r in results if r["variant"] == variant]
-        row = {m: _stats([r["metrics"][m] for r in rs]) for m in METRICS if m in rs[0]["metrics"]}
+        # every metric in every row (n = 0 where a run has none, e.g. forget_acc without unlearning requests)
+        row = {m: _stats([r["metrics"].get(m) for r in rs]) for m in METRICS}
         row["edit_seconds"] = _stats([r["edit_seconds"] for r in rs])
         row["seeds"] = [r["seed"] for r in rs]
         out[variant] = row
@@ -304,5 +379,67 @@ def summarize_edit(results: list[dict[str, Any]]) -> dict[str, Any]:
 def run_edit_study(cfg: EditStudyConfig, run_dir: str | Path | None = None, progress: bool | None = None,
                    report: bool = True) -> Path:
     """Run every editor x seed over the stream; write the run directory; return its path."""
-    n_req = (cfg.stream.n_edits + cfg.stream.per_request - 1) // cfg.stream.per_request
-    return execute(cfg, run_dir, progress, report, n_req, run_one_edit, summarize_edit, "edit")
+    return execute(cfg, run_dir, progress, report, KIND)
+
+
+# -- report --------------------------------------------------------------------------------
+def _edit_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    table = summarize_edit(results)
+    s = config["stream"]
+    note = (f"{s['n_edits']} counterfactual edits, {s['per_request']} per request, into blocks[{s['layer']}].mlp[2] "
+            f"(keys at the {s['position']} token). Efficacy: the new keyword is the most probable of its theme's "
+            "eight values after the edited prompt; paraphrase: the same after the two other templates; early "
+            "retention: efficacy on the first 10% of edits at the end; locality: unedited facts whose prediction "
+            "did not move; general loss: next-token loss on held-out theme sentences (before: "
+            f"{_fmt({'mean': results[0]['metrics']['base_general_loss']})}); forget accuracy: forgotten facts "
+            "still answered (lower is better). Mean ± std over seeds.")
+    heads = ["efficacy", "paraphrase", "early retention", "locality", "locality acc", "general loss",
+             "forget acc", "|ΔW|/|W|", "editor s"]
+    rows = [[html.escape(v), *(_fmt(r.get(k)) for k in ("efficacy", "paraphrase", "retention_early", "locality",
+                                                        "locality_acc", "general_loss", "forget_acc",
+                                                        "weight_change")), _fmt(r["edit_seconds"], 2)]
+            for v, r in table.items()]
+    return [{"title": "Editors", "note": note, "heads": heads, "rows": rows}]
+
+
+def _edit_plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
+    plt = _plt()
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for i, v in enumerate(variants):
+        for j, r in enumerate(r for r in results if r["variant"] == v):
+            x = [c["edits"] for c in r["curve"]]
+            for ax, k in zip(axes, ("retention_early", "locality"), strict=True):
+                ax.plot(x, [c[k] for c in r["curve"]], color=colors(i), lw=1.2, label=v if j == 0 else None)
+    axes[0].axhline(1 / 8, color="#999", ls=":", lw=1, label="chance (1 of 8 values)")
+    axes[0].set(xlabel="edits done", ylabel="efficacy on the first 10% of edits", ylim=(-0.02, 1.02),
+                title="Retention of early edits along the stream")
+    axes[1].set(xlabel="edits done", ylabel="unedited facts unchanged", ylim=(-0.02, 1.02), title="Locality")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    p = run_dir / "edit_stream.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [("Retention and locality along the stream (one line per seed)", p)]
+
+
+
+
+KIND = StudyKind(
+    name="edit",
+    Config=EditStudyConfig,
+    example="edit-stream",
+    variant_key="editor",
+    validate=validate_edit,
+    steps_per_run=lambda cfg: (cfg.stream.n_edits + cfg.stream.per_request - 1) // cfg.stream.per_request,
+    describe=lambda cfg: f"{cfg.stream.n_edits} edits",
+    run_one=run_one_edit,
+    summarize=lambda results, config: summarize_edit(results),
+    tables=_edit_tables,
+    plots=_edit_plots,
+    columns=tuple((k, k) for k in ("efficacy", "paraphrase", "retention_early", "locality", "general_loss",
+                                   "forget_acc")),
+    quick=("seeds=[0]", "lm.n_facts=800", "lm.steps=300", "stream.n_edits=100", "stream.n_locality=100",
+           "stream.n_preserve=300"),
+)

@@ -7,8 +7,10 @@ results/*.json per run, summary.json rewritten after each run, plots and report.
 
 from __future__ import annotations
 
+import html
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,34 +18,98 @@ import numpy as np
 import torch
 from torch import nn
 
-from poise import _registry
 from poise.distributed import is_main
+from poise.models import GPT, GPTConfig
 from poise.optim import NonFiniteGradientError
-from poise.runs.config import GALORE_GROUP_KEYS, OptimStudyConfig, OptimVariantConfig
+from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
+from poise.runs.config import ConfigError, _check_variants, _help
+from poise.runs.engine import _stats, execute
+from poise.runs.kinds._protocol import StudyKind
+from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter
-from poise.runs.study import _stats, execute
-from poise.tasks.gpt import GPT, GPTConfig
 from poise.tasks.text import CharTokenizer, arithmetic_corpus
 
-__all__ = ["make_optimizer", "run_optim_study", "summarize_optim"]
+__all__ = ["KIND", "LMConfig", "OptimStudyConfig", "OptimVariantConfig", "make_optimizer", "run_optim_study",
+           "summarize_optim", "validate_optim"]
 
 
-def make_optimizer(v: OptimVariantConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The variant's optimizer over ``model``; GaLore's group keys go to a group of the 2-D
-    weights other than embeddings, everything else to the constructor."""
-    cls = _registry.get("optimizer", v.optimizer)
-    kw = {k: x for k, x in v.params.items() if k not in GALORE_GROUP_KEYS}
-    if "betas" in kw:
-        kw["betas"] = tuple(kw["betas"])
-    if not v.optimizer.startswith("galore"):
-        return cls(model.parameters(), diagnostics=True, **kw)
-    group = {k: x for k, x in v.params.items() if k in GALORE_GROUP_KEYS}
-    group.setdefault("rank", 8)
-    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    mats = [p for p in model.parameters() if p.dim() == 2 and id(p) not in emb]
-    rest = [p for p in model.parameters() if p.dim() != 2 or id(p) in emb]
-    groups = [{"params": mats, **group}] + ([{"params": rest}] if rest else [])
-    return cls(groups, diagnostics=True, **kw)
+# -- config ---------------------------------------------------------------------------------
+@dataclass
+class LMConfig:
+    corpus: str = _help("generated corpus: 'arithmetic' (a+b=c and a*b=c lines)", default="arithmetic")
+    digits: int = _help("operand digits of the arithmetic corpus", default=2)
+    n_layer: int = _help("GPT layers", default=2)
+    n_head: int = _help("GPT attention heads", default=2)
+    n_embd: int = _help("GPT width", default=64)
+    block_size: int = _help("context length in characters", default=32)
+    batch_size: int = _help("sequences per step", default=32)
+    steps: int = _help("optimizer steps per run", default=300)
+    eval_every: int = _help("validation loss every this many steps", default=25)
+
+
+@dataclass
+class OptimVariantConfig:
+    name: str = _help("label of this variant", default="")
+    optimizer: str = _help("a registered poise optimizer (poise list optimizers), torch's 'sgd' or 'adam', or an "
+                           "import path 'pkg.mod:Class'", default="adamw")
+    params: dict[str, Any] = _help("constructor arguments and the optimizer's declared group keys (galore_adamw, "
+                                   "qgalore_adamw: rank, update_proj_gap, scale, proj_type; applied to the 2-D "
+                                   "weight matrices, embeddings excluded)", default_factory=dict)
+
+
+@dataclass
+class OptimStudyConfig:
+    kind: str = _help("'optimizers': optimizers compared on a tiny language model", default="optimizers")
+    name: str = _help("study name (names the run directory)", default="optimizers")
+    description: str = _help("one paragraph shown at the top of the report", default="")
+    seeds: list[int] = _help("seeds; every variant runs once per seed", default_factory=lambda: [0, 1, 2])
+    threads: int = _help("torch intra-op threads", default=1)
+    out_dir: str = _help("parent folder of run directories", default="runs")
+    spike_factor: float = _help("a loss spike: training loss above this factor times its running EMA",
+                                default=1.5)
+    divergence_factor: float = _help("diverged: loss non-finite or above this factor times the initial loss",
+                                     default=2.0)
+    lm: LMConfig = _help("the tiny GPT and its data", default_factory=LMConfig)
+    variants: list[OptimVariantConfig] = _help("the optimizers compared ([[variants]] tables)",
+                                               default_factory=list)
+
+
+def validate_optim(cfg: OptimStudyConfig) -> OptimStudyConfig:
+    if cfg.lm.corpus != "arithmetic":
+        raise ConfigError(f"lm.corpus: unknown corpus {cfg.lm.corpus!r}; valid choices: arithmetic")
+    for key in ("digits", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "steps", "eval_every"):
+        if getattr(cfg.lm, key) <= 0:
+            raise ConfigError(f"lm.{key}={getattr(cfg.lm, key)} must be > 0")
+    if cfg.lm.n_embd % cfg.lm.n_head:
+        raise ConfigError(f"lm.n_embd={cfg.lm.n_embd} must be a multiple of lm.n_head={cfg.lm.n_head}")
+    model = _model(cfg, vocab_size=CharTokenizer().vocab_size)
+    for i, _ in enumerate(_check_variants(cfg, "optimizer", registry=False)):
+        make_optimizer(cfg.variants[i], model, key=f"variants[{i}]")  # its own checks run now, before any training
+    return cfg
+
+
+
+# -- one run --------------------------------------------------------------------------------
+
+
+def make_optimizer(v: OptimVariantConfig, model: nn.Module, key: str = "variant") -> torch.optim.Optimizer:
+    """The variant's optimizer over ``model`` (:func:`poise.runs.components.build_optimizer`: declared
+    group keys such as GaLore's ``rank`` build projected groups of the 2-D weights, embeddings excluded)."""
+    return build_optimizer(OptimizerSpec(v.optimizer, dict(v.params)), model, f"{key}.optimizer", f"{key}.params",
+                           diagnostics=True)
+
+
+def _model(cfg: OptimStudyConfig, vocab_size: int) -> GPT:
+    c = cfg.lm
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
+                         n_embd=c.n_embd))
+
+
+def resolve(cfg: OptimStudyConfig) -> dict[str, Any]:
+    """What each variant's optimizer was built as (class, groups, projected matrices)."""
+    model = _model(cfg, CharTokenizer().vocab_size)
+    return {"optimizers": {v.name: describe_optimizer(make_optimizer(v, model, f"variants[{i}]"), model)
+                           for i, v in enumerate(cfg.variants)}}
 
 
 def _data(cfg: OptimStudyConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -77,9 +143,8 @@ def run_one_optim(cfg: OptimStudyConfig, variant_index: int, seed: int, metrics_
     train, val, vocab = _data(cfg)
     torch.manual_seed(seed)
     c = cfg.lm
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
-                          n_embd=c.n_embd))
-    opt = make_optimizer(v, model)
+    model = _model(cfg, vocab)
+    opt = make_optimizer(v, model, f"variants[{variant_index}]")
     gen = torch.Generator().manual_seed(seed)
     writer = JsonlWriter(metrics_path) if metrics_path and is_main() else None
     losses: list[float] = []
@@ -112,7 +177,7 @@ def run_one_optim(cfg: OptimStudyConfig, variant_index: int, seed: int, metrics_
                     spikes.append(step)
                     rec["spike"] = True
                 ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-                rec.update({f"opt/{k}": float(t) for k, t in opt.last_diagnostics.items()})
+                rec.update({f"opt/{k}": float(t) for k, t in getattr(opt, "last_diagnostics", {}).items()})
             losses.append(lv)
             if step % c.eval_every == 0 or step == c.steps:
                 if diverged_at is None:
@@ -160,4 +225,70 @@ def summarize_optim(results: list[dict[str, Any]]) -> dict[str, Any]:
 def run_optim_study(cfg: OptimStudyConfig, run_dir: str | Path | None = None, progress: bool | None = None,
                     report: bool = True) -> Path:
     """Run every optimizer x seed; write the run directory; return its path."""
-    return execute(cfg, run_dir, progress, report, cfg.lm.steps, run_one_optim, summarize_optim, "optimizers")
+    return execute(cfg, run_dir, progress, report, KIND)
+
+
+# -- report --------------------------------------------------------------------------------
+def _optim_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    table = summarize_optim(results)
+    note = (f"Mean ± sample std over seeds. A loss spike: training loss above {config['spike_factor']}x its "
+            f"running average (EMA 0.9). Diverged: loss non-finite or above {config['divergence_factor']}x its "
+            "initial value; the run stops there and has no final validation loss.")
+    heads = ["final val loss", "min train loss", "loss spikes", "diverged", "ms / step"]
+    rows = []
+    for v, row in table.items():
+        sps = row["seconds_per_step"]
+        ms = {k: (x * 1e3 if isinstance(x, float) and k in ("mean", "std") else x) for k, x in sps.items()}
+        rows.append([html.escape(v), _fmt(row["final_val_loss"]), _fmt(row["min_train_loss"]),
+                     _fmt(row["spikes"], 1), f"{row['diverged']['count']} / {row['diverged']['runs']}",
+                     _fmt(ms, 1)])
+    return [{"title": "Optimizers", "note": note, "heads": heads, "rows": rows}]
+
+
+def _optim_plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
+    plt = _plt()
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    colors = plt.get_cmap("tab10")
+    fig, (ax, av) = plt.subplots(1, 2, figsize=(13, 4.2))
+    for i, v in enumerate(variants):
+        for j, r in enumerate(r for r in results if r["variant"] == v):
+            y = np.array([np.nan if x is None else x for x in r["losses"]], dtype=float)
+            ax.plot(np.arange(1, len(y) + 1), y, color=colors(i), lw=0.8, alpha=0.8, label=v if j == 0 else None)
+            if r["spikes"]:
+                sp = np.array(r["spikes"])
+                ax.scatter(sp, y[sp - 1], color=colors(i), marker="x", s=18)
+            if r["diverged_at"]:
+                ax.axvline(r["diverged_at"], color=colors(i), ls=":", lw=1)
+            av.plot(r["val_steps"], r["val_losses"], color=colors(i), lw=1.2, marker=".",
+                    label=v if j == 0 else None)
+    ax.set(xlabel="step", ylabel="training loss", yscale="log",
+           title="Training loss per seed (x: loss spikes, dotted: divergence)")
+    av.set(xlabel="step", ylabel="validation loss", yscale="log", title="Validation loss per seed")
+    ax.legend(fontsize=8)
+    av.legend(fontsize=8)
+    fig.tight_layout()
+    p = run_dir / "loss_curves.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [("Loss curves", p)]
+
+
+
+
+KIND = StudyKind(
+    name="optimizers",
+    Config=OptimStudyConfig,
+    example="optimizers",
+    variant_key="optimizer",
+    validate=validate_optim,
+    steps_per_run=lambda cfg: cfg.lm.steps,
+    describe=lambda cfg: f"{cfg.lm.steps} steps",
+    run_one=run_one_optim,
+    summarize=lambda results, config: summarize_optim(results),
+    tables=_optim_tables,
+    plots=_optim_plots,
+    columns=(("final_val_loss", "final val"), ("spikes", "spikes"), ("diverged", "diverged"),
+             ("seconds_per_step", "s/step")),
+    quick=("seeds=[0]", "lm.steps=60"),
+    resolve=resolve,
+)

@@ -12,9 +12,10 @@ evaluated every ``eval_every`` steps.
 
 from __future__ import annotations
 
-import copy
+import html
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,44 +23,205 @@ import numpy as np
 import torch
 
 from poise import _registry
+from poise.distributed import rank_world
+from poise.models import build_lm
 from poise.rl import (
-    AdaSampler,
+    AGG_MODES,
+    AsyncSampler,
+    PolicyBatch,
+    RaySampler,
     aggregate,
-    bapo_bounds,
+    collect,
+    completion_batch,
     completion_stats,
-    dynamic_sampling_keep,
-    entropy_topk_mask,
-    get_loss,
-    global_stat_advantage,
-    is_weights,
-    masked_entropy_stats,
-    masked_mean,
-    steer_weights,
+    generate,
+    loss_options,
+    policy_losses,
+    policy_objective,
+    score_rollouts,
+    sft_warmup,
+    trainer_logprobs,
 )
+from poise.rl.correction import MODES as IS_MODES
+from poise.rl.objective import ADAPTIVE_CLIPS, IS_LEVELS, TOKEN_SELECTS, TOKEN_WEIGHTS, is_placement
+from poise.rl.rollout import SAMPLING_MODES
 from poise.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from poise.runs.config import RLStudyConfig, RLVariantConfig
+from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
+from poise.runs.config import ConfigError, _check_variants, _choices, _help
+from poise.runs.engine import _stats, execute
+from poise.runs.kinds._protocol import StudyKind
+from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter, truncate_jsonl
-from poise.runs.study import _stats, execute
-from poise.tasks.gpt import GPT, GPTConfig
-from poise.tasks.lm import completion_batch, generate, sft_warmup, trainer_logprobs
 from poise.tasks.text import CharTokenizer
 
-__all__ = ["AsyncSampler", "RaySampler", "build_policy", "collect", "policy_loss", "run_one_rl", "run_rl_study",
-           "summarize_rl"]
+__all__ = ["KIND", "RLStudyConfig", "RLTaskConfig", "RLTrainConfig", "RLVariantConfig", "build_policy", "run_one_rl",
+           "run_rl_study", "summarize_rl", "validate_rl", "variant_objective"]
+
+
+# -- config --------------------------------------------------------------------------------
+@dataclass
+class RLTaskConfig:
+    name: str = _help("task with verifiable rewards: 'arithmetic' or 'countdown'", default="arithmetic")
+    level: int = _help("difficulty: arithmetic digits (1-4), countdown numbers (2-4)", default=1)
+    ops: str = _help("arithmetic operators, a subset of '+-*'", default="+")
+
+
+@dataclass
+class RLTrainConfig:
+    model: str = _help("policy: 'gpt' (poise's own) or a Hugging Face model built from a config, 'llama' or "
+                       "'qwen2' (needs transformers)", default="gpt")
+    n_layer: int = _help("GPT layers", default=1)
+    n_head: int = _help("GPT heads", default=2)
+    n_embd: int = _help("GPT width", default=48)
+    block_size: int = _help("GPT context length", default=24)
+    sft_steps: int = _help("supervised warm-start steps before RL (0 = none)", default=150)
+    sft_lr: float = _help("warm-start learning rate", default=3e-3)
+    steps: int = _help("RL steps (rollout batches)", default=30)
+    prompts: int = _help("prompts per rollout batch", default=16)
+    group_size: int = _help("completions per prompt", default=8)
+    max_new_tokens: int = _help("completion length limit", default=5)
+    temperature: float = _help("sampling temperature", default=1.0)
+    sampler_dtype: str = _help("sampler precision: 'bfloat16' (a real train-inference mismatch) or 'float32'",
+                               default="bfloat16")
+    lr: float = _help("RL learning rate", default=1e-3)
+    optimizer: str = _help("the policy's optimizer: a registered poise optimizer (poise list optimizers), torch's "
+                           "'sgd' or 'adam', or an import path 'pkg.mod:Class'", default="torch.optim:AdamW")
+    optimizer_params: dict[str, Any] = _help("more keyword arguments of the optimizer and its declared group keys "
+                                             "(galore_adamw: rank, ...)", default_factory=dict)
+    minibatches: int = _help("optimizer steps per rollout batch (1 = on-policy; k > 1 makes later "
+                             "minibatches k-1 updates stale)", default=1)
+    eval_every: int = _help("held-out greedy accuracy every this many steps", default=5)
+    eval_problems: int = _help("held-out problems", default=100)
+    collapse_reward: float = _help("collapsed: held-out accuracy below this after having been above twice it",
+                                   default=0.05)
+    async_eta: int = _help("asynchronous generation: a sampler thread runs ahead of training by at most this "
+                           "many policy versions (AReaL's eta; 0 = synchronous). Results then depend on timing",
+                           default=0)
+    async_backend: str = _help("where asynchronous generation runs: 'thread' (this process) or 'ray' (a Ray "
+                               "actor, the 'ray' extra; for rollouts on other machines)", default="thread")
+    checkpoint_every: int = _help("write a checkpoint (safetensors + JSON, atomically) every this many steps; "
+                                  "poise run --resume RUN_DIR continues from it (0 = never)", default=10)
+
+
+@dataclass
+class RLVariantConfig:
+    name: str = _help("label of this variant", default="")
+    loss: str = _help("policy loss: any of poise.rl.policy_losses() (poise list losses)",
+                      default="ppo_clip")
+    advantage: str = _help("advantage estimator (registry 'advantage')", default="grpo")
+    aggregation: str = _help("token_mean, seq_mean_token_mean, seq_mean_token_sum, token_sum", default="token_mean")
+    is_level: str = _help("IS correction of the sampler mismatch: 'none', 'token', 'sequence', 'geometric'",
+                          default="none")
+    is_mode: str = _help("'truncate' (TIS) or 'mask' (MIS)", default="truncate")
+    is_max: float = _help("IS bound", default=2.0)
+    minibatches: int = _help("optimizer steps per rollout batch for this variant (0 = train.minibatches)",
+                             default=0)
+    token_select: str = _help("'none' or 'entropy_top': train only on the top entropy_ratio highest-entropy "
+                              "tokens (arXiv 2506.01939; the authors' normaliser: selected tokens)", default="none")
+    entropy_ratio: float = _help("share of tokens kept by entropy_top", default=0.2)
+    token_weights: str = _help("'none' or 'steer' (entropy-change weights, arXiv 2510.10150)", default="none")
+    adaptive_clip: str = _help("'none' or 'bapo' (adaptive clipping bounds, arXiv 2510.18927; ppo_clip only)",
+                               default="none")
+    sampling: str = _help("'uniform' (group_size per prompt), 'dynamic' (DAPO: regenerate until groups with "
+                          "reward variance fill the batch) or 'reinforce_ada' (adaptive rounds, arXiv 2510.04996)",
+                          default="uniform")
+    max_gen_batches: int = _help("dynamic sampling: generation batches per step at most", default=3)
+    ada_rounds: int = _help("Reinforce-Ada: sampling rounds per step at most", default=4)
+    params: dict[str, Any] = _help("keyword arguments of the loss (eps_low, eps_high, ...)", default_factory=dict)
+
+
+@dataclass
+class RLStudyConfig:
+    kind: str = _help("'rl': RL objectives on a tiny LM with verifiable rewards", default="rl")
+    name: str = _help("study name", default="rl")
+    description: str = _help("shown at the top of the report", default="")
+    seeds: list[int] = _help("seeds", default_factory=lambda: [0, 1, 2])
+    threads: int = _help("torch threads", default=1)
+    out_dir: str = _help("parent folder of run directories", default="runs")
+    task: RLTaskConfig = _help("the task", default_factory=RLTaskConfig)
+    train: RLTrainConfig = _help("model, warm start and RL loop", default_factory=RLTrainConfig)
+    variants: list[RLVariantConfig] = _help("the objectives compared ([[variants]] tables)", default_factory=list)
+
+
+def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
+    _choices("rl_task", cfg.task.name, "task.name")
+    t = cfg.train
+    if t.model not in ("gpt", "llama", "qwen2"):
+        raise ConfigError(f"train.model: {t.model!r}; valid choices: gpt, llama, qwen2")
+    if t.n_embd % t.n_head:
+        raise ConfigError(f"train.n_embd={t.n_embd} must be a multiple of train.n_head={t.n_head}")
+    if t.sampler_dtype not in ("bfloat16", "float32"):
+        raise ConfigError(f"train.sampler_dtype: {t.sampler_dtype!r}; valid choices: bfloat16, float32")
+    for key in ("steps", "prompts", "group_size", "max_new_tokens", "minibatches", "eval_every", "eval_problems",
+                "n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
+    if t.async_eta < 0:
+        raise ConfigError(f"train.async_eta={t.async_eta} must be >= 0")
+    if t.async_backend not in ("thread", "ray"):
+        raise ConfigError(f"train.async_backend: {t.async_backend!r}; valid choices: thread, ray")
+    if t.async_backend == "ray" and t.async_eta:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.async_backend='ray' needs Ray: pip install 'poise[ray]'") from None
+    model = build_policy(t, CharTokenizer().vocab_size)
+    _optimizer(t, model)  # the optimizer's own checks run now, before any training
+    if t.group_size < 2:
+        raise ConfigError(f"train.group_size={t.group_size} must be >= 2 (group-relative advantages)")
+    try:
+        _registry.get("rl_task", cfg.task.name)(level=cfg.task.level, **({"ops": cfg.task.ops}
+                                                                        if cfg.task.name == "arithmetic" else {}))
+    except ValueError as e:
+        raise ConfigError(f"task: {e}") from None
+    losses = policy_losses()
+    for i, v in enumerate(_check_variants(cfg, "loss")):
+        key = f"variants[{i}]"
+        if v.loss not in losses:
+            raise ConfigError(f"{key}.loss: {v.loss!r} is not a policy loss; valid choices: {', '.join(losses)}")
+        _choices("advantage", v.advantage, f"{key}.advantage")
+        if v.aggregation not in AGG_MODES or v.aggregation == "seq_sum_norm":
+            raise ConfigError(f"{key}.aggregation: {v.aggregation!r}; valid choices: "
+                              f"{', '.join(m for m in AGG_MODES if m != 'seq_sum_norm')}")
+        for fld, ok in (("is_level", IS_LEVELS), ("is_mode", IS_MODES), ("token_select", TOKEN_SELECTS),
+                        ("token_weights", TOKEN_WEIGHTS), ("adaptive_clip", ADAPTIVE_CLIPS),
+                        ("sampling", SAMPLING_MODES)):
+            if getattr(v, fld) not in ok:
+                raise ConfigError(f"{key}.{fld}: {getattr(v, fld)!r}; valid choices: {', '.join(ok)}")
+        options = loss_options(v.loss)
+        if v.adaptive_clip == "bapo" and not {"eps_low", "eps_high"} <= set(options):
+            raise ConfigError(f"{key}.adaptive_clip='bapo' sets eps_low/eps_high, which loss {v.loss!r} does not take")
+        if v.is_level != "none" and is_placement(v.loss) == "own":
+            raise ConfigError(f"{key}.is_level={v.is_level!r}: loss {v.loss!r} corrects the sampler mismatch with its "
+                              "own behav_logp term; set is_level='none' (it would be ignored)")
+        if v.minibatches < 0:
+            raise ConfigError(f"{key}.minibatches={v.minibatches} must be >= 0")
+        for p in v.params:
+            if p not in options:
+                raise ConfigError(f"{key}.params.{p}: unknown argument of loss {v.loss!r}; "
+                                  f"valid: {', '.join(options) or '(none)'}")
+    return cfg
+
+
+
+
+
+# -- one run --------------------------------------------------------------------------------
+def _optimizer(t: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return build_optimizer(OptimizerSpec(t.optimizer, dict(t.optimizer_params)), model, "train.optimizer",
+                           "train.optimizer_params", lr=t.lr)
+
+
+def resolve(cfg: RLStudyConfig) -> dict[str, Any]:
+    """What the policy's optimizer was built as (class, groups, projected matrices)."""
+    model = build_policy(cfg.train, CharTokenizer().vocab_size)
+    return {"optimizer": describe_optimizer(_optimizer(cfg.train, model), model)}
 
 
 def _task(cfg: RLStudyConfig, seed: int) -> Any:
     cls = _registry.get("rl_task", cfg.task.name)
     kw = {"ops": cfg.task.ops} if cfg.task.name == "arithmetic" else {}
     return cls(level=cfg.task.level, seed=seed, **kw)
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _any_rank(flag: bool, world: int) -> bool:
@@ -98,165 +260,32 @@ def _in_sync(model: torch.nn.Module, world: int) -> bool:
 
 def build_policy(t: Any, vocab_size: int) -> torch.nn.Module:
     """The policy from the config: poise's GPT, or a Hugging Face Llama / Qwen2 causal LM built
-    from a config (random weights, no download)."""
-    if t.model == "gpt":
-        return GPT(GPTConfig(vocab_size=vocab_size, block_size=t.block_size, n_layer=t.n_layer, n_head=t.n_head,
-                             n_embd=t.n_embd))
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError(f"train.model={t.model!r} needs transformers: pip install 'poise[hf]'") from e
-    kw = dict(vocab_size=vocab_size, hidden_size=t.n_embd, intermediate_size=4 * t.n_embd,
-              num_hidden_layers=t.n_layer, num_attention_heads=t.n_head, num_key_value_heads=t.n_head,
-              max_position_embeddings=t.block_size, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    if t.model == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+    from a config (random weights, no download): :func:`poise.models.build_lm`."""
+    return build_lm(t.model, vocab_size=vocab_size, n_layer=t.n_layer, n_head=t.n_head, n_embd=t.n_embd,
+                    block_size=t.block_size)
 
 
-def policy_loss(v: RLVariantConfig, logp: torch.Tensor, old: torch.Tensor, behav: torch.Tensor,
-                adv: torch.Tensor, mask: torch.Tensor,
-                entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """The variant's per-token loss values, the mask to aggregate them with, and metrics.
-
-    Token selection (``entropy_top``) shrinks the aggregation mask to the selected tokens
-    (the authors' normaliser); ``steer`` multiplies the values by STEER's weights; ``bapo``
-    picks the clip bounds of ``ppo_clip`` from the batch before computing the loss.
-
-    IS correction (``is_level`` != none) corrects the sampler mismatch: for ``pg`` the whole
-    ratio ``pi_theta / mu`` is importance-weighted (the Qwen paper's "PG + IS"); for the
-    clipped objectives the clip handles staleness and ``pi_old / mu`` weights the loss
-    (verl's decoupled mode). ``minirl`` and ``decoupled_ppo`` carry their own weights."""
-    fn = get_loss(v.loss)
-    metrics: dict[str, torch.Tensor] = {}
-
-    def weights(log_ratio: torch.Tensor) -> torch.Tensor | None:
-        if v.is_level == "none":
-            return None
-        w = is_weights(log_ratio, mask, level=v.is_level, mode=v.is_mode, hi=v.is_max)
-        metrics.update({f"is/{k}": x for k, x in w.metrics.items()})
-        return w.weights
-
-    params = dict(v.params)
-    if v.adaptive_clip == "bapo":
-        lo, hi, bm = bapo_bounds(torch.exp(logp.detach() - old), adv, mask)
-        params.update(eps_low=1 - lo, eps_high=hi - 1)
-        metrics.update(bm)
-    if v.loss == "pg":
-        out = fn(logp, adv, mask, weights=weights(logp.detach() - behav))
-        values = out.values
-    elif v.loss in ("minirl", "decoupled_ppo"):
-        out = fn(logp, old, behav, adv, mask, **params)
-        values = out.values
-    else:
-        out = fn(logp, old, adv, mask, **params)
-        w = weights(old - behav)
-        values = out.values if w is None else out.values * w
-    metrics.update(out.metrics)
-    agg_mask = mask
-    if entropy is not None and v.token_select == "entropy_top":
-        top = entropy_topk_mask(entropy, mask, v.entropy_ratio)
-        agg_mask = mask * top
-        metrics.update(masked_entropy_stats(entropy, mask, top))
-    if entropy is not None and v.token_weights == "steer":
-        sw = steer_weights(adv, entropy, old, logp.detach(), mask)
-        values = values * sw
-        metrics["steer/weight_mean"] = masked_mean(sw, mask)
-    return values, agg_mask, metrics
+def variant_objective(v: RLVariantConfig, batch: PolicyBatch, entropy: torch.Tensor | None = None) -> Any:
+    """The variant's objective on ``batch``: :func:`poise.rl.policy_objective` with the variant's loss,
+    IS correction, token selection/weights, adaptive clipping and loss arguments (the TRL adapter
+    calls the same function)."""
+    return policy_objective(batch, v.loss, is_level=v.is_level, is_mode=v.is_mode, is_max=v.is_max,
+                            token_select=v.token_select, entropy_ratio=v.entropy_ratio, token_weights=v.token_weights,
+                            adaptive_clip=v.adaptive_clip, entropy=entropy, **v.params)
 
 
-def _score(task: Any, rollouts: list) -> tuple[list, list[dict[str, str]]]:
-    """Score the rollouts; returns the ones with a valid reward (``r.reward`` set) and one
-    record (prompt, completion, error) per dropped sample. A reward function that raises or
-    returns a non-finite value drops that sample from the batch (it would otherwise train as
-    a wrong answer); the run goes on and reports the failures."""
-    kept, failures = [], []
-    for r in rollouts:
-        try:
-            x = float(task.reward(r.problem, r.text))
-            if not math.isfinite(x):
-                raise ValueError(f"reward function returned {x}")
-        except Exception as e:  # noqa: BLE001 - any failure of user code is reported, never fatal
-            failures.append({"prompt": r.problem.prompt, "completion": r.text, "error": f"{type(e).__name__}: {e}"})
-            continue
-        r.reward = x
-        kept.append(r)
-    return kept, failures
+def _collect_kwargs(v: RLVariantConfig, t: RLTrainConfig) -> dict[str, Any]:
+    """The variant's sample stage as :func:`poise.rl.collect` arguments."""
+    return dict(num_prompts=t.prompts, group_size=t.group_size, max_new_tokens=t.max_new_tokens,
+                sampling=v.sampling, advantage=v.advantage, max_gen_batches=v.max_gen_batches,
+                ada_rounds=v.ada_rounds, temperature=t.temperature,
+                dtype=torch.bfloat16 if t.sampler_dtype == "bfloat16" else None)
 
 
-def collect(v: RLVariantConfig, t: Any, model: torch.nn.Module, tok: CharTokenizer, task: Any,
-            gen: torch.Generator, dtype: torch.dtype | None) -> tuple[list, torch.Tensor, torch.Tensor, int, list]:
-    """One step's training samples by the variant's sampling strategy: ``(rollouts, rewards,
-    advantages, samples generated, reward failures)``; group ids are renumbered 0..G-1.
-    Returning the failures (rather than keeping them in module state) lets a Ray actor
-    report them too."""
-    advantage = _registry.get("advantage", v.advantage)
-
-    def sample(problems: list, n: int) -> list:
-        return generate(model, tok, problems, group_size=n, max_new_tokens=t.max_new_tokens,
-                        temperature=t.temperature, generator=gen, dtype=dtype)
-
-    if v.sampling == "uniform":
-        batch = sample(task.sample(t.prompts), t.group_size)
-        rollouts, bad = _score(task, batch)  # bad: the failure records
-        generated = len(batch)
-    if v.sampling == "dynamic":
-        kept: list = []
-        generated, bad = 0, []
-        for _ in range(v.max_gen_batches):
-            batch = sample(task.sample(t.prompts), t.group_size)
-            generated += len(batch)
-            batch, b = _score(task, batch)
-            bad += b
-            if not batch:
-                continue
-            rw = torch.tensor([r.reward for r in batch])
-            keep, _ = dynamic_sampling_keep(rw, torch.tensor([r.group for r in batch]))
-            start = len({id(r.problem) for r in kept})
-            for r, k in zip(batch, keep.tolist(), strict=True):
-                if k:
-                    r.group += 10_000 * (start + 1)
-                    kept.append(r)
-            if len(kept) >= t.prompts * t.group_size:
-                break
-        rollouts = kept[: t.prompts * t.group_size] or batch
-    elif v.sampling == "reinforce_ada":
-        problems = task.sample(t.prompts)
-        ada = AdaSampler(len(problems), n=t.group_size, round_repeat=max(2, t.group_size // 2),
-                         max_rounds=v.ada_rounds)
-        pool: list[list] = [[] for _ in problems]
-        generated, bad = 0, []
-        while active := ada.active():
-            batch = sample([problems[i] for i in active], ada.round_repeat)
-            generated += len(batch)
-            batch, b = _score(task, batch)
-            bad += b
-            ids = [active[r.group] for r in batch]
-            for i, r in zip(ids, batch, strict=True):
-                r.group = i
-                pool[i].append(r)
-            ada.update(ids, [r.reward for r in batch])
-        picks, counts = ada.select()
-        rollouts = [pool[i][k] for i, ks in enumerate(picks) for k in ks]
-        groups = torch.tensor([r.group for r in rollouts])
-        rewards = torch.tensor([r.reward for r in rollouts])
-        p = torch.tensor([counts[int(g)][0] for g in groups])
-        q = torch.tensor([counts[int(g)][1] for g in groups])
-        return rollouts, rewards, global_stat_advantage(rewards, groups, p, q), generated, bad
-    if not rollouts:
-        return [], torch.zeros(0), torch.zeros(0), generated, bad
-    remap = {g: k for k, g in enumerate(dict.fromkeys(r.group for r in rollouts))}
-    for r in rollouts:
-        r.group = remap[r.group]
-    rewards = torch.tensor([r.reward for r in rollouts])
-    return rollouts, rewards, advantage(rewards, torch.tensor([r.group for r in rollouts])), generated, bad
-
-
-@torch.no_grad()
 def _held_out_accuracy(model: torch.nn.Module, tok: CharTokenizer, task: Any, problems: list,
                        max_new_tokens: int, failures: list[dict[str, str]] | None = None) -> float:
     rollouts = generate(model, tok, problems, group_size=1, max_new_tokens=max_new_tokens, greedy=True)
-    kept, bad = _score(task, rollouts)
+    kept, bad = score_rollouts(task, rollouts)
     if failures is not None:
         failures.extend(bad)
     return sum(r.reward for r in kept) / max(1, len(rollouts))  # a failed reward counts as wrong here
@@ -265,7 +294,7 @@ def _held_out_accuracy(model: torch.nn.Module, tok: CharTokenizer, task: Any, pr
 def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: Path | None = None,
                progress: Any = None) -> dict[str, Any]:
     v, t = cfg.variants[variant_index], cfg.train
-    rank, world = _world()
+    rank, world = rank_world()
     if world > 1 and t.async_eta and t.async_backend == "ray":
         raise ValueError("train.async_backend='ray' under torchrun is not supported: every rank would start its "
                          "own Ray actors; use async_backend='thread' (one sampler thread per rank)")
@@ -277,9 +306,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
     held = _task(cfg, 10_000 + seed).sample(t.eval_problems)
     torch.manual_seed(seed)
     model = build_policy(t, tok.vocab_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
+    opt = _optimizer(t, model)
     gen = torch.Generator().manual_seed(seed if rank == 0 else seed + 7919 * rank)
-    dtype = torch.bfloat16 if t.sampler_dtype == "bfloat16" else None
+    kw = _collect_kwargs(v, t)
     latest = latest_checkpoint(ckpt_dir) if ckpt_dir and t.checkpoint_every else None
     examples: list[dict[str, str]] = []  # the last 10 reward failures, reported in the results
 
@@ -319,16 +348,17 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
     writer = JsonlWriter(metrics_path) if metrics_path else None
     sampler: AsyncSampler | RaySampler | None = None
     if t.async_eta and t.async_backend == "ray":
-        sampler = RaySampler(model, t.async_eta, t.steps - start + 1, v, t, task, seed, start_version=start - 1)
+        sampler = RaySampler(model, t.async_eta, t.steps - start + 1, task, seed=seed, tokenizer=tok,
+                             start_version=start - 1, **kw)
     elif t.async_eta:
         sampler = AsyncSampler(model, t.async_eta, t.steps - start + 1,
-                               lambda m: collect(v, t, m, tok, task, gen, dtype), start_version=start - 1)
+                               lambda m: collect(m, tok, task, generator=gen, **kw), start_version=start - 1)
     t0 = time.perf_counter()
     try:
         for step in range(start, t.steps + 1):
             version_gap = 0
             if sampler is None:
-                rollouts, rewards_t, adv, n_generated, bad = collect(v, t, model, tok, task, gen, dtype)
+                rollouts, rewards_t, adv, n_generated, bad = collect(model, tok, task, generator=gen, **kw)
             else:
                 (rollouts, rewards_t, adv, n_generated, bad), used = sampler.get()
                 version_gap = (step - 1) - used
@@ -359,8 +389,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 logp, ent = trainer_logprobs(trainer, sub, with_entropy=True)
                 m = mask[idx][:, : logp.shape[1]]
                 old_c = logp.detach() if old is None else old[idx][:, : logp.shape[1]]
-                values, agg_mask, metrics = policy_loss(v, logp, old_c, behav[idx][:, : logp.shape[1]], adv[idx], m,
-                                                        ent)
+                values, agg_mask, metrics = variant_objective(
+                    v, PolicyBatch(logp, old_c, behav[idx][:, : logp.shape[1]], adv[idx], m), ent)
                 loss = aggregate(values, agg_mask, v.aggregation)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -420,121 +450,6 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             "world_size": world, "ranks_in_sync": _in_sync(model, world)}
 
 
-class AsyncSampler:
-    """Generation in a background thread, ahead of training by at most ``eta`` versions.
-
-    The thread keeps its own copy of the policy, refreshed from the trainer's weights
-    whenever the trainer has published a newer version, and produces batch ``k`` only once
-    the trainer has reached version ``k - eta`` (AReaL's staleness bound, arXiv 2505.24298).
-    :meth:`get` returns ``(batch, version it was generated with)``; the trainer calls
-    :meth:`publish` after each optimizer step. Exceptions in the thread are re-raised in
-    :meth:`get`.
-    """
-
-    def __init__(self, model: torch.nn.Module, eta: int, steps: int, produce: Any, start_version: int = 0):
-        import queue
-        import threading
-
-        self.eta, self.steps, self.produce = eta, steps, produce
-        self.sampler = copy.deepcopy(model)
-        self.version = start_version  # the trainer's
-        self.sampler_version = -1
-        self.cond = threading.Condition()
-        self.q: Any = queue.Queue()
-        self.error: BaseException | None = None
-        self._weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self._weights_version = start_version
-        self.stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for k in range(self.version, self.version + self.steps):
-                with self.cond:
-                    self.cond.wait_for(lambda k=k: self.stop or self.version >= k - self.eta)
-                    if self.stop:
-                        return
-                    if self._weights_version != self.sampler_version:
-                        self.sampler.load_state_dict(self._weights)
-                        self.sampler_version = self._weights_version
-                    used = self.sampler_version
-                self.q.put((self.produce(self.sampler), used))
-        except BaseException as e:  # noqa: BLE001 - handed to the trainer
-            self.error = e
-            self.q.put((None, -1))
-
-    def get(self) -> tuple[Any, int]:
-        batch, used = self.q.get()
-        if self.error is not None:
-            raise self.error
-        return batch, used
-
-    def publish(self, model: torch.nn.Module) -> None:
-        with self.cond:
-            self.version += 1
-            self._weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            self._weights_version = self.version
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.stop = True
-            self.cond.notify_all()
-        self.thread.join(timeout=30)
-
-
-class _RolloutWorker:
-    """The Ray actor behind :class:`RaySampler`: a policy copy, the task and the sampling
-    settings; ``produce(weights)`` loads the weights it is sent and returns one batch."""
-
-    def __init__(self, model: torch.nn.Module, v: RLVariantConfig, t: Any, task: Any, seed: int):
-        self.model, self.v, self.t, self.task = model, v, t, task
-        self.tok = CharTokenizer()
-        self.gen = torch.Generator().manual_seed(seed)
-        self.dtype = torch.bfloat16 if t.sampler_dtype == "bfloat16" else None
-
-    def produce(self, weights: dict[str, torch.Tensor]) -> tuple:
-        self.model.load_state_dict(weights)
-        return collect(self.v, self.t, self.model, self.tok, self.task, self.gen, self.dtype)
-
-
-class RaySampler:
-    """:class:`AsyncSampler`'s interface on a Ray actor (the optional ``ray`` extra), so that
-    generation can live on another machine of a Ray cluster. Up to ``eta + 1`` batches are in
-    flight; batch ``k`` is requested with the weights of version ``k - eta`` (or the start),
-    so it trains at most ``eta`` versions stale. Weights travel through Ray's object store."""
-
-    def __init__(self, model: torch.nn.Module, eta: int, steps: int, v: RLVariantConfig, t: Any, task: Any,
-                 seed: int, start_version: int = 0):
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        self.ray = ray
-        self.worker = ray.remote(_RolloutWorker).remote(copy.deepcopy(model), v, t, task, seed)
-        self.version, self.remaining, self.pending = start_version, steps, []
-        weights = ray.put({k: x.detach().clone() for k, x in model.state_dict().items()})
-        for _ in range(min(eta + 1, steps)):
-            self._submit(weights)
-
-    def _submit(self, weights: Any) -> None:
-        self.pending.append((self.worker.produce.remote(weights), self.version))
-        self.remaining -= 1
-
-    def get(self) -> tuple[Any, int]:
-        ref, used = self.pending.pop(0)
-        return self.ray.get(ref), used
-
-    def publish(self, model: torch.nn.Module) -> None:
-        self.version += 1
-        if self.remaining > 0:
-            self._submit(self.ray.put({k: x.detach().clone() for k, x in model.state_dict().items()}))
-
-    def close(self) -> None:
-        self.ray.kill(self.worker)
-
-
 def _tuplify(x: Any) -> Any:
     """JSON turned random.getstate()'s tuples into lists; turn them back."""
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
@@ -565,5 +480,87 @@ def summarize_rl(results: list[dict[str, Any]]) -> dict[str, Any]:
 def run_rl_study(cfg: RLStudyConfig, run_dir: str | Path | None = None, progress: bool | None = None,
                  report: bool = True) -> Path:
     """Run every objective x seed; write the run directory; return its path."""
-    return execute(cfg, run_dir, progress, report, cfg.train.steps, run_one_rl, summarize_rl, "rl",
-                   resumable=True)
+    return execute(cfg, run_dir, progress, report, KIND)
+
+
+# -- report --------------------------------------------------------------------------------
+def _rl_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    table = summarize_rl(results)
+    note = (
+        "Mean ± sample std over seeds. Held-out accuracy: greedy decoding on problems never trained on, "
+        "at the start of RL (after the warm start) and at the end. Reward: mean training reward over the "
+        "last 5 steps. Entropy: mean token entropy of the trainer at the last step. |log ρ|: mean absolute "
+        "log-ratio between the trainer and the (bfloat16) sampler on sampled tokens, the train-inference "
+        f"mismatch. Collapsed: held-out accuracy fell below {config['train']['collapse_reward']} after having "
+        "reached twice that, or the loss diverged.")
+    heads = ["held-out acc (end)", "held-out acc (start)", "reward", "entropy", "|log ρ|", "collapsed",
+             "samples generated", "acc gain / 1k samples", "s / step"]
+    rows = [[html.escape(v), _fmt(r["final_acc"]), _fmt(r["start_acc"]), _fmt(r["final_reward"]),
+             _fmt(r["final_entropy"]), _fmt(r["mismatch_abs"], 4),
+             f"{r['collapsed']['count']} / {r['collapsed']['runs']}", _fmt(r["samples_generated"], 0),
+             _fmt(r["acc_gain_per_1k_samples"], 3), _fmt(r["seconds_per_step"], 2)]
+            for v, r in table.items()]
+    return [{"title": "Objectives", "note": note, "heads": heads, "rows": rows}]
+
+
+def _rl_plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
+    plt = _plt()
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    cmap = plt.get_cmap("tab20")
+    styles = ["-", "--", ":", "-."]
+
+    def style(i: int) -> dict[str, Any]:
+        return {"color": cmap(i % 20), "ls": styles[(i // 20) % len(styles)]}
+
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
+    panels = [("reward", "training reward"), ("entropy", "token entropy"), (None, "held-out accuracy (greedy)"),
+              ("mismatch_abs", "train-inference mismatch |log ρ|"), ("clip_frac", "clip fraction"),
+              ("grad_norm", "gradient norm")]
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        for i, v in enumerate(variants):
+            rs = [x for x in results if x["variant"] == v]
+            if key is None:
+                n = min(len(r["eval_acc"]) for r in rs)
+                y = np.mean([r["eval_acc"][:n] for r in rs], axis=0)
+                ax.plot(rs[0]["eval_steps"][:n], y, marker=".", lw=1.2, label=v, **style(i))
+            else:
+                n = min(len(r["curves"][key]) for r in rs)
+                if n == 0:
+                    continue
+                y = np.mean([r["curves"][key][:n] for r in rs], axis=0)
+                ax.plot(range(1, n + 1), y, lw=1.1, label=v, **style(i))
+            for r in rs:
+                event = r.get("collapsed_at") or r.get("diverged_at")
+                if event:
+                    ax.axvline(event, lw=1, **style(i))
+        ax.set(title=title, xlabel="RL step")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, ncol=1 if len(variants) <= 24 else 2)
+    fig.tight_layout(rect=(0, 0, 0.86 if len(variants) <= 24 else 0.78, 1))
+    p = run_dir / "rl_curves.png"
+    fig.savefig(p, dpi=95)
+    plt.close(fig)
+    return [("Mean over seeds per variant: reward, entropy, held-out accuracy, mismatch, clip fraction and "
+             "gradient norm (a vertical line marks a collapse or divergence)", p)]
+
+
+
+
+KIND = StudyKind(
+    name="rl",
+    Config=RLStudyConfig,
+    example="rl-stability",
+    variant_key="loss",
+    validate=validate_rl,
+    steps_per_run=lambda cfg: cfg.train.steps,
+    describe=lambda cfg: f"{cfg.train.steps} RL steps",
+    run_one=run_one_rl,
+    summarize=lambda results, config: summarize_rl(results),
+    tables=_rl_tables,
+    plots=_rl_plots,
+    columns=(("final_acc", "held-out acc"), ("start_acc", "start"), ("final_reward", "reward"),
+             ("final_entropy", "entropy"), ("collapsed", "collapsed"), ("seconds_per_step", "s/step")),
+    quick=("seeds=[0]", "train.steps=10", "train.eval_problems=50"),
+    resumable=True,
+    resolve=resolve,
+)

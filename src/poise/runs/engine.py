@@ -1,0 +1,141 @@
+"""Run a study: every variant x seed of a recipe, into a run directory. Kind-agnostic.
+
+Layout of a run directory::
+
+    config.json                 the resolved config (after overrides and defaults)
+    metrics/<variant>-s<seed>.jsonl   one line per step, flushed as written
+    results/<variant>-s<seed>.json    final metrics and curves of that run
+    summary.json                mean and std over seeds per variant (rewritten after each run)
+    *.png, report.html          the report (``poise report RUN_DIR`` rebuilds it)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from poise.runs.kinds import StudyKind, kind_of
+from poise.runs.store import atomic_write_json, new_run_dir
+
+__all__ = ["execute", "run", "stats"]
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def stats(values: list[float]) -> dict[str, float | int]:
+    """Mean, sample std and count of the finite values (None and NaN left out)."""
+    a = np.array([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))],
+                 dtype=float)
+    if len(a) == 0:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
+
+
+_stats = stats  # the name the study modules used
+
+
+def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report: bool,
+            kind: StudyKind | None = None) -> Path:
+    """Run every variant x seed of ``cfg`` with its kind's ``run_one(cfg, i, seed, metrics_path,
+    progress)``, write each result and a fresh ``summary.json`` (the kind's ``summarize``) after
+    every run, then the report. Runs whose result file already exists are not run again
+    (``poise run --resume``); an unfinished run starts again from scratch (its partial metrics
+    file is replaced) unless the kind is ``resumable``: then the run function resumes from its
+    own checkpoints and truncates its metrics file to them (the RL study does)."""
+    import torch
+
+    from poise.distributed import is_main
+
+    kind = kind or kind_of(cfg)
+    main = is_main()  # under torchrun every rank runs every run; rank 0 writes the files
+    torch.set_num_threads(cfg.threads)
+    path = Path(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name)
+    config = dataclasses.asdict(cfg)
+    if main:
+        path.mkdir(parents=True, exist_ok=True)
+        resolved = kind.resolve(cfg) if kind.resolve else None
+        atomic_write_json(path / "config.json", {**config, "resolved": resolved} if resolved else config)
+    if progress is None:
+        progress = sys.stderr.isatty() and os.environ.get("CI") != "true"
+    steps_per_run = kind.steps_per_run(cfg)
+    bar = _Progress(steps_per_run * len(cfg.variants) * len(cfg.seeds), progress and main)
+    results: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+
+    def summary(complete: bool) -> dict[str, Any]:
+        return {"study": cfg.name, "kind": kind.name, "complete": complete, "wall_seconds": time.perf_counter() - t0,
+                "runs": len(results), "variants": kind.summarize(results, config)}
+
+    try:
+        for seed in cfg.seeds:
+            for i, v in enumerate(cfg.variants):
+                bar.describe(f"{v.name} seed {seed}")
+                tag = f"{v.name}-s{seed}"
+                done = path / "results" / f"{tag}.json"
+                if _agreed(done.is_file()):  # resuming: this run finished before
+                    results.append(json.loads(done.read_text()) if main else {})
+                    bar.update(steps_per_run)
+                    continue
+                metrics = path / "metrics" / f"{tag}.jsonl"
+                if main and not kind.resumable and metrics.exists():
+                    metrics.unlink()  # a partial run from an interrupted attempt: it starts again
+                r = kind.run_one(cfg, i, seed, metrics, bar.update)
+                results.append(r)
+                if main:
+                    atomic_write_json(done, r)
+                    atomic_write_json(path / "summary.json", summary(False))
+    finally:
+        bar.close()
+    if main:
+        atomic_write_json(path / "summary.json", summary(True))
+    if report and main:
+        from poise.runs.report import build_report
+
+        build_report(path)
+    return path
+
+
+def run(cfg: Any, run_dir: str | Path | None = None, progress: bool | None = None, report: bool = True) -> Path:
+    """Run a study of any kind (the kind is ``cfg.kind``); write the run directory; return its path."""
+    return execute(cfg, run_dir, progress, report)
+
+
+def _agreed(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (one run directory, maybe not shared by all machines)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])

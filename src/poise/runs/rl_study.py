@@ -1,0 +1,8 @@
+"""Old path of :mod:`poise.runs.kinds.rl`, kept so existing imports work: this name is
+the same module object (monkeypatching either patches both)."""
+
+import sys
+
+from poise.runs.kinds import rl as _kind
+
+sys.modules[__name__] = _kind
