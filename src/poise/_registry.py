@@ -42,8 +42,8 @@ def register(kind: str, name: str) -> Callable[[T], T]:
 HOMES: dict[str, str] = {
     "optimizer": "poise.optim",
     "strategy": "poise.continual",
-    "loss": "poise.rl.losses",
-    "advantage": "poise.rl.advantages",
+    "loss": "poise.rl",  # the package: its __init__ imports every module that registers a loss
+    "advantage": "poise.rl",
     "metric": "poise.measure",
     "stream": "poise.tasks.digits",
     "model": "poise.models",

@@ -138,11 +138,19 @@ def _cell(st: object) -> str:
     m = st.get("mean") if isinstance(st, dict) else None
     if m is None or (isinstance(m, float) and math.isnan(m)):
         return "–"
+    if st.get("n") == 1:  # one seed: no spread to show (never "± 0.000")
+        return f"{m:.3f}"
     return f"{m:.3f} ± {st.get('std') or 0.0:<5.3f}"
 
 
 def print_summary(summary: dict, columns: tuple[tuple[str, str], ...]) -> None:
-    """The summary table of any study kind: one row per variant, its kind's ``columns``."""
+    """The summary table of any study kind: one row per variant, its kind's ``columns`` (and
+    ``diverged`` when a run diverged), then the diverged runs and the claims' verdicts."""
+    rows = summary["variants"].values()
+    if any((r.get("diverged") or {}).get("count") for r in rows) and "diverged" not in dict(columns):
+        columns = (*columns, ("diverged", "diverged"))
+    if summary.get("quick"):
+        print("\nSMOKE RUN (--quick): one seed, fewer steps; not for conclusions.")
     widths = [max(16, len(h) + 2) for _, h in columns]  # a long metric name never runs into its neighbour
     names = list(summary["variants"])
     first = max([12, *(len(v) + 2 for v in names)])
@@ -152,6 +160,14 @@ def print_summary(summary: dict, columns: tuple[tuple[str, str], ...]) -> None:
     for name, row in summary["variants"].items():
         print(f"{name:<{first}}" + "".join(_cell(row.get(k)).rjust(w)
                                           for (k, _), w in zip(columns, widths, strict=True)))
+    for name, row in summary["variants"].items():
+        for seed, step in (row.get("diverged") or {}).get("at", []):
+            print(f"  {name} (seed {seed}): diverged at step {step}; left out of the means")
+    for c in summary.get("claims") or []:
+        ci = "" if not c.get("interval") else f", 95% interval [{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]"
+        est = "" if c.get("estimate") is None else f": estimate {c['estimate']:.4g}{ci}"
+        print(f"\nclaim ({c['paper']}): {c['text']}\n  {c['better']} - {c['than']} > {c['margin']:g}{est} over "
+              f"{c['n']} seeds -> {c['verdict'].upper()} ({c['why']})")
 
 
 LISTS = {  # what `poise list` shows: a registry kind, or one of the workbench's own lists

@@ -24,7 +24,7 @@ def test_optimizers_study_end_to_end(tmp_path, capsys):
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert "val_loss" in rows[2] and "opt/update_ratio" in rows[-1]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["complete"] and summary["variants"]["adamw"]["diverged"] == {"count": 0, "runs": 1}
+    assert summary["complete"] and summary["variants"]["adamw"]["diverged"] == {"count": 0, "runs": 1, "at": []}
     html = (run_dir / "report.html").read_text()
     assert "loss spikes" in html and html.count("<img") == 1
 

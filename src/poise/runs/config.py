@@ -97,7 +97,27 @@ def from_dict(data: dict[str, Any]) -> Any:
 
     data = {k: v for k, v in data.items() if k != "resolved"}
     kind = kind_of(data)
-    return kind.validate(_from_dict(kind.Config, data))
+    cfg = kind.validate(_from_dict(kind.Config, data))
+    _check_claims(cfg)
+    return cfg
+
+
+def _check_claims(cfg: Any) -> None:
+    """Each claim names variants of the study and a metric, and has its text and source."""
+    names = [v.name for v in cfg.variants]
+    for i, c in enumerate(getattr(cfg, "claims", [])):
+        key = f"claims[{i}]"
+        if not c.text or not c.paper:
+            raise ConfigError(f"{key}: give the claim's text and paper (its source)")
+        for side in ("better", "than"):
+            s = getattr(c, side)
+            if s.variant not in names:  # e.g. variants overridden: the claim is reported untested, not dropped
+                import sys
+
+                print(f"poise: {key}.{side}.variant {s.variant!r} is not a variant of this study (variants: "
+                      f"{', '.join(names)}): this claim will be reported as untested", file=sys.stderr)
+            if not s.metric:
+                raise ConfigError(f"{key}.{side}.metric is empty: name the metric the claim is about")
 
 
 def check_kwargs(fn: Any, params: dict[str, Any], key: str, what: str, skip: tuple[str, ...] = ()) -> None:
@@ -213,7 +233,7 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
     if quick:
         from poise.runs.kinds import kind_of
 
-        pre = list(kind_of(data).quick)
+        pre = [*kind_of(data).quick, "quick=true"]
     else:
         pre = []
     return from_dict(apply_overrides(data, [*pre, *(overrides or [])]))

@@ -93,8 +93,9 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
     t0 = time.perf_counter()
 
     def summary(complete: bool) -> dict[str, Any]:
-        return {"study": cfg.name, "kind": kind.name, "complete": complete, "wall_seconds": time.perf_counter() - t0,
-                "runs": len(results), "variants": kind.summarize(results, config)}
+        return {"study": cfg.name, "kind": kind.name, "complete": complete, "quick": bool(getattr(cfg, "quick", False)),
+                "wall_seconds": time.perf_counter() - t0, "runs": len(results),
+                **summarize_results(kind, config, results, getattr(cfg, "claims", []))}
 
     try:
         for seed in cfg.seeds:
@@ -123,6 +124,33 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
 
         build_report(path)
     return path
+
+
+def summarize_results(kind: StudyKind, config: dict[str, Any], results: list[dict[str, Any]],
+                      claims: list[Any]) -> dict[str, Any]:
+    """``variants`` (the kind's summary over the runs that did not diverge, plus per variant
+    ``diverged``: count, runs and ``at`` = [[seed, step], ...]) and ``claims`` (each one's verdict,
+    :func:`poise.runs.verdict.evaluate_claim`). A diverged run is a result: it is counted and
+    named, never averaged into a mean."""
+    from poise.runs.verdict import evaluate_claim
+
+    ok = [r for r in results if r.get("diverged_at") is None]
+    rows = kind.summarize(ok, config)
+    for v in dict.fromkeys(r["variant"] for r in results):
+        rs = [r for r in results if r["variant"] == v]
+        bad = [[r["seed"], r["diverged_at"]] for r in rs if r.get("diverged_at") is not None]
+        rows.setdefault(v, {"seeds": [r["seed"] for r in rs]})
+        rows[v]["diverged"] = {"count": len(bad), "runs": len(rs), "at": bad}
+    order = list(dict.fromkeys(r["variant"] for r in results))
+    rows = {v: rows[v] for v in order if v in rows}
+    claims_out = []
+    for c in claims:
+        from poise.runs.verdict import ClaimConfig, Side
+
+        if isinstance(c, dict):  # from a stored config.json
+            c = ClaimConfig(**{**c, "better": Side(**c["better"]), "than": Side(**c["than"])})
+        claims_out.append(evaluate_claim(c, results))
+    return {"variants": rows, "claims": claims_out}
 
 
 def run(cfg: Any, run_dir: str | Path | None = None, progress: bool | None = None, report: bool = True) -> Path:

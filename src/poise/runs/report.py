@@ -29,10 +29,25 @@ th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .note { color: #555; font-size: 0.9em; }
+.quick { background: #fff3cd; border: 1px solid #e0c36a; padding: 0.6em 1em; }
+.claim { border: 1px solid #bbb; border-left: 6px solid #999; padding: 0.6em 1em; margin: 0.8em 0; }
+.claim.reproduced { border-left-color: #2e7d32; } .claim.not-reproduced { border-left-color: #c62828; }
+.claim.inconclusive { border-left-color: #f9a825; }
+.verdict { font-weight: bold; text-transform: uppercase; }
+.diverged { background: #fdecea; border: 1px solid #e57373; padding: 0.6em 1em; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 </style></head><body>
 <h1>{{ study }}</h1>
 <p>{{ description }}</p>
+{% if quick %}<p class="quick"><b>Smoke run (--quick): not for conclusions.</b> One seed and fewer steps;
+no interval can be formed and the numbers are not the study's.</p>{% endif %}
+{% for c in claims %}<div class="claim {{ c.verdict.replace(' ', '-') }}">
+<p><span class="verdict">{{ c.verdict }}</span> · {{ c.text }} ({{ c.paper }})</p>
+<p class="note">Tested as {{ c.better }} − {{ c.than }} &gt; {{ c.margin }} over {{ c.n }} paired seeds: estimate
+{{ c.est }}, 95% interval {{ c.ci }}. {{ c.why }}.{% if c.paper_value %} Paper: {{ c.paper_value }}.{% endif %}</p>
+</div>{% endfor %}
+{% if diverged %}<div class="diverged"><b>Diverged runs</b> (flagged, left out of every mean):
+<ul>{% for d in diverged %}<li>{{ d }}</li>{% endfor %}</ul></div>{% endif %}
 <p class="note">{{ status }} · {{ n_runs }} runs ({{ n_variants }} variants × seeds {{ seeds }}) ·
 wall time {{ wall }} · poise {{ version }}, torch {{ torch }}, Python {{ python }}</p>
 
@@ -99,7 +114,12 @@ def build_report(run_dir: str | Path) -> Path:
     from poise.runs.kinds import kind_of
 
     kind = kind_of(config)
-    tables, images = kind.tables(config, results), kind.plots(run_dir, config, results)
+    ok = [r for r in results if r.get("diverged_at") is None]  # a diverged run is flagged, never averaged
+    tables = kind.tables(config, ok) if ok else []
+    images = kind.plots(run_dir, config, results)
+    diverged = [f"{html.escape(str(r['variant']))} (seed {r['seed']}): diverged at step {r['diverged_at']}"
+                for r in results if r.get("diverged_at") is not None]
+    claims = summary.get("claims") or []
     import torch
 
     import poise
@@ -112,7 +132,13 @@ def build_report(run_dir: str | Path) -> Path:
         n_runs=len(results), n_variants=len({r["variant"] for r in results}), seeds=config["seeds"],
         wall=f"{summary.get('wall_seconds', float('nan')):.0f} s",
         version=poise.__version__, torch=torch.__version__, python=platform.python_version(),
-        tables=tables,
+        tables=tables, diverged=diverged, quick=bool(summary.get("quick") or config.get("quick")),
+        claims=[{**c, "text": html.escape(c["text"]), "paper": html.escape(c["paper"]),
+                 "paper_value": html.escape(c.get("paper_value", "")), "better": html.escape(c["better"]),
+                 "than": html.escape(c["than"]), "why": html.escape(c.get("why", "")),
+                 "est": "–" if c.get("estimate") is None else f"{c['estimate']:.4g}",
+                 "ci": "–" if not c.get("interval") else f"[{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]"}
+                for c in claims],
         images=[(html.escape(t), base64.b64encode(p.read_bytes()).decode()) for t, p in images],
         config=html.escape(json.dumps(config, indent=2)),
     )

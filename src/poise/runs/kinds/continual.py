@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import inspect
+import math
 import os
 import time
 import warnings
@@ -31,6 +32,7 @@ from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt
 from poise.runs.store import JsonlWriter, truncate_jsonl
+from poise.runs.verdict import ClaimConfig
 
 __all__ = ["EvalConfig", "StudyConfig", "TrainConfig", "VariantConfig", "WorkloadConfig", "KIND", "run_one",
            "run_study", "summarize", "strategy_params", "validate"]
@@ -60,6 +62,9 @@ class TrainConfig:
     optimizer_params: dict[str, Any] = _help("more keyword arguments of the optimizer (betas, eps, ...) and its "
                                              "declared group keys (galore_adamw: rank, update_proj_gap, scale, "
                                              "proj_type)", default_factory=dict)
+    divergence_factor: float = _help("a run has diverged when its training loss is non-finite or above this "
+                                     "factor times its first step's loss; it stops there, is flagged and left out "
+                                     "of the means", default=100.0)
     checkpoint_every: int = _help("write a mid-task checkpoint (model, optimizer, strategy, evaluator, RNG) every "
                                   "this many steps; poise run --resume RUN_DIR continues an interrupted run from it "
                                   "(0 = never: an interrupted run restarts from its start)", default=100)
@@ -106,6 +111,10 @@ class StudyConfig:
     eval: EvalConfig = _help("continual evaluation", default_factory=EvalConfig)
     variants: list[VariantConfig] = _help("the update rules compared ([[variants]] tables)",
                                           default_factory=_default_variants)
+    claims: list[ClaimConfig] = _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): "
+                                      "each gets an estimate, a 95% interval over seeds and a computed verdict",
+                                      default_factory=list)
+    quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
     kind: str = _help("'continual' (the default kind): update rules compared on a stream of tasks",
                       default="continual")
 
@@ -244,18 +253,24 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
     if resume is not None and progress is not None:
         progress(resume["step"])
     writer = JsonlWriter(metrics_path) if metrics_path and main else None
+    watch = _DivergenceWatch(cfg.train.divergence_factor, writer.write if writer else None)
     t0 = time.perf_counter()
+    diverged_at = None
     try:
         metrics = fit_stream(
             model, stream.tasks, strategy, opt, evaluator,
             steps_per_task=cfg.train.steps_per_task, batch_size=cfg.train.batch_size,
             n_classes=stream.n_classes, seed=seed,
-            log=writer.write if writer else None, progress=progress,
+            log=watch, progress=progress,
             shard=False,  # under torchrun every rank trains the same model on the whole batch; evaluation is sharded
             checkpoint_every=every if ckpt is not None and main else 0,
             on_checkpoint=(lambda st: _save_checkpoint(ckpt, st)) if ckpt is not None and main else None,
             resume=resume,
         )
+    except _Diverged as e:
+        diverged_at, metrics = e.step, {}
+        if progress is not None:
+            progress(cfg.train.steps_per_task * w.n_tasks - e.step)
     finally:
         if writer:
             writer.close()
@@ -265,13 +280,41 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
             ckpt.parent.rmdir()
     steps, acc = evaluator.curves()
     return {
-        "variant": v.name, "strategy": v.strategy, "seed": seed,
+        "variant": v.name, "strategy": v.strategy, "seed": seed, "diverged_at": diverged_at,
         "wall_seconds": time.perf_counter() - t0,
         "metrics": metrics,
-        "boundaries": [evaluator.boundaries[t] for t in evaluator.seen],
+        "boundaries": [evaluator.boundaries[t] for t in evaluator.seen if t in evaluator.boundaries],
         "task_names": [t.name for t in stream.tasks],
         "curves": {"steps": steps.tolist(), "acc": acc.tolist()},
     }
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int):
+        self.step = step
+
+
+class _DivergenceWatch:
+    """The ``log`` of :func:`fit_stream`: writes each record, and stops the run (raising
+    :class:`_Diverged`) at the first step whose loss is non-finite or above ``factor`` times the
+    first step's loss. That record is written first, marked ``diverged``."""
+
+    def __init__(self, factor: float, write: Any):
+        self.factor, self.write, self.first = factor, write, None
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        loss = rec.get("loss")
+        bad = False
+        if isinstance(loss, float):
+            bad = not math.isfinite(loss) or (self.first is not None and loss > self.factor * self.first)
+            if self.first is None and not bad:
+                self.first = max(loss, 1e-12)
+        if bad:
+            rec = {**rec, "diverged": True}
+        if self.write is not None:
+            self.write(rec)
+        if bad:
+            raise _Diverged(int(rec["step"]))
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -335,6 +378,9 @@ def _curve_mean(results: list[dict[str, Any]], col: int | None) -> tuple[np.ndar
 
 
 def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
+    results = [r for r in results if r.get("diverged_at") is None]  # flagged in the report's notice instead
+    if not results:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")

@@ -39,6 +39,7 @@ from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter
+from poise.runs.verdict import ClaimConfig
 from poise.tasks.factlm import (
     WordTokenizer,
     base_lines,
@@ -109,6 +110,10 @@ class EditStudyConfig:
     lm: FactLMConfig = _help("the fact LM", default_factory=FactLMConfig)
     stream: EditStreamConfig = _help("the edit stream", default_factory=EditStreamConfig)
     variants: list[EditVariantConfig] = _help("the editors compared ([[variants]] tables)", default_factory=list)
+    claims: list[ClaimConfig] = _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): "
+                                      "each gets an estimate, a 95% interval over seeds and a computed verdict",
+                                      default_factory=list)
+    quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
 
 
 SPHERE_KEYS = ("beta", "alpha")  # the sphere wrapper's arguments in a variant's params

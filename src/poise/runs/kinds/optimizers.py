@@ -27,6 +27,7 @@ from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter
+from poise.runs.verdict import ClaimConfig
 from poise.tasks.text import CharTokenizer, arithmetic_corpus
 
 __all__ = ["KIND", "LMConfig", "OptimStudyConfig", "OptimVariantConfig", "make_optimizer", "run_optim_study",
@@ -72,6 +73,10 @@ class OptimStudyConfig:
     lm: LMConfig = _help("the tiny GPT and its data", default_factory=LMConfig)
     variants: list[OptimVariantConfig] = _help("the optimizers compared ([[variants]] tables)",
                                                default_factory=list)
+    claims: list[ClaimConfig] = _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): "
+                                      "each gets an estimate, a 95% interval over seeds and a computed verdict",
+                                      default_factory=list)
+    quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
 
 
 def validate_optim(cfg: OptimStudyConfig) -> OptimStudyConfig:
@@ -200,7 +205,7 @@ def run_one_optim(cfg: OptimStudyConfig, variant_index: int, seed: int, metrics_
         "variant": v.name, "optimizer": v.optimizer, "seed": seed, "wall_seconds": wall,
         "seconds_per_step": wall / max(1, len(losses)),
         "losses": losses, "val_steps": val_steps, "val_losses": val_losses,
-        "spikes": spikes, "diverged_at": diverged_at,
+        "spikes": spikes, "spike_count": len(spikes), "diverged_at": diverged_at,
         "final_val_loss": val_losses[-1] if val_losses and diverged_at is None else math.nan,
     }
 

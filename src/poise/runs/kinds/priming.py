@@ -34,6 +34,7 @@ from poise.runs.kinds._protocol import StudyKind
 from poise.runs.kinds.edit import FactLMConfig, _check_lm, fact_lm
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter
+from poise.runs.verdict import ClaimConfig
 from poise.tasks.factlm import WordTokenizer, base_lines, pad_right
 from poise.tasks.facts import THEMES, stepping_stone
 
@@ -72,6 +73,10 @@ class PrimingStudyConfig:
     lm: FactLMConfig = _help("the LM the facts are learned into", default_factory=lambda: FactLMConfig(n_facts=600))
     priming: PrimingConfig = _help("the insertion step", default_factory=PrimingConfig)
     variants: list[PrimingVariantConfig] = _help("insertion variants ([[variants]] tables)", default_factory=list)
+    claims: list[ClaimConfig] = _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): "
+                                      "each gets an estimate, a 95% interval over seeds and a computed verdict",
+                                      default_factory=list)
+    quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
 
 
 def validate_priming(cfg: PrimingStudyConfig) -> PrimingStudyConfig:

@@ -52,6 +52,7 @@ from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter, truncate_jsonl
+from poise.runs.verdict import ClaimConfig
 from poise.tasks.text import CharTokenizer
 
 __all__ = ["KIND", "RLStudyConfig", "RLTaskConfig", "RLTrainConfig", "RLVariantConfig", "build_policy", "run_one_rl",
@@ -141,6 +142,10 @@ class RLStudyConfig:
     task: RLTaskConfig = _help("the task", default_factory=RLTaskConfig)
     train: RLTrainConfig = _help("model, warm start and RL loop", default_factory=RLTrainConfig)
     variants: list[RLVariantConfig] = _help("the objectives compared ([[variants]] tables)", default_factory=list)
+    claims: list[ClaimConfig] = _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): "
+                                      "each gets an estimate, a 95% interval over seeds and a computed verdict",
+                                      default_factory=list)
+    quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
 
 
 def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:

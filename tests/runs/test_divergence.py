@@ -1,0 +1,25 @@
+"""A diverged run is a result that is flagged, never a number in a table."""
+
+import json
+
+
+def test_a_continual_run_that_diverges_is_stopped_flagged_and_left_out(tmp_path, capsys):
+    from poise.cli import main
+    from poise.runs.store import read_jsonl
+
+    run = tmp_path / "r"
+    # EWC at lam = 1000 with SGD lr 0.05 on rotated digits: the penalty's curvature makes SGD blow up after the switch
+    assert main(["run", "domain-shift", "--quick", "workload.n_tasks=2", "variants=[{strategy='finetune'},"
+                 "{strategy='ewc',params={lam=1000.0}}]", "--run-dir", str(run), "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    ewc = summary["variants"]["ewc"]
+    (seed, step), = ewc["diverged"]["at"]
+    assert ewc["diverged"]["count"] == 1 and 100 < step < 200  # after the switch at step 100
+    assert "acc" not in ewc  # no mean from a diverged run
+    assert summary["variants"]["finetune"]["diverged"]["count"] == 0 and summary["variants"]["finetune"]["acc"]["n"]
+    rows = read_jsonl(run / "metrics" / "ewc-s0.jsonl")
+    assert rows[-1]["step"] == step and rows[-1]["diverged"] and len(rows) < 300  # it stopped there
+    out = capsys.readouterr().out
+    assert f"ewc (seed 0): diverged at step {step}" in out and "SMOKE RUN" in out and "± 0.000" not in out
+    page = (run / "report.html").read_text()
+    assert f"diverged at step {step}" in page and "not for conclusions" in page
