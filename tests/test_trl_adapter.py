@@ -4,7 +4,7 @@ word-level tokenizer, four prompts, two optimizer steps, any poise loss by name.
 import pytest
 import torch
 
-trl = pytest.importorskip("trl", reason="the TRL adapter needs the parity extra")
+trl = pytest.importorskip("trl", reason="the TRL adapter needs the trl extra")
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -18,9 +18,13 @@ def _tokenizer():
                                                 unk_token="<unk>")
 
 
-@pytest.mark.parametrize("loss, kwargs", [("cispo", {"eps_high": 0.28}), ("ppo_clip", {"dual_clip": 3.0}),
-                                          ("pg", {})])
-def test_poise_loss_inside_grpo_trainer(tmp_path, loss, kwargs):
+@pytest.mark.parametrize("loss, kwargs, config", [
+    ("cispo", {"eps_high": 0.28}, {}), ("ppo_clip", {"dual_clip": 3.0}, {}), ("pg", {}, {}),
+    # TRL's own loss computed by poise (beta != 0 needs a reference model TRL can load by name: the parity
+    # test covers it)
+    (None, {}, {"loss_type": "grpo", "top_entropy_quantile": 0.5, "entropy_coef": 0.01}),
+])
+def test_poise_loss_inside_grpo_trainer(tmp_path, loss, kwargs, config):
     from poise.integrations.trl import PoiseGRPOTrainer
 
     tok = _tokenizer()
@@ -36,7 +40,7 @@ def test_poise_loss_inside_grpo_trainer(tmp_path, loss, kwargs):
 
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                           max_completion_length=4, max_steps=2, report_to="none", use_cpu=True, logging_steps=1,
-                          save_strategy="no", learning_rate=1e-3, bf16=False)
+                          save_strategy="no", learning_rate=1e-3, bf16=False, **config)
     before = [p.detach().clone() for p in model.parameters()]
     trainer = PoiseGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
                                processing_class=tok, poise_loss=loss, poise_loss_kwargs=kwargs)
@@ -45,6 +49,9 @@ def test_poise_loss_inside_grpo_trainer(tmp_path, loss, kwargs):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert any(k.startswith("poise/") for k in logged), sorted(logged)
+    assert "entropy" in logged, sorted(logged)  # TRL's metric names
+    if loss is None:
+        assert {"clip_ratio/region_mean", "entropy_coef", "policy_loss"} <= logged, sorted(logged)
 
 
 def test_bad_adapter_arguments():

@@ -68,7 +68,7 @@ def test_batch_inputs_and_options_come_from_the_signature():
     assert batch_inputs("ppo_clip") == ["logp", "old_logp", "adv", "mask"]
     assert batch_inputs("minirl") == ["logp", "old_logp", "behav_logp", "adv", "mask"]
     assert batch_inputs("decoupled_ppo") == ["logp", "prox_logp", "behav_logp", "adv", "mask"]
-    assert loss_options("gspo") == {"eps_low": 3e-4, "eps_high": 4e-4}
+    assert loss_options("gspo") == {"eps_low": 3e-4, "eps_high": 4e-4, "convention": "verl"}
     assert loss_options("pg") == {}
     assert loss_options("pg", keyword_only=False) == {"weights": None}
 
@@ -90,7 +90,8 @@ def test_a_loss_whose_data_is_not_in_the_batch_raises():
 
 
 def test_policy_losses_are_derived_from_the_registry(monkeypatch):
-    assert policy_losses() == ["pg", "ppo_clip", "gspo", "cispo", "decoupled_ppo", "minirl", "sapo"]
+    assert policy_losses() == ["pg", "ppo_clip", "gspo", "cispo", "decoupled_ppo", "minirl", "sapo",
+                               "vespo", "seq_sapo", "seq_delta", "gmpo", "clip_cov", "kl_cov"]
     assert "kl" in _registry.names("loss") and "pacs" in _registry.names("loss")
 
     def new_loss(logp, old_logp, behav_logp, adv, mask, *, tau=1.0):

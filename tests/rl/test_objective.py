@@ -26,7 +26,8 @@ def _lp(*p):
 def test_is_placement_is_read_from_the_signature():
     assert {n: is_placement(n) for n in policy_losses()} == {
         "pg": "weights", "ppo_clip": "values", "gspo": "values", "cispo": "values", "sapo": "values",
-        "minirl": "own", "decoupled_ppo": "own"}
+        "minirl": "own", "decoupled_ppo": "own", "vespo": "own", "seq_sapo": "values", "seq_delta": "values",
+        "gmpo": "values", "clip_cov": "values", "kl_cov": "values"}
 
 
 def test_pg_weights_pi_theta_over_mu():
@@ -141,3 +142,22 @@ def test_bad_loss_combinations():
         policy_objective(b, "pg", adaptive_clip="bapo")
     with pytest.raises(ValueError, match="either weights= or is_level='token'"):
         policy_objective(b, "pg", is_level="token", weights=torch.ones(1, 2))
+
+
+def test_masked_is_can_take_rejected_tokens_out_of_the_denominator():
+    # 5 tokens of one sequence, pg with adv 1; log rho = [0, 0, 2, 2, 2]: MIS at hi=2 rejects the last 3 (e^2 > 2).
+    # pg's value is -A w logp, so its gradient per token is -w / denominator: "all" divides the two kept tokens'
+    # -1 by 5 (-0.2 each), "kept" by 2 (-0.5 each); rejected tokens get 0 either way.
+    behav = torch.tensor([[0.0, 0.0, -2.0, -2.0, -2.0]])
+    grads = {}
+    for den in ("all", "kept"):
+        logp = torch.zeros(1, 5, requires_grad=True)
+        batch = PolicyBatch(logp, logp.detach(), behav, torch.ones(1), torch.ones(1, 5))
+        out = policy_objective(batch, "pg", is_level="token", is_mode="mask", is_max=2.0, is_denominator=den)
+        out.aggregate("token_mean").backward()
+        grads[den] = logp.grad[0].tolist()
+    assert grads["all"] == pytest.approx([-0.2, -0.2, 0, 0, 0])
+    assert grads["kept"] == pytest.approx([-0.5, -0.5, 0, 0, 0])
+    assert out.mask.tolist() == [[1, 1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="is_denominator"):
+        policy_objective(batch, "pg", is_level="token", is_denominator="some")

@@ -59,8 +59,13 @@ def _cases():
             yield loss, is_level, is_mode, select, weights, clip
 
 
+NEWER = {"vespo", "seq_sapo", "seq_delta", "gmpo", "clip_cov", "kl_cov"}  # after the freeze: their own grid test
+
+
 def test_the_grid_covers_every_policy_loss():
-    assert {c[0] for c in _cases()} == set(policy_losses())
+    # the frozen grid holds every loss the old workbench function had; the newer ones run the same option grid in
+    # tests/rl/test_more_losses.py::test_new_losses_through_the_whole_objective_grid
+    assert {c[0] for c in _cases()} == set(policy_losses()) - NEWER
 
 
 def _objective(case, logp, old, behav, adv, mask, ent):

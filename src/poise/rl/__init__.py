@@ -31,6 +31,17 @@ from poise.rl.advantages import (
     reinforce_advantage,
     rloo_advantage,
 )
+from poise.rl.advantages_more import (
+    gpg_advantage,
+    normalize_then_sum_advantage,
+    opo_advantage,
+    optimal_token_baseline_advantage,
+    outcome_token_rewards,
+    passk_advantage,
+    reinforce_pp_advantage,
+    reinforce_pp_baseline_advantage,
+    token_whiten,
+)
 from poise.rl.batch import PolicyBatch, batch_inputs, call_loss, loss_options, policy_losses
 from poise.rl.correction import (
     ISWeights,
@@ -40,6 +51,8 @@ from poise.rl.correction import (
     prox_logp_loglinear,
     sequence_log_ratio,
 )
+from poise.rl.diagnostics import DIAGNOSTIC_KEYS, rollout_diagnostics
+from poise.rl.kl import KL_ESTIMATORS, kl_estimate
 from poise.rl.losses import (
     cispo_loss,
     decoupled_ppo_loss,
@@ -50,6 +63,14 @@ from poise.rl.losses import (
     pg_loss,
     ppo_clip_loss,
     sapo_loss,
+)
+from poise.rl.losses_more import (
+    clip_cov_loss,
+    gmpo_loss,
+    kl_cov_loss,
+    seq_delta_loss,
+    seq_sapo_loss,
+    vespo_loss,
 )
 from poise.rl.objective import PolicyObjective, is_placement, policy_objective
 from poise.rl.rollout import (
@@ -63,6 +84,13 @@ from poise.rl.rollout import (
     score_rollouts,
     sft_warmup,
     trainer_logprobs,
+)
+from poise.rl.rollout_correction import (
+    REJECTION_RULES,
+    Correction,
+    is_batch_normalize,
+    rejection_mask,
+    rollout_correction,
 )
 from poise.rl.sampling import AdaSampler, StalenessBuffer, dynamic_sampling_keep, overlong_penalty
 from poise.rl.tokens import (
@@ -93,10 +121,14 @@ __all__ = [
     "AdaSampler",
     "AsyncSampler",
     "Collected",
+    "Correction",
+    "DIAGNOSTIC_KEYS",
     "ISWeights",
+    "KL_ESTIMATORS",
     "LossOut",
     "PolicyBatch",
     "PolicyObjective",
+    "REJECTION_RULES",
     "RaySampler",
     "Rollout",
     "StalenessBuffer",
@@ -109,6 +141,7 @@ __all__ = [
     "capo_mask",
     "capo_token_kl",
     "cispo_loss",
+    "clip_cov_loss",
     "collect",
     "completion_batch",
     "completion_stats",
@@ -121,12 +154,17 @@ __all__ = [
     "generate",
     "get_loss",
     "global_stat_advantage",
+    "gmpo_loss",
+    "gpg_advantage",
     "group_advantage",
     "gspo_loss",
     "gtpo_conflict_weights",
     "gtpo_entropy_filter",
+    "is_batch_normalize",
     "is_placement",
     "is_weights",
+    "kl_cov_loss",
+    "kl_estimate",
     "kl_penalty",
     "log_ratio",
     "loss_options",
@@ -136,19 +174,33 @@ __all__ = [
     "masked_whiten",
     "minirl_loss",
     "names",
+    "normalize_then_sum_advantage",
+    "opo_advantage",
+    "optimal_token_baseline_advantage",
+    "outcome_token_rewards",
     "overlong_penalty",
     "pacs_loss",
+    "passk_advantage",
     "pg_loss",
     "policy_losses",
     "policy_objective",
     "ppo_clip_loss",
     "prox_logp_loglinear",
     "reinforce_advantage",
+    "reinforce_pp_advantage",
+    "reinforce_pp_baseline_advantage",
+    "rejection_mask",
     "rloo_advantage",
+    "rollout_correction",
+    "rollout_diagnostics",
     "sapo_loss",
     "score_rollouts",
+    "seq_delta_loss",
+    "seq_sapo_loss",
     "sequence_log_ratio",
     "sft_warmup",
     "steer_weights",
+    "token_whiten",
     "trainer_logprobs",
+    "vespo_loss",
 ]

@@ -13,9 +13,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["AGG_MODES", "LossOut", "aggregate", "broadcast", "masked_mean", "masked_sum", "masked_whiten", "stats"]
+__all__ = ["AGG_MODES", "EMPTY_ROWS", "LossOut", "aggregate", "broadcast", "check_shapes", "masked_mean",
+           "masked_sum", "masked_whiten", "masked_zero", "stats"]
 
 AGG_MODES = ("token_mean", "token_sum", "seq_mean_token_mean", "seq_mean_token_sum", "seq_sum_norm")
+EMPTY_ROWS = ("skip", "count")
 
 
 class LossOut(NamedTuple):
@@ -25,8 +27,34 @@ class LossOut(NamedTuple):
     metrics: dict[str, Tensor]
 
 
+def masked_zero(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` with every position where ``mask == 0`` set to exactly 0, whatever it held (+-inf,
+    NaN): ``torch.where``, so the gradient there is exactly 0 too (``x * mask`` would give
+    ``NaN * 0 = NaN``). Masked positions contribute nothing, in value and in gradient."""
+    return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _shape(x: Tensor) -> str:
+    return str(tuple(x.shape))
+
+
+def check_shapes(mask: Tensor, *, adv: Tensor | None = None, **tokens: Tensor | None) -> None:
+    """Raise ``ValueError`` naming the tensor whose shape does not fit the ``[B, T]`` ``mask``:
+    every ``tokens`` tensor must have the mask's shape, ``adv`` ``[B]`` or ``[B, T]``. Shape
+    checks only (no host synchronisation)."""
+    if mask.dim() != 2:
+        raise ValueError(f"mask has shape {_shape(mask)}; expected 2 dimensions [B, T]")
+    for name, x in tokens.items():
+        if x is not None and tuple(x.shape) != tuple(mask.shape):
+            raise ValueError(f"{name} has shape {_shape(x)}; expected {_shape(mask)} (the mask's)")
+    if adv is not None and tuple(adv.shape) not in ((mask.shape[0],), tuple(mask.shape)):
+        raise ValueError(f"adv has shape {_shape(adv)}; expected ({mask.shape[0]},) or {_shape(mask)}")
+
+
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+    """``sum x * mask``; positions with ``mask == 0`` add exactly 0 whatever ``x`` holds there."""
+    xm = masked_zero(x, mask) * mask
+    return xm.sum() if dim is None else xm.sum(dim)
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -45,8 +73,9 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 
 
 def broadcast(adv: Tensor, mask: Tensor) -> Tensor:
-    """A per-sequence advantage ``[B]`` as per-token ``[B, T]`` (zero on masked tokens)."""
-    return adv[:, None] * mask if adv.dim() == 1 else adv * mask
+    """A per-sequence advantage ``[B]`` as per-token ``[B, T]`` (exactly zero on masked tokens)."""
+    a = adv[:, None].expand(mask.shape) if adv.dim() == 1 else adv
+    return masked_zero(a, mask) * mask
 
 
 def stats(prefix: str, x: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -62,7 +91,8 @@ def stats(prefix: str, x: Tensor, mask: Tensor) -> dict[str, Tensor]:
 
 
 def aggregate(values: Tensor, mask: Tensor, mode: str = "token_mean", *, num_tokens: Tensor | float | None = None,
-              num_seqs: Tensor | float | None = None, horizon: int | None = None) -> Tensor:
+              num_seqs: Tensor | float | None = None, horizon: int | None = None,
+              empty_rows: str = "skip") -> Tensor:
     r"""Reduce per-token values ``[B, T]`` to a scalar.
 
     With ``n_tok`` = ``num_tokens`` and ``n_seq`` = ``num_seqs`` the **global** counts (over
@@ -76,16 +106,26 @@ def aggregate(values: Tensor, mask: Tensor, mode: str = "token_mean", *, num_tok
     * ``seq_sum_norm``: ``sum_{i,t} v m / (n_seq * horizon)`` (Dr. GRPO, TRL ``dr_grpo``:
       ``horizon`` = the maximum completion length).
 
-    Sequences whose mask is empty count as nothing (they add 0 and are not in the default
-    ``n_seq``).
+    Empty rows (a sequence whose mask is all 0) add 0. Whether they count in the *default*
+    ``n_seq`` is ``empty_rows``: ``"skip"`` (default; verl's ``seq-mean-*`` modes: the number of
+    non-empty rows) or ``"count"`` (TRL ``grpo``/``dr_grpo``/``luspo``: ``B``, every row). A
+    given ``num_seqs`` is used as is.
+
+    Positions with ``mask == 0`` contribute exactly 0, in value and gradient, whatever
+    ``values`` holds there (``inf``, ``NaN``): see :func:`masked_zero`. ``mask`` may be a
+    float weight (e.g. ``mask * top``); a row's token count is then its weight sum.
     """
     if mode not in AGG_MODES:
         raise ValueError(f"mode={mode!r}; valid choices: {', '.join(AGG_MODES)}")
+    if empty_rows not in EMPTY_ROWS:
+        raise ValueError(f"empty_rows={empty_rows!r}; valid choices: {', '.join(EMPTY_ROWS)}")
+    check_shapes(mask, values=values)
     m = mask.to(values.dtype)
+    values = masked_zero(values, m)
     if num_tokens is None:
         num_tokens = m.sum()
     if num_seqs is None:
-        num_seqs = (m.sum(-1) > 0).sum()
+        num_seqs = (m.sum(-1) > 0).sum() if empty_rows == "skip" else m.shape[0]
     if mode == "token_mean":
         return (values * m).sum() / torch.as_tensor(num_tokens, dtype=values.dtype).clamp_min(1)
     if mode == "token_sum":

@@ -16,12 +16,18 @@ SCALES = ("group", "batch", "none")
 
 
 def _group_stats(x: Tensor, group_id: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sequence group size, group sum and group sum of squares."""
+    """Per-sequence group size ``n``, group mean and group sum of squared deviations
+    ``sum_j (x_j - mean)^2``, two-pass: the mean first, then the deviations (a one-pass
+    ``sum x^2 - n mean^2`` cancels catastrophically when the spread is small against the mean:
+    float32 rewards 0.9 +- 0.002 lose ~6e-2 of their advantages)."""
+    if group_id.shape != x.shape:
+        raise ValueError(f"group_id has shape {tuple(group_id.shape)}; expected {tuple(x.shape)} (the rewards')")
     ids, inv = torch.unique(group_id, return_inverse=True)
     n = torch.zeros(len(ids), dtype=x.dtype, device=x.device).index_add_(0, inv, torch.ones_like(x))
-    s = torch.zeros(len(ids), dtype=x.dtype, device=x.device).index_add_(0, inv, x)
-    s2 = torch.zeros(len(ids), dtype=x.dtype, device=x.device).index_add_(0, inv, x * x)
-    return n[inv], s[inv], s2[inv]
+    mean = torch.zeros(len(ids), dtype=x.dtype, device=x.device).index_add_(0, inv, x) / n
+    dev = x - mean[inv]
+    ss = torch.zeros(len(ids), dtype=x.dtype, device=x.device).index_add_(0, inv, dev * dev)
+    return n[inv], mean[inv], ss[inv]
 
 
 @register("advantage", "reinforce")
@@ -43,21 +49,21 @@ def group_advantage(rewards: Tensor, group_id: Tensor, *, center: str = "mean", 
       ``"none"`` (Dr. GRPO, arXiv 2503.20783): no division.
 
     A group whose rewards are all equal gets advantage 0, never NaN; a group of one has
-    std 0 (so advantage 0 with ``center="mean"``).
+    std 0 (so advantage 0 with ``center="mean"``). Group statistics are two-pass (mean, then
+    squared deviations), in float32 for float32 rewards, as ``torch.std`` in TRL and verl.
     """
     if center not in CENTERS:
         raise ValueError(f"center={center!r}; valid choices: {', '.join(CENTERS)}")
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r}; valid choices: {', '.join(SCALES)}")
     r = rewards.to(torch.float64) if rewards.dtype == torch.float64 else rewards.float()
-    n, s, s2 = _group_stats(r, group_id)
-    mean = s / n
+    n, mean, ss = _group_stats(r, group_id)
     if center == "mean":
         a = r - mean
     else:
         a = torch.where(n > 1, (r - mean) * n / (n - 1).clamp_min(1), torch.zeros_like(r))
     if scale == "group":
-        var = (s2 - n * mean * mean).clamp_min(0) / ((n - 1).clamp_min(1) if unbiased else n)
+        var = ss / ((n - 1).clamp_min(1) if unbiased else n)
         a = a / (var.sqrt() + eps)
     elif scale == "batch":
         batch_std = r.std(unbiased=unbiased) if len(r) > 1 else torch.zeros((), dtype=r.dtype)

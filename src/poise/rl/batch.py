@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 from poise import _registry
-from poise.rl._common import LossOut
+from poise.rl._common import LossOut, check_shapes
 
 __all__ = ["PolicyBatch", "batch_inputs", "call_loss", "loss_options", "policy_losses"]
 
@@ -109,8 +109,9 @@ def call_loss(name: str, batch: PolicyBatch, **kwargs: Any) -> LossOut:
     """Call the registered loss ``name`` with its positional parameters bound by name from
     ``batch`` and ``kwargs`` as its options.
 
-    Raises ``ValueError`` when ``name`` is not a policy loss (listing :func:`policy_losses`) and
-    ``TypeError`` for a keyword argument the loss does not take (listing the ones it does)."""
+    Raises ``ValueError`` when ``name`` is not a policy loss (listing :func:`policy_losses`) or a
+    batch tensor's shape does not fit the ``[B, T]`` mask (naming the field), and ``TypeError``
+    for a keyword argument the loss does not take (listing the ones it does)."""
     fn = _registry.get("loss", name)
     inputs, options = _inputs_and_options(fn)
     missing = [p for p in inputs if p not in PolicyBatch._fields]
@@ -121,4 +122,6 @@ def call_loss(name: str, batch: PolicyBatch, **kwargs: Any) -> LossOut:
     if unknown:
         raise TypeError(f"loss {name!r} got unknown keyword argument(s) {', '.join(map(repr, unknown))}; "
                         f"valid: {', '.join(options) or '(none)'}")
+    check_shapes(batch.mask, adv=batch.adv, logp=batch.logp, old_logp=batch.old_logp, behav_logp=batch.behav_logp,
+                 prox_logp=batch.prox_logp)
     return fn(*(batch.value(p) for p in inputs), **kwargs)

@@ -8,6 +8,12 @@ scalar is :func:`poise.rl.aggregate`, a separate step with global counts.
 
 Every clipped surrogate has the plain policy-gradient gradient ``-A grad logp`` at ratio 1,
 and exactly zero gradient in its clipped regions (tests/rl/test_losses.py).
+
+Masked positions contribute exactly nothing, in value and in gradient, whatever their
+log-probs or advantages hold (``-inf`` on padding is common): inputs are zeroed there with
+``torch.where`` before any arithmetic (:func:`poise.rl._common.masked_zero`). Shapes are
+checked against the mask (``ValueError`` naming the tensor). ``convention`` picks the numerical
+guards (:data:`poise.rl.correction.CONVENTIONS`: ``"verl"``, the default, or ``"trl"``).
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from poise._registry import register
-from poise.rl._common import LossOut, broadcast, masked_mean, stats
-from poise.rl.correction import log_ratio, sequence_log_ratio
+from poise.rl._common import LossOut, broadcast, check_shapes, masked_mean, masked_zero, stats
+from poise.rl.correction import Convention, log_ratio, sequence_log_ratio
+from poise.rl.correction import convention as _convention
 
 __all__ = ["cispo_loss", "decoupled_ppo_loss", "gspo_loss", "kl_penalty", "minirl_loss", "pacs_loss", "pg_loss",
            "ppo_clip_loss", "sapo_loss"]
@@ -26,6 +33,12 @@ __all__ = ["cispo_loss", "decoupled_ppo_loss", "gspo_loss", "kl_penalty", "minir
 
 def _adv(adv: Tensor, mask: Tensor) -> Tensor:
     return broadcast(adv, mask).detach()
+
+
+def _clean(mask: Tensor, adv: Tensor | None = None, **tokens: Tensor | None) -> list[Tensor | None]:
+    """Check shapes against ``mask`` and zero every token tensor where ``mask == 0``."""
+    check_shapes(mask, adv=adv, **tokens)
+    return [None if x is None else masked_zero(x, mask) for x in tokens.values()]
 
 
 def _ratio_metrics(lr: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -39,8 +52,9 @@ def pg_loss(logp: Tensor, adv: Tensor, mask: Tensor, weights: Tensor | None = No
     r"""REINFORCE / plain policy gradient: ``l_t = -sg[w_t] A_t logp_t`` (``w`` optional
     detached importance weights, e.g. from :func:`poise.rl.is_weights`: the Qwen paper's
     on-policy "PG + token IS" objective, arXiv 2512.01374)."""
+    logp, w = _clean(mask, adv, logp=logp, weights=None if weights is None else weights.detach())
     a = _adv(adv, mask)
-    w = torch.ones_like(logp) if weights is None else weights.detach()
+    w = torch.ones_like(logp) if w is None else w
     vals = -w * a * logp * mask
     return LossOut(vals, {"adv/mean": masked_mean(a, mask).detach()})
 
@@ -57,22 +71,29 @@ def _clip_metrics(r: Tensor, a: Tensor, mask: Tensor, lo: float, hi: float) -> d
 @register("loss", "ppo_clip")
 def ppo_clip_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, eps_low: float = 0.2,
                   eps_high: float | None = None, dual_clip: float | None = None,
-                  weights: Tensor | None = None) -> LossOut:
+                  weights: Tensor | None = None, convention: str | Convention = "verl") -> LossOut:
     r"""PPO's clipped surrogate (Schulman et al., arXiv 1707.06347) with asymmetric bounds
     (DAPO "clip-higher", arXiv 2503.14476) and dual clip (Ye et al., arXiv 1912.09729).
 
-    ``r = exp(logp - old_logp)`` (log-ratio clamped to +-20);
-    ``l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))``; with ``dual_clip = c > 1``,
-    for ``A < 0``: ``l = min(l, -c A)``. ``eps_high=None`` means ``eps_low``; ``weights``
-    multiply the loss (decoupled / TIS correction). Matches verl ``vanilla`` and TRL's
-    token-level clipped term.
+    ``r = exp(logp - old_logp)`` (log-ratio clamped to +-20 under ``convention="verl"``, not
+    under ``"trl"``); ``l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))``; with
+    ``dual_clip = c > 1``, for ``A < 0``: ``l = min(l, -c A)``. ``eps_high=None`` means
+    ``eps_low``; ``weights`` multiply the loss (decoupled / TIS correction). Matches verl
+    ``vanilla`` and TRL's token-level clipped term (``loss_type`` grpo/bnpo/dr_grpo/dapo/luspo).
+
+    TRL's ``delta`` (INTELLECT-2, arXiv 2505.07291: ``r`` capped at ``delta`` before the min) is
+    ``dual_clip=delta`` exactly when ``delta >= 1 + eps_high``; for a smaller ``delta`` TRL's
+    cap also binds on ``A > 0`` tokens and the two objectives differ.
 
     Metrics: ``ratio/*``, ``approx_kl_k1``, ``approx_kl_k3``, ``clip_frac/{high,low,region}``
     (A-sign aware: the fractions where the clip removed the gradient), ``clip_frac/dual``.
     """
     eps_high = eps_low if eps_high is None else eps_high
+    conv = _convention(convention)
+    logp, old_logp, weights = _clean(mask, adv, logp=logp, old_logp=old_logp,
+                                     weights=None if weights is None else weights.detach())
     a = _adv(adv, mask)
-    lr = log_ratio(logp, old_logp)
+    lr = log_ratio(logp, old_logp, conv.log_ratio_clamp)
     r = torch.exp(lr)
     l1 = -a * r
     l2 = -a * r.clamp(1 - eps_low, 1 + eps_high)
@@ -86,22 +107,36 @@ def ppo_clip_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, 
         loss = torch.where(a < 0, dual, loss)
         metrics["clip_frac/dual"] = hit.sum() / mask.sum().clamp_min(1)
     if weights is not None:
-        loss = loss * weights.detach()
+        loss = loss * weights
     return LossOut(loss * mask, metrics)
 
 
 @register("loss", "gspo")
 def gspo_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, eps_low: float = 3e-4,
-              eps_high: float = 4e-4) -> LossOut:
+              eps_high: float = 4e-4, convention: str | Convention = "verl") -> LossOut:
     r"""GSPO (Zheng et al., arXiv 2507.18071): the sequence ratio
     ``s_i = exp(mean_t (logp - old_logp))`` clipped as PPO: ``l = max(-A s, -A clip(s, 1-eps_low,
-    1+eps_high))``. Per token in verl's form ``s_{i,t} = sg[s_i] exp(logp_t - sg[logp_t])`` (the
-    value is ``s_i`` on every token); aggregate with ``seq_mean_token_mean`` to get the paper's
-    ``mean_i`` and its gradient ``s_i / |y_i| grad logp_t``. Defaults: the paper's eps."""
+    1+eps_high))``; the value is ``l_i`` on every valid token. Aggregate with
+    ``seq_mean_token_mean`` to get the paper's ``mean_i l_i`` and its gradient.
+
+    The per-token gradient form is the convention's ``gspo_grad``: ``convention="verl"``
+    (default) is verl's ``s_{i,t} = sg[s_i] exp(logp_t - sg[logp_t])`` (log clamped at 10), so
+    token ``t`` carries ``s_i grad logp_t``; ``"trl"`` is TRL's ``importance_sampling_level=
+    "sequence"``: ``s_i`` as one function of the whole sequence on every token. Both give the
+    paper's gradient under a per-sequence mean; with uneven per-token weights within a sequence
+    (an entropy mask, token IS weights) only ``"trl"`` has TRL's gradient. Defaults: the paper's eps."""
+    conv = _convention(convention)
+    logp, old_logp = _clean(mask, adv, logp=logp, old_logp=old_logp)
     a = _adv(adv, mask)
     m = mask.to(logp.dtype)
-    seq = sequence_log_ratio(log_ratio(logp, old_logp), m, "mean")
-    s_tok = torch.exp((seq.detach()[:, None] + logp - logp.detach()).clamp(max=10.0))
+    seq = sequence_log_ratio(logp - old_logp, m, "mean")
+    if conv.gspo_grad == "token":
+        log_s = seq.detach()[:, None] + logp - logp.detach()
+    else:
+        log_s = seq[:, None].expand_as(logp)
+    if conv.seq_log_ratio_max is not None:
+        log_s = log_s.clamp(max=conv.seq_log_ratio_max)
+    s_tok = torch.exp(log_s)
     l1 = -a * s_tok
     l2 = -a * s_tok.clamp(1 - eps_low, 1 + eps_high)
     loss = torch.maximum(l1, l2)
@@ -115,7 +150,7 @@ CISPO_BOUNDS = ("two_sided", "upper_abs")
 
 @register("loss", "cispo")
 def cispo_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, eps_low: float = 0.2,
-               eps_high: float = 0.2, bounds: str = "two_sided") -> LossOut:
+               eps_high: float = 0.2, bounds: str = "two_sided", convention: str | Convention = "verl") -> LossOut:
     r"""CISPO (MiniMax-M1, arXiv 2506.13585): clip the importance weight, not the update:
     ``l_t = -sg[clip(r_t)] A_t logp_t``. ``bounds="two_sided"`` (default; the paper and verl
     ``cispo``): ``clip(r, 1 - eps_low, 1 + eps_high)``; ``"upper_abs"`` (TRL ``cispo``):
@@ -123,8 +158,10 @@ def cispo_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, eps
     code exists; the difference is documented in docs/algorithms/rl.md."""
     if bounds not in CISPO_BOUNDS:
         raise ValueError(f"bounds={bounds!r}; valid choices: {', '.join(CISPO_BOUNDS)}")
+    conv = _convention(convention)
+    logp, old_logp = _clean(mask, adv, logp=logp, old_logp=old_logp)
     a = _adv(adv, mask)
-    lr = log_ratio(logp, old_logp)
+    lr = log_ratio(logp, old_logp, conv.log_ratio_clamp)
     r = torch.exp(lr.detach())
     w = r.clamp(1 - eps_low, 1 + eps_high) if bounds == "two_sided" else r.clamp(max=eps_high)
     metrics = {**_ratio_metrics(lr, mask), "cispo_clip_frac": ((w != r) & mask.bool()).sum() / mask.sum().clamp_min(1)}
@@ -134,19 +171,21 @@ def cispo_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, eps
 @register("loss", "decoupled_ppo")
 def decoupled_ppo_loss(logp: Tensor, prox_logp: Tensor, behav_logp: Tensor, adv: Tensor, mask: Tensor, *,
                        eps_low: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None,
-                       max_weight: float | None = 5.0) -> LossOut:
+                       max_weight: float | None = 5.0, convention: str | Convention = "verl") -> LossOut:
     r"""Decoupled PPO (Hilton et al., arXiv 2110.00641; AReaL, arXiv 2505.24298,
     ``ppo_actor_loss_fn``): the clip acts on the staleness ratio ``u = pi_theta/pi_prox`` and
     the behaviour correction is a separate weight ``w = pi_prox/mu``:
     ``l = w * max(-A u, -A clip(u, 1-eps_low, 1+eps_high))``, with ``w`` masked to 0 above
     ``max_weight`` (AReaL's rejection default: ratio upper 5.0; None keeps all). The kept
     denominator is the caller's: AReaL divides by the *original* token count."""
-    lr_b = log_ratio(prox_logp, behav_logp).detach()
+    conv = _convention(convention)
+    prox_logp, behav_logp = _clean(mask, adv, logp=logp, prox_logp=prox_logp, behav_logp=behav_logp)[1:]
+    lr_b = log_ratio(prox_logp, behav_logp, conv.log_ratio_clamp).detach()
     w = torch.exp(lr_b)
     if max_weight is not None:
         w = torch.where(w <= max_weight, w, torch.zeros_like(w))
     out = ppo_clip_loss(logp, prox_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                        weights=w)
+                        weights=w, convention=conv)
     metrics = dict(out.metrics)
     metrics.update(stats("behav_weight", w, mask))
     metrics["behav_filtered_frac"] = ((w == 0) & mask.bool()).sum() / mask.sum().clamp_min(1)
@@ -155,7 +194,8 @@ def decoupled_ppo_loss(logp: Tensor, prox_logp: Tensor, behav_logp: Tensor, adv:
 
 @register("loss", "minirl")
 def minirl_loss(logp: Tensor, old_logp: Tensor, behav_logp: Tensor, adv: Tensor, mask: Tensor, *,
-                eps_low: float = 0.2, eps_high: float = 0.28, rho_max: float | None = None) -> LossOut:
+                eps_low: float = 0.2, eps_high: float = 0.28, rho_max: float | None = None,
+                convention: str | Convention = "verl") -> LossOut:
     r"""The MiniRL objective of "Stabilizing RL with LLMs" (Qwen, arXiv 2512.01374, sec. 4.1):
     ``l_t = -M_t sg[rho_t r_t] A_t logp_t`` with the token IS weight ``rho = pi_old/mu``
     (optionally truncated at ``rho_max``), the staleness ratio ``r = pi_theta/pi_old`` and the
@@ -163,10 +203,12 @@ def minirl_loss(logp: Tensor, old_logp: Tensor, behav_logp: Tensor, adv: Tensor,
     No per-sequence length normalisation (aggregate with ``token_sum`` divided by the number
     of sequences, i.e. ``seq_mean_token_sum``). The paper has no public code; this follows
     its equations."""
+    conv = _convention(convention)
+    logp, old_logp, behav_logp = _clean(mask, adv, logp=logp, old_logp=old_logp, behav_logp=behav_logp)
     a = _adv(adv, mask)
-    lr = log_ratio(logp, old_logp)
+    lr = log_ratio(logp, old_logp, conv.log_ratio_clamp)
     r = torch.exp(lr.detach())
-    rho = torch.exp(log_ratio(old_logp, behav_logp).detach())
+    rho = torch.exp(log_ratio(old_logp, behav_logp, conv.log_ratio_clamp).detach())
     if rho_max is not None:
         rho = rho.clamp(max=rho_max)
     keep = ~(((a > 0) & (r > 1 + eps_high)) | ((a < 0) & (r < 1 - eps_low)))
@@ -177,12 +219,14 @@ def minirl_loss(logp: Tensor, old_logp: Tensor, behav_logp: Tensor, adv: Tensor,
 
 @register("loss", "sapo")
 def sapo_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, tau_pos: float = 1.0,
-              tau_neg: float = 1.05) -> LossOut:
+              tau_neg: float = 1.05, convention: str | Convention = "verl") -> LossOut:
     r"""SAPO (arXiv 2511.20347): a smooth gate instead of a clip, ``l = -g(r) A`` with
     ``g(r) = sigmoid(tau (r - 1)) 4 / tau``, ``tau = tau_pos`` if ``A > 0`` else ``tau_neg``
     (verl ``sapo``, TRL ``sapo``). ``g'(1) = 1``: on-policy gradient = policy gradient."""
+    conv = _convention(convention)
+    logp, old_logp = _clean(mask, adv, logp=logp, old_logp=old_logp)
     a = _adv(adv, mask)
-    lr = log_ratio(logp, old_logp)
+    lr = log_ratio(logp, old_logp, conv.log_ratio_clamp)
     tau = torch.where(a > 0, torch.full_like(a, tau_pos), torch.full_like(a, tau_neg))
     g = torch.sigmoid(tau * (torch.exp(lr) - 1)) * 4 / tau
     return LossOut(-g * a * mask, _ratio_metrics(lr, mask))
@@ -192,21 +236,31 @@ KL_KINDS = ("k1", "k2", "k3")
 
 
 @register("loss", "kl")
-def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, kind: str = "k3") -> LossOut:
+def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, kind: str = "k3",
+               convention: str | Convention = "verl") -> LossOut:
     r"""Per-token KL estimators against a reference policy (Schulman, "Approximating KL
     divergence"; verl ``kl_penalty``) with ``d = logp - ref_logp``: ``k1 = d``;
-    ``k2 = d^2 / 2``; ``k3 = exp(-d) + d - 1`` (inner clamp +-20, output clamp +-10 as verl;
-    TRL's ``beta`` term). Add ``beta * aggregate(...)`` of it to the loss."""
+    ``k2 = d^2 / 2``; ``k3 = exp(-d) + d - 1``. Add ``beta * aggregate(...)`` of it to the loss.
+
+    ``convention="verl"`` (default): k3 as verl's ``low_var_kl``, ``-d`` clamped to +-20 inside
+    and the value to +-10 (zero gradient where a clamp binds). ``"trl"``: no clamp, which is
+    TRL's ``beta`` term ``exp(ref - logp) - (ref - logp) - 1`` (TRL then multiplies it by the
+    ratio ``pi_theta/pi_old`` when ``use_bias_correction_kl``; :class:`poise.integrations.trl.
+    PoiseGRPOTrainer` does that)."""
     if kind not in KL_KINDS:
         raise ValueError(f"kind={kind!r}; valid choices: {', '.join(KL_KINDS)}")
+    conv = _convention(convention)
+    logp, ref_logp = _clean(mask, logp=logp, ref_logp=ref_logp)
     d = logp - ref_logp
     if kind == "k1":
         v = d
     elif kind == "k2":
         v = 0.5 * d * d
     else:
-        dc = (-d).clamp(-20, 20)
-        v = (torch.exp(dc) - dc - 1).clamp(-10, 10)
+        dc = -d if conv.kl_log_ratio_clamp is None else (-d).clamp(-conv.kl_log_ratio_clamp, conv.kl_log_ratio_clamp)
+        v = torch.exp(dc) - dc - 1
+        if conv.kl_max is not None:
+            v = v.clamp(-conv.kl_max, conv.kl_max)
     return LossOut(v * mask, {f"kl_{kind}": masked_mean(v.detach(), mask)})
 
 
@@ -221,6 +275,7 @@ def pacs_loss(logp: Tensor, old_logp: Tensor, rewards: Tensor, group_id: Tensor,
     is the mean over sequences."""
     from poise.rl.advantages import group_advantage
 
+    logp, old_logp = _clean(mask, logp=logp, old_logp=old_logp)
     m = mask.to(logp.dtype)
     psi = beta * ((logp - old_logp) * m).sum(-1)
     psi_hat = group_advantage(psi, group_id, center="loo", scale="none")

@@ -11,23 +11,50 @@ __all__ = ["bapo_bounds", "capo_mask", "capo_token_kl", "echo_clip_eps", "entrop
            "gtpo_entropy_filter", "masked_entropy_stats", "steer_weights"]
 
 
-def entropy_topk_mask(entropy: Tensor, mask: Tensor, ratio: float = 0.2) -> Tensor:
-    r"""The "forking tokens" mask of "Beyond the 80/20 rule" (Wang et al., arXiv 2506.01939;
-    code ``get_global_entropy_top_mask``): 1 on the ``ceil(ratio * N)`` highest-entropy valid
-    tokens of the batch (``N`` = valid tokens), 0 elsewhere. The authors aggregate with
-    ``mask * top_mask`` so that the token-mean denominator counts only the selected tokens;
-    TRL's ``top_entropy_quantile`` keeps the full denominator: pick by passing
-    ``num_tokens`` to :func:`poise.rl.aggregate`."""
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio={ratio} is out of range; valid: (0, 1]")
+TOPK_RULES = ("quantile", "ceil")
+
+
+def entropy_topk_mask(entropy: Tensor, mask: Tensor, ratio: float = 0.2, *, rule: str = "quantile",
+                      pool: Tensor | None = None) -> Tensor:
+    r"""The "forking tokens" mask of "Beyond the 80/20 rule" (Wang et al., arXiv 2506.01939):
+    1 on the highest-entropy valid tokens of the batch, 0 elsewhere.
+
+    ``rule="quantile"`` (default; TRL 1.16 ``top_entropy_quantile``, ``get_high_entropy_mask``):
+    keep ``H_t >= torch.quantile(pool, 1 - ratio)`` (linear interpolation between order
+    statistics; ties at the threshold are all kept). Without ties that keeps
+    ``N - ceil((N - 1)(1 - ratio))`` of ``N`` tokens (``ratio=0.3``: 7 of 24, 2 of 7).
+    ``rule="ceil"``: exactly ``ceil(ratio * N)`` tokens (``torch.topk``; 8 of 24, 3 of 7), the
+    count poise used before issue 12. ``ratio=0`` with ``"quantile"`` keeps the maximum (TRL's
+    ``top_entropy_quantile=0.0``).
+
+    ``pool`` (1-D) is the population the quantile is taken over; default: this batch's valid
+    entropies. Under data parallelism pass the gathered valid entropies of all ranks (TRL gathers
+    them and computes the quantile in float32: pass ``pool.float()`` to reproduce it bit for bit).
+    The authors aggregate with ``mask * top_mask`` so that the token-mean denominator counts only
+    the selected tokens; TRL keeps the full denominator (``num_tokens`` of
+    :func:`poise.rl.aggregate`). Non-finite entropies on masked positions are ignored.
+    """
+    if rule not in TOPK_RULES:
+        raise ValueError(f"rule={rule!r}; valid choices: {', '.join(TOPK_RULES)}")
+    if not (0 <= ratio <= 1 if rule == "quantile" else 0 < ratio <= 1):
+        raise ValueError(f"ratio={ratio} is out of range; valid: {'[0, 1]' if rule == 'quantile' else '(0, 1]'}")
+    if entropy.shape != mask.shape:
+        raise ValueError(f"entropy has shape {tuple(entropy.shape)}; expected {tuple(mask.shape)} (the mask's)")
     valid = mask.bool()
-    n = int(valid.sum())
+    h = entropy.detach()
     out = torch.zeros_like(mask)
+    if rule == "quantile":
+        pool = h[valid] if pool is None else pool.detach().reshape(-1)
+        if pool.numel() == 0:
+            return out
+        thr = torch.quantile(pool, 1 - ratio)
+        keep = (torch.where(valid, h, torch.zeros_like(h)) >= thr) & valid
+        return keep.to(mask.dtype)
+    n = int(valid.sum())
     if n == 0:
         return out
     k = math.ceil(ratio * n)
-    h = entropy.detach().masked_fill(~valid, float("-inf")).reshape(-1)
-    idx = torch.topk(h, k).indices
+    idx = torch.topk(h.masked_fill(~valid, float("-inf")).reshape(-1), k).indices
     out.view(-1)[idx] = 1
     return out
 
@@ -57,7 +84,7 @@ def steer_weights(adv: Tensor, entropy: Tensor, old_logp: Tensor, logp: Tensor, 
         else:
             k = -math.log(w_min) / max(float(o.max()), 0.02)
             w = torch.exp(-k * omega).clamp(w_min, 1.0)
-        return w * mask + (1 - mask)
+        return torch.where(mask != 0, w * mask + (1 - mask), torch.ones_like(w))
 
 
 def gtpo_conflict_weights(token_ids: Tensor, adv: Tensor, group_id: Tensor, mask: Tensor, *,
