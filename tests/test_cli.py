@@ -97,3 +97,14 @@ def test_summary_table_shows_counts_and_headings(capsys):
     assert out[-2].split() == ["variant", "ACC", "diverged"]
     assert out[-1].split() == ["a", "0.500", "±", "0.000", "1", "/", "3"]
     assert "12 s" in out[0]
+
+
+def test_help_is_fast_it_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom poise.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['--help']) if False else main([])\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

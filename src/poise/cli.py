@@ -48,7 +48,9 @@ def _fields_epilog() -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(fields: bool = True) -> argparse.ArgumentParser:
+    """The CLI's parser; ``fields``: give ``run`` its epilog of every kind's recipe fields (it imports
+    every study kind, so it is built only when ``poise run --help`` asks for it)."""
     p = argparse.ArgumentParser(prog="poise", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -61,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         "runs. Under torchrun (torchrun --nproc_per_node=N -m poise.cli run RECIPE --run-dir DIR) every "
         "rank runs the study, rank 0 writes DIR (required), evaluation is sharded and RL policies train "
         "through DDP; see docs/distributed.md.",
-        epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_fields_epilog() if fields else None, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("recipe", nargs="?", default=None, help="recipe name or .toml path")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     run.add_argument("--run-dir", default=None, help="write into this folder instead of a new one")
@@ -72,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--dry-run", action="store_true", help="validate and print the config, run nothing")
     run.add_argument("--quick", action="store_true",
-                     help="smoke-test size: one seed and fewer steps (rl-stability: under 2 minutes)")
+                     help="smoke-test size: one seed and fewer steps, labelled 'not for conclusions' (each built-in "
+                     "recipe took 6-35 s alone on 2 CPU cores)")
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", nargs="?", default=None, choices=list(LISTS))
     rep = sub.add_parser("report", help="rebuild the plots and report.html of a run directory")
@@ -121,7 +124,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"{kind.describe(cfg)} each", file=sys.stderr)
     if world > 1 and not args.run_dir:
         raise FileNotFoundError("under torchrun give --run-dir (the same path on every rank)")
-    path = execute(cfg, args.run_dir, False if args.no_progress else None, not args.no_report, kind)
+    path = execute(cfg, args.run_dir, False if args.no_progress else None, not args.no_report, kind,
+                   resume=bool(args.resume))
     if not is_main():
         return 0
     print_summary(json.loads((path / "summary.json").read_text()), kind.columns)
@@ -273,7 +277,8 @@ def _cmd_env(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from poise.runs.config import ConfigError
 
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser(fields=bool(argv) and argv[0] == "run" and any(a in ("-h", "--help") for a in argv))
     # overrides may follow options (`poise run tiny --no-report seeds=[0]`): argparse leaves
     # those over, and they are overrides when they look like key=value
     args, extra = parser.parse_known_args(argv)
@@ -295,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as e:
         from poise.runs.checkpoint import CheckpointError
+        from poise.runs.engine import RunDirError
 
-        if not isinstance(e, CheckpointError):
+        if not isinstance(e, (CheckpointError, RunDirError)):
             raise
         print(f"poise: {e}", file=sys.stderr)
         return 1
@@ -312,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:  # update guards gave up: non-finite gradients kept coming
         print(f"poise: training stopped: {e}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("poise: interrupted; finished runs are kept in the run directory", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        where = getattr(e, "run_dir", None)
+        tail = (f" in {where}; continue with `poise run --resume {where}`" if where
+                else " in the run directory")
+        print(f"\npoise: interrupted; finished runs and checkpoints are kept{tail}", file=sys.stderr)
         return 130
 
 

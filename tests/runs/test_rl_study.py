@@ -29,7 +29,7 @@ def test_rl_study_end_to_end(tmp_path, capsys):
     assert rows[0]["mismatch/abs_log_ratio"] > 0  # the bfloat16 sampler differs from the float32 trainer
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and summary["variants"]["grpo"]["collapsed"]["runs"] == 1
-    assert (run_dir / "report.html").read_text().count("<img") == 1
+    assert (run_dir / "report.html").read_text().count("<img") == 2  # accuracy vs staleness; the curves
 
 
 @pytest.mark.parametrize("loss", ["pg", "ppo_clip", "gspo", "cispo", "sapo", "minirl", "decoupled_ppo"])

@@ -12,6 +12,7 @@ the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import tempfile
@@ -90,6 +91,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         rng = torch.load(path / "rng.pt", weights_only=True)
         generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from None
     return state

@@ -11,6 +11,8 @@ key and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
 import types
 import typing
@@ -68,6 +70,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp in (int, str, bool, float) and (type(value) is not tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):  # `lr <= 0` is false for NaN: refuse it here, once for all
+        raise ConfigError(f"{key}={value!r} must be a finite number")
     return value
 
 
@@ -97,9 +101,37 @@ def from_dict(data: dict[str, Any]) -> Any:
 
     data = {k: v for k, v in data.items() if k != "resolved"}
     kind = kind_of(data)
-    cfg = kind.validate(_from_dict(kind.Config, data))
+    cfg = _from_dict(kind.Config, data)
+    _check_common(cfg)
+    cfg = kind.validate(cfg)
     _check_claims(cfg)
     return cfg
+
+
+_MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+def check_name(value: str, key: str) -> None:
+    """A study or variant name becomes a file or folder name: one path component, printable, not
+    hidden (``x/../../y``, ``..``, ``.x`` and control characters are refused)."""
+    bad = (not value or value in (".", "..") or value.startswith(".") or any(c in value for c in "/\\\0")
+           or not value.isprintable() or len(value) > 128)
+    if bad:
+        raise ConfigError(f"{key}={value!r} is not a usable name: it names files and folders, so it must be one "
+                          "printable path component (no '/', '\\', leading '.', or control characters; "
+                          "at most 128 characters)")
+
+
+def _check_common(cfg: Any) -> None:
+    """Checks every study kind shares: its name, seeds, threads."""
+    check_name(cfg.name, "name")
+    for i, s in enumerate(cfg.seeds):
+        if not 0 <= s < 2**63:
+            raise ConfigError(f"seeds[{i}]={s} must be in [0, 2^63)")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"seeds={cfg.seeds} repeats a seed")
+    if not 1 <= cfg.threads <= _MAX_THREADS:
+        raise ConfigError(f"threads={cfg.threads}; valid: 1 to {_MAX_THREADS} (4 x the {os.cpu_count()} CPUs)")
 
 
 def _check_claims(cfg: Any) -> None:
@@ -141,6 +173,7 @@ def _check_variants(cfg: Any, field_name: str, registry: bool = True) -> list[An
         if registry:
             _choices(field_name, getattr(v, field_name), f"{key}.{field_name}")
         v.name = v.name or getattr(v, field_name)
+        check_name(v.name, f"{key}.name")
         if v.name in seen:
             raise ConfigError(f"{key}.name: duplicate variant name {v.name!r}")
         seen.add(v.name)
@@ -201,18 +234,28 @@ def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".toml"))
 
 
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {str(p)!r} is not a text (UTF-8 TOML) file: {e.reason} at byte {e.start}") from None
+
+
 def find_recipe(name_or_path: str | None) -> tuple[str, str]:
     """``(name, TOML text)`` of a recipe: a file path, ``recipes/<name>.toml`` under the
     current directory, or a built-in recipe name. None gives the default recipe."""
     name_or_path = name_or_path or DEFAULT_RECIPE
     p = Path(name_or_path)
     if p.suffix == ".toml" or p.exists():
+        if p.is_dir():
+            raise ConfigError(f"recipe {str(p)!r} is a directory; give a .toml file (or a built-in name: "
+                              f"{', '.join(recipe_names())})")
         if not p.is_file():
             raise ConfigError(f"recipe file {str(p)!r} does not exist")
-        return p.stem, p.read_text()
+        return p.stem, _read_text(p)
     local = Path("recipes") / f"{name_or_path}.toml"
     if local.is_file():
-        return name_or_path, local.read_text()
+        return name_or_path, _read_text(local)
     builtin = _builtin_dir() / f"{name_or_path}.toml"
     if builtin.is_file():
         return name_or_path, builtin.read_text()

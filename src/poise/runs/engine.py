@@ -25,7 +25,7 @@ import numpy as np
 from poise.runs.kinds import StudyKind, kind_of
 from poise.runs.store import atomic_write_json, new_run_dir
 
-__all__ = ["execute", "run", "stats"]
+__all__ = ["RunDirError", "execute", "run", "stats"]
 
 
 class _Progress:
@@ -64,14 +64,63 @@ def stats(values: list[float]) -> dict[str, float | int]:
 _stats = stats  # the name the study modules used
 
 
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked: it holds another study, or another process uses it."""
+
+
+_STUDY_FILES = ("config.json", "results", "metrics", "checkpoints", "summary.json")
+
+
+def _claim_run_dir(path: Path, config: dict[str, Any], resume: bool) -> Any:
+    """Check that ``path`` may take this study and lock it for this process (the lock is held
+    until the returned file is closed). A new run needs an empty or new folder; ``resume`` needs
+    the folder's own study (its ``config.json`` equal to ``config``, ``resolved`` aside)."""
+    import fcntl
+
+    held = [n for n in _STUDY_FILES if (path / n).exists()]
+    if resume:
+        stored_path = path / "config.json"
+        if not stored_path.is_file():
+            raise RunDirError(f"{path} is not a run directory (no config.json): nothing to resume")
+        stored = {k: v for k, v in json.loads(stored_path.read_text()).items() if k != "resolved"}
+        diff = sorted(k for k in stored if stored[k] != config.get(k))  # fields added since: their defaults
+        if diff:
+            raise RunDirError(f"{path} holds a study with another config (differs in: {', '.join(diff)}); "
+                              "resume it with its own config (poise run --resume RUN_DIR) or use a new --run-dir")
+    elif held:
+        raise RunDirError(f"{path} already holds a study ({', '.join(held)}): continue it with "
+                          f"`poise run --resume {path}`, or give a new or empty --run-dir (results of two studies "
+                          "are never mixed)")
+    path.mkdir(parents=True, exist_ok=True)
+    lock = open(path / ".lock", "a+")  # noqa: SIM115 - held for the run, closed by the caller
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        who = lock.read().strip() or "?"
+        lock.close()
+        raise RunDirError(f"{path} is in use by another poise process (pid {who}); wait for it or use another "
+                          "--run-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report: bool,
-            kind: StudyKind | None = None) -> Path:
+            kind: StudyKind | None = None, resume: bool = False) -> Path:
     """Run every variant x seed of ``cfg`` with its kind's ``run_one(cfg, i, seed, metrics_path,
     progress)``, write each result and a fresh ``summary.json`` (the kind's ``summarize``) after
     every run, then the report. Runs whose result file already exists are not run again
     (``poise run --resume``); an unfinished run starts again from scratch (its partial metrics
     file is replaced) unless the kind is ``resumable``: then the run function resumes from its
-    own checkpoints and truncates its metrics file to them (the RL study does)."""
+    own checkpoints and truncates its metrics file to them (the RL and continual studies do).
+
+    ``run_dir`` must be new or empty, unless ``resume``: then it must hold this very study (its
+    ``config.json``); the folder is locked while the study runs, so two processes never write
+    into one. Without a progress bar (output not a terminal), one line per finished run goes to
+    stderr. An interrupt (Ctrl-C) carries the run directory as ``KeyboardInterrupt.run_dir``."""
     import torch
 
     from poise.distributed import is_main
@@ -81,12 +130,27 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
     torch.set_num_threads(cfg.threads)
     path = Path(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name)
     config = dataclasses.asdict(cfg)
+    lock = None
     if main:
-        path.mkdir(parents=True, exist_ok=True)
+        lock = _claim_run_dir(path, config, resume)
+    try:
+        return _execute(cfg, path, progress, report, kind, config, main)
+    except KeyboardInterrupt as e:
+        e.run_dir = path  # type: ignore[attr-defined]
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: StudyKind, config: dict[str, Any],
+             main: bool) -> Path:
+    if main:
         resolved = kind.resolve(cfg) if kind.resolve else None
         atomic_write_json(path / "config.json", {**config, "resolved": resolved} if resolved else config)
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("CI") != "true"
+    total = len(cfg.variants) * len(cfg.seeds)
     steps_per_run = kind.steps_per_run(cfg)
     bar = _Progress(steps_per_run * len(cfg.variants) * len(cfg.seeds), progress and main)
     results: list[dict[str, Any]] = []
@@ -110,8 +174,14 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
                 metrics = path / "metrics" / f"{tag}.jsonl"
                 if main and not kind.resumable and metrics.exists():
                     metrics.unlink()  # a partial run from an interrupted attempt: it starts again
+                t_run = time.perf_counter()
                 r = kind.run_one(cfg, i, seed, metrics, bar.update)
                 results.append(r)
+                if main and not (progress and bar.bar is not None):  # no bar: a line per run, so logs show life
+                    how = (f"diverged at step {r['diverged_at']}" if r.get("diverged_at") is not None
+                           else "done")
+                    print(f"[{len(results)}/{total}] {v.name} seed {seed}: {how} in "
+                          f"{time.perf_counter() - t_run:.0f} s", file=sys.stderr, flush=True)
                 if main:
                     atomic_write_json(done, r)
                     atomic_write_json(path / "summary.json", summary(False))
@@ -153,9 +223,10 @@ def summarize_results(kind: StudyKind, config: dict[str, Any], results: list[dic
     return {"variants": rows, "claims": claims_out}
 
 
-def run(cfg: Any, run_dir: str | Path | None = None, progress: bool | None = None, report: bool = True) -> Path:
+def run(cfg: Any, run_dir: str | Path | None = None, progress: bool | None = None, report: bool = True,
+        resume: bool = False) -> Path:
     """Run a study of any kind (the kind is ``cfg.kind``); write the run directory; return its path."""
-    return execute(cfg, run_dir, progress, report)
+    return execute(cfg, run_dir, progress, report, resume=resume)
 
 
 def _agreed(flag: bool) -> bool:

@@ -22,7 +22,7 @@ __all__ = ["build_report"]
 _TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>poise · {{ study }}</title>
 <style>
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
@@ -35,12 +35,15 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .claim.inconclusive { border-left-color: #f9a825; }
 .verdict { font-weight: bold; text-transform: uppercase; }
 .diverged { background: #fdecea; border: 1px solid #e57373; padding: 0.6em 1em; }
+.scroll { overflow-x: auto; max-width: 100%; }
+summary { cursor: pointer; color: #333; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 </style></head><body>
 <h1>{{ study }}</h1>
 <p>{{ description }}</p>
-{% if quick %}<p class="quick"><b>Smoke run (--quick): not for conclusions.</b> One seed and fewer steps;
-no interval can be formed and the numbers are not the study's.</p>{% endif %}
+{% if quick %}<p class="quick"><b>Smoke run (--quick): not for conclusions.</b> One seed and fewer steps
+({{ quick_overrides }}), so the description above gives the full study's sizes; no interval can be formed and
+the numbers are not the study's.</p>{% endif %}
 {% for c in claims %}<div class="claim {{ c.verdict.replace(' ', '-') }}">
 <p><span class="verdict">{{ c.verdict }}</span> · {{ c.text }} ({{ c.paper }})</p>
 <p class="note">Tested as {{ c.better }} − {{ c.than }} &gt; {{ c.margin }} over {{ c.n }} paired seeds: estimate
@@ -53,16 +56,17 @@ wall time {{ wall }} · poise {{ version }}, torch {{ torch }}, Python {{ python
 
 {% for t in tables %}<h2>{{ t.title }}</h2>
 <p class="note">{{ t.note }}</p>
-<table><tr><th>variant</th>{% for h in t.heads %}<th>{{ h }}</th>{% endfor %}</tr>
+<div class="scroll"><table><tr><th>variant</th>{% for h in t.heads %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for row in t.rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}
-</table>
+</table></div>
 {% endfor %}
 
 {% for title, img in images %}<h3>{{ title }}</h3><img src="data:image/png;base64,{{ img }}" alt="{{ title }}">
 {% endfor %}
 
 <h2>Resolved config</h2>
-<pre>{{ config }}</pre>
+<details><summary>config.json ({{ config_lines }} lines): the recipe after defaults and overrides</summary>
+<pre>{{ config }}</pre></details>
 </body></html>
 """
 
@@ -71,6 +75,8 @@ def _fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
     if not stat or stat.get("mean") is None or (isinstance(stat["mean"], float) and math.isnan(stat["mean"])):
         return "–"
     m, s = stat["mean"], stat.get("std") or 0.0
+    if stat.get("n") == 1:  # one seed: no spread to show (never "± 0.000")
+        return f"{m:.0f}" if abs(m) >= 100 else f"{m:.{digits}f}"
     if abs(m) >= 100:
         return f"{m:.0f} ± {s:.0f}"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
@@ -132,6 +138,7 @@ def build_report(run_dir: str | Path) -> Path:
         n_runs=len(results), n_variants=len({r["variant"] for r in results}), seeds=config["seeds"],
         wall=f"{summary.get('wall_seconds', float('nan')):.0f} s",
         version=poise.__version__, torch=torch.__version__, python=platform.python_version(),
+        quick_overrides=html.escape(", ".join(kind.quick)),
         tables=tables, diverged=diverged, quick=bool(summary.get("quick") or config.get("quick")),
         claims=[{**c, "text": html.escape(c["text"]), "paper": html.escape(c["paper"]),
                  "paper_value": html.escape(c.get("paper_value", "")), "better": html.escape(c["better"]),
@@ -140,7 +147,7 @@ def build_report(run_dir: str | Path) -> Path:
                  "ci": "–" if not c.get("interval") else f"[{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]"}
                 for c in claims],
         images=[(html.escape(t), base64.b64encode(p.read_bytes()).decode()) for t, p in images],
-        config=html.escape(json.dumps(config, indent=2)),
+        config=html.escape(json.dumps(config, indent=2)), config_lines=len(json.dumps(config, indent=2).splitlines()),
     )
     out = run_dir / "report.html"
     out.write_text(page)

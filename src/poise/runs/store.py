@@ -26,6 +26,16 @@ def new_run_dir(out_dir: str | Path, name: str) -> Path:
     return path
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (0666 less the umask)."""
+    old = os.umask(0)
+    os.umask(old)
+    return 0o666 & ~old
+
+
+_MODE = _file_mode()
+
+
 def _clean(obj: Any) -> Any:
     """JSON has no NaN/Infinity: write them as null."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -44,6 +54,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _MODE)  # mkstemp makes 0600; the run directory's files are as readable as its other files
         with os.fdopen(fd, "w") as f:
             json.dump(_clean(obj), f, indent=2)
             f.flush()

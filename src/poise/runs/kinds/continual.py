@@ -160,6 +160,18 @@ def validate(cfg: StudyConfig) -> StudyConfig:
                 if not ok:
                     raise ConfigError(f"{key}.params.{p}: expected {want.__name__}, "
                                       f"got {type(val).__name__} {val!r}")
+    for i, w_ in enumerate(cfg.eval.windows):
+        if w_ <= 0:
+            raise ConfigError(f"eval.windows[{i}]={w_} must be > 0 (a window of evaluations)")
+    total = cfg.train.steps_per_task * cfg.workload.n_tasks
+    if total > MAX_STEPS:
+        raise ConfigError(f"train.steps_per_task x workload.n_tasks = {total} steps; at most {MAX_STEPS:,} per run "
+                          "(the evaluator keeps one row per evaluation)")
+    for i, v in enumerate(cfg.variants):  # each strategy's own checks (mem_size >= 1, lam >= 0, ...) run now
+        try:
+            _strategy(v.strategy, v.params, 0)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"variants[{i}].params: {v.strategy}: {e}") from None
     # the stream's own checks (scenario, n_tasks) run when it is built: build it now
     try:
         stream = _registry.get("stream", cfg.workload.stream)(n_tasks=cfg.workload.n_tasks,
@@ -206,6 +218,7 @@ def resolve(cfg: StudyConfig) -> dict[str, Any]:
 
 
 # -- one run --------------------------------------------------------------------------------
+MAX_STEPS = 10_000_000
 SCALARS = ("acc", "forgetting", "bwt", "min_acc", "wc_acc", "gap_depth", "gap_recovery")
 
 
@@ -396,23 +409,43 @@ def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]])
         for b in boundaries[:-1]:
             ax.axvline(b, color="#999", ls="--", lw=0.8)
 
-    # 1. first task's accuracy over the whole stream, with a zoom on the first switch
+    styles = ["-", "--", "-.", ":"]
+
+    def style(i: int) -> dict[str, Any]:  # colour and dash both vary, so no line hides another
+        return {"color": colors(i % 10), "ls": styles[i % len(styles)]}
+
+    # 1. first task's accuracy over the whole stream, with a zoom (both axes) on the first switch where each
+    #    seed is drawn thin: a mean over seeds smooths each seed's dip away
     fig, (ax, az) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    lo_y = 1.0
+    window = None
+    if len(boundaries) > 1:
+        b0 = boundaries[0]
+        span = boundaries[1] - b0
+        window = (b0 - 0.1 * span, b0 + 0.6 * span)
     for i, v in enumerate(variants):
-        x, m, s = _curve_mean(by_v[v], 0)
-        ax.plot(x, m, color=colors(i), lw=1.2, label=v)
-        ax.fill_between(x, m - s, m + s, color=colors(i), alpha=0.15)
-        az.plot(x, m, color=colors(i), lw=1.4, label=v)
-        az.fill_between(x, m - s, m + s, color=colors(i), alpha=0.15)
+        x, m, sd = _curve_mean(by_v[v], 0)
+        ax.plot(x, m, lw=1.3, label=v, **style(i))
+        ax.fill_between(x, m - sd, m + sd, color=colors(i % 10), alpha=0.12)
+        az.plot(x, m, lw=1.8, label=v, **style(i))
+        for r in by_v[v]:
+            steps = np.array(r["curves"]["steps"], dtype=float)
+            acc = np.array([np.nan if row[0] is None else row[0] for row in r["curves"]["acc"]], dtype=float)
+            az.plot(steps, acc, color=colors(i % 10), lw=0.6, alpha=0.5)
+            if window is not None:
+                inside = acc[(steps >= window[0]) & (steps <= window[1])]
+                # a variant that forgets everything (fine-tuning) would flatten the zoom: it stays in view
+                # on the left panel, the zoom's y range follows the others
+                if inside.size and np.nanmin(inside) > 0.05:
+                    lo_y = min(lo_y, float(np.nanmin(inside)))
     bounds(ax)
     bounds(az)
     ax.set(xlabel="optimizer step", ylabel="accuracy on task 0", ylim=(-0.02, 1.02),
            title="Task 0 accuracy during the whole stream (mean ± std over seeds)")
-    if len(boundaries) > 1:
-        b0 = boundaries[0]
-        span = (boundaries[1] - b0) if len(boundaries) > 1 else b0
-        az.set_xlim(b0 - 0.1 * span, b0 + 0.6 * span)
-    az.set(xlabel="optimizer step", ylim=(-0.02, 1.02), title="Zoom: the first task switch")
+    if window is not None:
+        az.set_xlim(*window)
+    az.set(xlabel="optimizer step", ylim=(max(-0.02, lo_y - 0.08), 1.02),
+           title="Zoom on the first switch (thin: each seed)")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     p = run_dir / "task0_accuracy.png"
@@ -460,23 +493,26 @@ def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]])
     plt.close(fig)
     out.append(("Average accuracy over the tasks seen so far", p))
 
-    # 4. final metrics side by side
-    names = ["acc", "min_acc", "wc_acc", "forgetting", "gap_depth"]
-    fig, ax = plt.subplots(figsize=(10, 3.8))
+    # 4. final metrics side by side, split by direction: higher is better | lower is better
+    groups = [("higher is better", ["acc", "min_acc", "wc_acc"], ["ACC", "min-ACC", "WC-ACC"]),
+              ("lower is better", ["forgetting", "gap_depth"], ["FORG", "gap depth"])]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(1, len(variants))
-    for i, v in enumerate(variants):
-        vals = [[r["metrics"].get(k) for r in by_v[v]] for k in names]
-        vals = [[np.nan if a is None else a for a in row] for row in vals]
-        ax.bar(np.arange(len(names)) + i * width, [np.nanmean(a) for a in vals], width,
-               yerr=[np.nanstd(a) for a in vals], color=colors(i), label=v, capsize=2)
-    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, ["ACC", "min-ACC", "WC-ACC", "FORG", "gap depth"])
-    ax.set(ylim=(0, 1.05), title="Final metrics per variant")
-    ax.legend(fontsize=8, ncol=len(variants))
+    for axb, (title, names, labels) in zip(axes, groups, strict=True):
+        for i, v in enumerate(variants):
+            vals = [[r["metrics"].get(k) for r in by_v[v]] for k in names]
+            vals = [[np.nan if a is None else a for a in row] for row in vals]
+            axb.bar(np.arange(len(names)) + i * width, [np.nanmean(a) for a in vals], width,
+                    yerr=[np.nanstd(a) for a in vals], color=colors(i % 10), label=v, capsize=2)
+        axb.set_xticks(np.arange(len(names)) + 0.4 - width / 2, labels)
+        axb.set(ylim=(0, 1.05), title=f"Final metrics: {title}")
+    axes[0].legend(fontsize=8, ncol=min(3, len(variants)))
     fig.tight_layout()
     p = run_dir / "metrics.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
-    out.append(("Final metrics per variant (mean ± std over seeds)", p))
+    out.append(("Final metrics per variant (mean ± std over seeds); left: higher is better, right: lower is better",
+                p))
     return out
 
 

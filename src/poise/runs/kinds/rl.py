@@ -13,6 +13,7 @@ evaluated every ``eval_every`` steps.
 from __future__ import annotations
 
 import html
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -38,12 +39,13 @@ from poise.rl import (
     loss_options,
     policy_losses,
     policy_objective,
+    rollout_diagnostics,
     score_rollouts,
     sft_warmup,
     trainer_logprobs,
 )
 from poise.rl.correction import MODES as IS_MODES
-from poise.rl.objective import ADAPTIVE_CLIPS, IS_LEVELS, TOKEN_SELECTS, TOKEN_WEIGHTS, is_placement
+from poise.rl.objective import ADAPTIVE_CLIPS, IS_DENOMINATORS, IS_LEVELS, TOKEN_SELECTS, TOKEN_WEIGHTS, is_placement
 from poise.rl.rollout import SAMPLING_MODES
 from poise.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
@@ -115,6 +117,9 @@ class RLVariantConfig:
                           default="none")
     is_mode: str = _help("'truncate' (TIS) or 'mask' (MIS)", default="truncate")
     is_max: float = _help("IS bound", default=2.0)
+    is_denominator: str = _help("with is_mode='mask': 'all' (verl's, TRL's) keeps rejected tokens in a token-mean's "
+                                "denominator; 'kept' takes them out (the mean over the tokens trained on)",
+                                default="all")
     minibatches: int = _help("optimizer steps per rollout batch for this variant (0 = train.minibatches)",
                              default=0)
     token_select: str = _help("'none' or 'entropy_top': train only on the top entropy_ratio highest-entropy "
@@ -188,7 +193,8 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
         if v.aggregation not in AGG_MODES or v.aggregation == "seq_sum_norm":
             raise ConfigError(f"{key}.aggregation: {v.aggregation!r}; valid choices: "
                               f"{', '.join(m for m in AGG_MODES if m != 'seq_sum_norm')}")
-        for fld, ok in (("is_level", IS_LEVELS), ("is_mode", IS_MODES), ("token_select", TOKEN_SELECTS),
+        for fld, ok in (("is_level", IS_LEVELS), ("is_mode", IS_MODES), ("is_denominator", IS_DENOMINATORS),
+                        ("token_select", TOKEN_SELECTS),
                         ("token_weights", TOKEN_WEIGHTS), ("adaptive_clip", ADAPTIVE_CLIPS),
                         ("sampling", SAMPLING_MODES)):
             if getattr(v, fld) not in ok:
@@ -276,7 +282,8 @@ def variant_objective(v: RLVariantConfig, batch: PolicyBatch, entropy: torch.Ten
     calls the same function)."""
     return policy_objective(batch, v.loss, is_level=v.is_level, is_mode=v.is_mode, is_max=v.is_max,
                             token_select=v.token_select, entropy_ratio=v.entropy_ratio, token_weights=v.token_weights,
-                            adaptive_clip=v.adaptive_clip, entropy=entropy, **v.params)
+                            adaptive_clip=v.adaptive_clip, entropy=entropy, is_denominator=v.is_denominator,
+                            **v.params)
 
 
 def _collect_kwargs(v: RLVariantConfig, t: RLTrainConfig) -> dict[str, Any]:
@@ -337,7 +344,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
         if t.sft_steps:
             sft_warmup(model, tok, _task(cfg, 20_000 + seed), steps=t.sft_steps, lr=t.sft_lr, seed=seed)
         start = 1
-        curve = {k: [] for k in ("reward", "entropy", "mismatch_abs", "grad_norm", "clip_frac")}
+        curve = {k: [] for k in ("reward", "entropy", "mismatch_abs", "grad_norm", "clip_frac", "chi2_token")}
         eval_failures: list[dict[str, str]] = []
         eval_steps, eval_acc = [0], [_held_out_accuracy(model, tok, task, held, t.max_new_tokens, eval_failures)]
         record(eval_failures)
@@ -409,6 +416,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             if diverged_at:
                 rec["diverged"] = True
             rec.update(completion_stats(ent, m, old_c - behav[idx][:, : logp.shape[1]]))
+            tr = old if old is not None else old_c  # the trainer's log-probs at the step's start, every row
+            rec.update({k: float(x) for k, x in
+                        rollout_diagnostics(tr, behav[:, : tr.shape[1]], mask[:, : tr.shape[1]]).items()})
             rec.update({k: float(x) for k, x in metrics.items()})
             rec.update(loss=float(loss.detach()), grad_norm=gn)
             curve["reward"].append(rec["reward"])
@@ -416,6 +426,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             curve["mismatch_abs"].append(rec["mismatch/abs_log_ratio"])
             curve["grad_norm"].append(gn)
             curve["clip_frac"].append(rec.get("clip_frac/region", 0.0))
+            curve.setdefault("chi2_token", []).append(rec["rollout_corr/chi2_token"])
             if step % t.eval_every == 0 or step == t.steps:
                 eval_failures = []
                 acc = _held_out_accuracy(model, tok, task, held, t.max_new_tokens, eval_failures)
@@ -471,6 +482,8 @@ def summarize_rl(results: list[dict[str, Any]]) -> dict[str, Any]:
                                     for r in rs]),
             "final_entropy": _stats([r["curves"]["entropy"][-1] if r["curves"]["entropy"] else math.nan for r in rs]),
             "mismatch_abs": _stats([float(np.mean(r["curves"]["mismatch_abs"])) for r in rs]),
+            "chi2_token": _stats([float(np.mean(r["curves"]["chi2_token"])) if r["curves"].get("chi2_token")
+                                  else None for r in rs]),
             "samples_generated": _stats([float(r["samples_generated"]) for r in rs]),
             "acc_gain_per_1k_samples": _stats([1000 * (r["final_acc"] - r["eval_acc"][0])
                                                / max(1, r["samples_generated"]) for r in rs]),
@@ -508,47 +521,99 @@ def _rl_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[di
     return [{"title": "Objectives", "note": note, "heads": heads, "rows": rows}]
 
 
+def _families(config: dict[str, Any]) -> dict[str, list[tuple[int, str]]]:
+    """Variants that differ only in their number of minibatch steps, grouped: ``{label: [(staleness,
+    variant name), ...]}`` (staleness = minibatch steps - 1; the label is the least stale member's name)."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for v in config.get("variants", []):
+        steps = v.get("minibatches") or config["train"]["minibatches"]
+        key = json.dumps({k: x for k, x in v.items() if k not in ("name", "minibatches")}, sort_keys=True)
+        groups.setdefault(key, []).append((steps - 1, v["name"]))
+    out = {}
+    for members in groups.values():
+        members.sort()
+        out[members[0][1]] = members
+    return out
+
+
 def _rl_plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
     plt = _plt()
-    variants = list(dict.fromkeys(r["variant"] for r in results))
-    cmap = plt.get_cmap("tab20")
-    styles = ["-", "--", ":", "-."]
+    families = _families(config)
+    present = {r["variant"] for r in results}
+    cmap = plt.get_cmap("tab10")
+    styles = ["-", "--", "-.", ":"]
 
     def style(i: int) -> dict[str, Any]:
-        return {"color": cmap(i % 20), "ls": styles[(i // 20) % len(styles)]}
+        return {"color": cmap(i % 10), "ls": styles[(i // 10) % len(styles)]}
 
-    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
+    out: list[tuple[str, Path]] = []
+    stale = any(len(m) > 1 for m in families.values())
+    if stale:  # 1. the study's question at a glance: final accuracy against staleness, one line per objective
+        fig, (ax, ac) = plt.subplots(1, 2, figsize=(13, 4.2))
+        for i, (label, members) in enumerate(families.items()):
+            xs, ys, es, cs = [], [], [], []
+            for k, name in members:
+                rs = [r for r in results if r["variant"] == name]
+                ok = [r["final_acc"] for r in rs if r.get("diverged_at") is None and r.get("final_acc") is not None]
+                if not rs:
+                    continue
+                xs.append(k)
+                ys.append(np.mean(ok) if ok else np.nan)
+                es.append(np.std(ok) if len(ok) > 1 else 0.0)
+                cs.append(sum(r.get("collapsed_at") is not None or r.get("diverged_at") is not None for r in rs)
+                          / len(rs))
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, lw=1.4, label=label, **style(i))
+            ac.plot(xs, cs, marker="o", lw=1.4, label=label, **style(i))
+        ticks = sorted({k for m in families.values() for k, _ in m})
+        ax.set_xticks(ticks)
+        ac.set_xticks(ticks)
+        ax.set(xlabel="staleness (updates behind the sampler)", ylabel="held-out accuracy at the end",
+               title="Final held-out accuracy vs staleness (mean ± std over seeds)")
+        ac.set(xlabel="staleness (updates behind the sampler)", ylabel="share of runs", ylim=(-0.05, 1.05),
+               title="Collapsed or diverged runs")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = run_dir / "rl_staleness.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        out.append(("Each objective on-policy and stale: the end point of every run, and how many collapsed", p))
+
+    # 2. curves: one line per objective (its least stale member) so the panels stay readable
+    shown = [(label, members[0][1]) for label, members in families.items() if members[0][1] in present]
+    shown += [(v, v) for v in dict.fromkeys(r["variant"] for r in results) if v not in {n for _, n in shown}
+              and not any(v == n for m in families.values() for _, n in m)]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     panels = [("reward", "training reward"), ("entropy", "token entropy"), (None, "held-out accuracy (greedy)"),
               ("mismatch_abs", "train-inference mismatch |log ρ|"), ("clip_frac", "clip fraction"),
               ("grad_norm", "gradient norm")]
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
-        for i, v in enumerate(variants):
+        for i, (label, v) in enumerate(shown):
             rs = [x for x in results if x["variant"] == v]
             if key is None:
                 n = min(len(r["eval_acc"]) for r in rs)
                 y = np.mean([r["eval_acc"][:n] for r in rs], axis=0)
-                ax.plot(rs[0]["eval_steps"][:n], y, marker=".", lw=1.2, label=v, **style(i))
+                ax.plot(rs[0]["eval_steps"][:n], y, marker=".", lw=1.3, label=label, **style(i))
             else:
-                n = min(len(r["curves"][key]) for r in rs)
+                n = min(len(r["curves"].get(key, [])) for r in rs)
                 if n == 0:
                     continue
                 y = np.mean([r["curves"][key][:n] for r in rs], axis=0)
-                ax.plot(range(1, n + 1), y, lw=1.1, label=v, **style(i))
+                ax.plot(range(1, n + 1), y, lw=1.2, label=label, **style(i))
             for r in rs:
                 event = r.get("collapsed_at") or r.get("diverged_at")
                 if event:
                     ax.axvline(event, lw=1, **style(i))
         ax.set(title=title, xlabel="RL step")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, ncol=1 if len(variants) <= 24 else 2)
-    fig.tight_layout(rect=(0, 0, 0.86 if len(variants) <= 24 else 0.78, 1))
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     p = run_dir / "rl_curves.png"
     fig.savefig(p, dpi=95)
     plt.close(fig)
-    return [("Mean over seeds per variant: reward, entropy, held-out accuracy, mismatch, clip fraction and "
-             "gradient norm (a vertical line marks a collapse or divergence)", p)]
-
-
+    what = "each objective's least stale variant" if stale else "every variant"
+    out.append((f"Mean over seeds, {what}: reward, entropy, held-out accuracy, mismatch, clip fraction and "
+                "gradient norm (a vertical line marks a collapse or divergence)", p))
+    return out
 
 
 KIND = StudyKind(
