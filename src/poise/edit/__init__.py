@@ -1,7 +1,7 @@
 """Integrate-stage methods that change what a model knows without retraining it: closed-form
 editors for a linear layer (pure functions in :mod:`~poise.edit.linear`, stateful editors with one
 interface in :mod:`~poise.edit.editors`), the targets they write (:mod:`~poise.edit.targets`) and
-analytic unlearning."""
+analytic unlearning; :mod:`~poise.edit.hf` edits a Hugging Face causal LM from EasyEdit-style requests."""
 
 from poise.edit.editors import (
     MEMIT,
@@ -16,6 +16,7 @@ from poise.edit.editors import (
     editor_params,
     make_editor,
 )
+from poise.edit.hf import EditRequest, HFEditor, edit_hf_model, evaluate_requests, mlp_out_module
 from poise.edit.linear import (
     alphaedit,
     apply_delta,
@@ -33,7 +34,9 @@ __all__ = [
     "ROME",
     "AlphaEdit",
     "AnalyticClassifier",
+    "EditRequest",
     "Editor",
+    "HFEditor",
     "LinearEditor",
     "NoEdit",
     "RLSEdit",
@@ -42,13 +45,16 @@ __all__ = [
     "alphaedit",
     "apply_delta",
     "collect_keys_values",
+    "edit_hf_model",
     "edit_targets",
     "editor_params",
+    "evaluate_requests",
     "grad_ascent_loss",
     "grad_diff_loss",
     "keys_at",
     "make_editor",
     "memit",
+    "mlp_out_module",
     "npo_loss",
     "nullspace_projector",
     "rome",

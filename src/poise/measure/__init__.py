@@ -1,12 +1,14 @@
-"""Measure what an update did: continual evaluation, forgetting metrics, model probes."""
+"""Measure what an update did: continual evaluation (classifiers and causal LMs), forgetting metrics, model\nprobes."""
 
 from poise._nn import logits_of, trainable
 from poise.measure.evaluator import ContinualEvaluator, EvalSchedule, EvalSet
+from poise.measure.lm import LM_METRICS, LMEvalSet, lm_logits, lm_sums, lm_values
 from poise.measure.metrics import (
     GapStats,
     average_accuracy,
     backward_transfer,
     forgetting,
+    higher_is_better,
     max_window_drop,
     min_acc,
     stability_gap,
@@ -28,11 +30,17 @@ __all__ = [
     "EvalSchedule",
     "EvalSet",
     "GapStats",
+    "LMEvalSet",
+    "LM_METRICS",
     "average_accuracy",
     "backward_transfer",
     "forgetting",
+    "higher_is_better",
     "keyword_logprob",
     "kl_drift",
+    "lm_logits",
+    "lm_sums",
+    "lm_values",
     "logits_of",
     "max_window_drop",
     "memorization_score",

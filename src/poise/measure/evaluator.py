@@ -14,6 +14,12 @@ Evaluation never disturbs training: it runs under ``torch.no_grad``, puts the mo
 torch RNG (so dropout or sampling inside ``predict`` leaves the training stream
 unchanged), draws its subsets from its own seeded generator, and never sees the optimizer.
 
+Language models: give :class:`~poise.measure.lm.LMEvalSet` sets (token ids, attention mask,
+labels with ``-100`` outside the response) instead of ``(x, y)`` pairs; every evaluation then
+records the token accuracy, the loss and the perplexity of each task (token averages, the loss
+on the response only), and :meth:`ContinualEvaluator.metrics` computes the continual metrics
+on any of them (``metrics("loss")``), lower-is-better ones included.
+
 Its cost is bounded three ways: each task is evaluated on a fixed seeded subset of at
 most ``subset_size`` samples; the :class:`EvalSchedule` evaluates densely right after a
 task boundary (where the stability gap lives) and sparsely after; and ``budget`` caps the
@@ -36,8 +42,9 @@ from torch import Tensor, nn
 from poise._nn import logits_of
 from poise.distributed import rank_world
 from poise.measure import metrics as M
+from poise.measure.lm import LM_METRICS, LMEvalSet, _as_logits, lm_logits, lm_sums, lm_values
 
-__all__ = ["ContinualEvaluator", "EvalSchedule", "EvalSet", "logits_of"]  # logits_of lives in poise._nn
+__all__ = ["ContinualEvaluator", "EvalSchedule", "EvalSet", "LMEvalSet", "logits_of"]  # logits_of: poise._nn
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,9 @@ class EvalSet:
     y: Tensor
     classes: Sequence[int] | None = None
 
+    def __len__(self) -> int:
+        return len(self.y)
+
 
 def _default_predict(model: nn.Module, x: Tensor, classes: Sequence[int] | None) -> Tensor:
     logits = logits_of(model(x))
@@ -84,15 +94,18 @@ def _default_predict(model: nn.Module, x: Tensor, classes: Sequence[int] | None)
 class _Record:
     step: int
     task: Any
-    acc: dict[Any, float] = field(default_factory=dict)
+    acc: dict[Any, float] = field(default_factory=dict)  # the evaluator's primary metric
+    extra: dict[str, dict[Any, float]] = field(default_factory=dict)  # its other metrics (LM sets)
 
 
 class ContinualEvaluator:
     """Evaluate every seen task during training and compute the continual metrics.
 
     Args:
-        eval_sets: task id -> :class:`EvalSet` or ``(x, y)``; the columns of every curve
-            follow this order.
+        eval_sets: task id -> :class:`EvalSet` or ``(x, y)`` (classification: the metric is
+            ``"acc"``), or task id -> :class:`~poise.measure.lm.LMEvalSet` (causal LM: the metrics
+            are ``"token_acc"``, ``"loss"`` and ``"ppl"``, all recorded at every evaluation); the
+            columns of every curve follow this order. The two kinds cannot be mixed.
         schedule: when scheduled evaluations happen (:class:`EvalSchedule`).
         subset_size: evaluate each task on a fixed seeded subset of this many samples
             (None: all of them).
@@ -100,8 +113,15 @@ class ContinualEvaluator:
         budget: scheduled evaluation samples <= ``budget`` x training samples seen
             (None: no cap). Needs ``n_samples`` in :meth:`maybe_eval`.
         batch_size: evaluation forward-pass batch size.
-        predict: ``predict(model, x, classes) -> labels``; default: argmax of the logits,
-            restricted to ``classes``.
+        predict: for :class:`EvalSet`: ``predict(model, x, classes) -> labels``; default: argmax
+            of the logits, restricted to ``classes``. For :class:`~poise.measure.lm.LMEvalSet`:
+            ``predict(model, input_ids, attention_mask) -> logits [B, T, vocab]`` (or an output
+            with ``.logits``); default: :func:`~poise.measure.lm.lm_logits` (any Hugging Face
+            causal LM).
+        metric: the primary metric: what :meth:`maybe_eval`, :meth:`end_task`, :meth:`evaluate`
+            return and :meth:`curves`, :meth:`boundary_matrix`, :meth:`metrics` use by default.
+            ``"acc"`` for classification sets; for LM sets one of ``"token_acc"`` (default),
+            ``"loss"``, ``"ppl"``.
         include_unseen: also evaluate tasks whose training has not begun.
         shard: under ``torch.distributed`` (e.g. ``torchrun``), each rank evaluates every
             ``world_size``-th sample and the correct counts are summed across ranks (all
@@ -126,9 +146,20 @@ class ContinualEvaluator:
         windows: Sequence[int] = (10,),
         gap_eps: float = 0.02,
         shard: bool | str = "auto",
+        metric: str | None = None,
     ) -> None:
         if not eval_sets:
             raise ValueError("eval_sets is empty: give at least one task's (x, y)")
+        lm = [isinstance(s, LMEvalSet) for s in eval_sets.values()]
+        if any(lm) and not all(lm):
+            raise ValueError("eval_sets mixes LMEvalSet and classification (x, y) sets: use one kind; tasks with an "
+                             f"LMEvalSet: {[t for t, f in zip(eval_sets, lm, strict=True) if f]}")
+        self.lm = all(lm)
+        self.metric_names: tuple[str, ...] = LM_METRICS if self.lm else ("acc",)
+        self.metric = metric if metric is not None else self.metric_names[0]
+        if self.metric not in self.metric_names:
+            raise ValueError(f"metric={metric!r}; valid choices for {'LMEvalSet' if self.lm else 'EvalSet'} "
+                             f"sets: {', '.join(self.metric_names)}")
         if subset_size is not None and subset_size < 1:
             raise ValueError(f"subset_size={subset_size} must be >= 1 or None")
         if budget is not None and budget <= 0:
@@ -136,7 +167,7 @@ class ContinualEvaluator:
         self.schedule = schedule or EvalSchedule()
         self.budget = budget
         self.batch_size = batch_size
-        self.predict = predict or _default_predict
+        self.predict = predict or (lm_logits if self.lm else _default_predict)
         self.include_unseen = include_unseen
         self.windows = tuple(windows)
         self.gap_eps = gap_eps
@@ -144,8 +175,13 @@ class ContinualEvaluator:
             raise ValueError(f"shard={shard!r}; valid choices: 'auto', True, False")
         self.shard = shard
         rng = np.random.default_rng(seed)
-        self.sets: dict[Any, EvalSet] = {}
+        self.sets: dict[Any, EvalSet | LMEvalSet] = {}
         for tid, s in eval_sets.items():
+            if isinstance(s, LMEvalSet):
+                if subset_size is not None and len(s) > subset_size:
+                    s = s.index(torch.as_tensor(np.sort(rng.choice(len(s), subset_size, replace=False))))
+                self.sets[tid] = s
+                continue
             s = s if isinstance(s, EvalSet) else EvalSet(*s)
             if len(s.x) != len(s.y):
                 raise ValueError(f"task {tid!r}: {len(s.x)} inputs but {len(s.y)} labels")
@@ -180,7 +216,8 @@ class ContinualEvaluator:
         self, model: nn.Module, n_samples: int | None = None
     ) -> dict[Any, float] | None:
         """Call once after each optimizer step. Evaluates when the schedule says so and the
-        budget allows; returns the accuracies then, else None."""
+        budget allows; returns the primary metric of each task then (the accuracies), else None;
+        :meth:`last_scores` has every metric of that evaluation."""
         if self._task is None:
             raise RuntimeError("maybe_eval outside a task: call begin_task first")
         self.step += 1
@@ -210,8 +247,25 @@ class ContinualEvaluator:
         return dict(accs)
 
     def evaluate(self, model: nn.Module, task_ids: Sequence[Any] | None = None) -> dict[Any, float]:
-        """Accuracy of ``model`` on the given tasks now (default: all); records nothing."""
-        return {t: self._accuracy(model, self.sets[t]) for t in (task_ids or self.task_ids)}
+        """The primary metric (accuracy) of ``model`` on the given tasks now (default: all); records nothing."""
+        if not self.lm:
+            return {t: self._accuracy(model, self.sets[t]) for t in (task_ids or self.task_ids)}  # type: ignore[arg-type]
+        return {t: self._lm_scores(model, self.sets[t])[self.metric] for t in (task_ids or self.task_ids)}  # type: ignore[arg-type]
+
+    def scores(self, model: nn.Module, task_ids: Sequence[Any] | None = None) -> dict[str, dict[Any, float]]:
+        """Every metric of ``model`` on the given tasks now (default: all), ``{metric: {task: value}}``;
+        records nothing."""
+        if not self.lm:
+            return {"acc": self.evaluate(model, task_ids)}
+        per_task = {t: self._lm_scores(model, self.sets[t]) for t in (task_ids or self.task_ids)}  # type: ignore[arg-type]
+        return {m: {t: v[m] for t, v in per_task.items()} for m in self.metric_names}
+
+    def last_scores(self) -> dict[str, dict[Any, float]]:
+        """Every metric of the latest recorded evaluation, ``{metric: {task: value}}`` (empty before the first)."""
+        if not self.records:
+            return {}
+        r = self.records[-1]
+        return {m: dict(self._values(r, m)) for m in self.metric_names}
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -229,7 +283,9 @@ class ContinualEvaluator:
             "eval_seconds": self.eval_seconds,
             "seen": list(self.seen),
             "boundaries": [[t, s] for t, s in self.boundaries.items()],
-            "records": [{"step": r.step, "task": r.task, "acc": [[t, a] for t, a in r.acc.items()]}
+            "records": [{"step": r.step, "task": r.task, "acc": [[t, a] for t, a in r.acc.items()],
+                         **({"extra": {m: [[t, a] for t, a in v.items()] for m, v in r.extra.items()}}
+                            if r.extra else {})}
                         for r in self.records],
             "task": self._task,
             "task_start": self._task_start,
@@ -248,7 +304,8 @@ class ContinualEvaluator:
         self.eval_seconds = float(state["eval_seconds"])
         self.seen = list(state["seen"])
         self.boundaries = {t: int(s) for t, s in state["boundaries"]}
-        self.records = [_Record(int(r["step"]), r["task"], {t: float(a) for t, a in r["acc"]})
+        self.records = [_Record(int(r["step"]), r["task"], {t: float(a) for t, a in r["acc"]},
+                                {m: {t: float(a) for t, a in v} for m, v in r.get("extra", {}).items()})
                         for r in state["records"]]
         self._task = state["task"]
         self._task_start = int(state["task_start"])
@@ -258,18 +315,56 @@ class ContinualEvaluator:
         return self.task_ids if self.include_unseen else [t for t in self.task_ids if t in self.seen]
 
     def _cost(self) -> int:
-        return sum(len(self.sets[t].y) for t in self._targets())
+        return sum(len(self.sets[t]) for t in self._targets())
 
     def _evaluate(self, model: nn.Module, boundary: bool) -> dict[Any, float]:
         t0 = time.perf_counter()
-        accs = {t: self._accuracy(model, self.sets[t]) for t in self._targets()}
+        extra: dict[str, dict[Any, float]] = {}
+        if self.lm:
+            per_task = {t: self._lm_scores(model, self.sets[t]) for t in self._targets()}  # type: ignore[arg-type]
+            accs = {t: v[self.metric] for t, v in per_task.items()}
+            extra = {m: {t: v[m] for t, v in per_task.items()} for m in self.metric_names if m != self.metric}
+        else:
+            accs = {t: self._accuracy(model, self.sets[t]) for t in self._targets()}  # type: ignore[arg-type]
         cost = self._cost()
         self.eval_samples += cost
         if boundary:
             self.boundary_eval_samples += cost
         self.eval_seconds += time.perf_counter() - t0
-        self.records.append(_Record(self.step, self._task, accs))
+        self.records.append(_Record(self.step, self._task, accs, extra))
         return accs
+
+    def _values(self, r: _Record, metric: str) -> dict[Any, float]:
+        return r.acc if metric == self.metric else r.extra.get(metric, {})
+
+    def _lm_scores(self, model: nn.Module, s: LMEvalSet) -> dict[str, float]:
+        """Token accuracy, loss and perplexity of ``model`` on ``s`` (sums over every scored token;
+        under sharding each rank scores its rows and the sums are all-reduced)."""
+        rank, world = rank_world(self.shard)
+        model = getattr(model, "module", model)
+        flags = {m: m.training for m in model.modules()}
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        sums = torch.zeros(3, dtype=torch.float64)
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                part = s if world == 1 else s.index(slice(rank, None, world))
+                for i in range(0, len(part), self.batch_size):
+                    x = part.input_ids[i : i + self.batch_size].to(device)
+                    am = part.attention_mask[i : i + self.batch_size].to(device)  # type: ignore[index]
+                    logits = _as_logits(self.predict(model, x, am), x)
+                    sums += lm_sums(logits, part.labels[i : i + self.batch_size])  # type: ignore[index]
+        finally:
+            for m, f in flags.items():
+                m.training = f
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        return lm_values(sums)
 
     def _accuracy(self, model: nn.Module, s: EvalSet) -> float:
         rank, world = rank_world(self.shard)
@@ -287,7 +382,13 @@ class ContinualEvaluator:
                 for i in range(0, len(ys), self.batch_size):
                     x = xs[i : i + self.batch_size].to(device)
                     y = ys[i : i + self.batch_size].to(device)
-                    correct += int((self.predict(model, x, s.classes) == y).sum())
+                    hit = self.predict(model, x, s.classes) == y
+                    if hit.dim() != 1 or hit.shape[0] != y.shape[0]:
+                        raise ValueError(
+                            f"predictions compared with labels {tuple(y.shape)} give shape {tuple(hit.shape)}: an "
+                            "EvalSet takes one label per sample (y of shape (n,)); for a language model give an "
+                            "LMEvalSet (token accuracy, loss and perplexity averaged over tokens)")
+                    correct += int(hit.sum())
         finally:
             for m, f in flags.items():
                 m.training = f
@@ -300,21 +401,29 @@ class ContinualEvaluator:
         return correct / max(1, len(s.y))
 
     # -- results -------------------------------------------------------------------------
-    def curves(self) -> tuple[np.ndarray, np.ndarray]:
-        """``steps`` (n,) and ``acc`` (n, tasks): every recorded evaluation, NaN where a task
-        was not evaluated; columns in ``task_ids`` order."""
+    def _metric(self, metric: str | None) -> str:
+        metric = self.metric if metric is None else metric
+        if metric not in self.metric_names:
+            raise ValueError(f"metric={metric!r}; valid choices for this evaluator: {', '.join(self.metric_names)}")
+        return metric
+
+    def curves(self, metric: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``steps`` (n,) and ``acc`` (n, tasks): every recorded evaluation of ``metric`` (default:
+        the primary one), NaN where a task was not evaluated; columns in ``task_ids`` order."""
+        metric = self._metric(metric)
         steps = np.array([r.step for r in self.records], dtype=float)
         acc = np.full((len(self.records), len(self.task_ids)), np.nan)
         col = {t: j for j, t in enumerate(self.task_ids)}
         for i, r in enumerate(self.records):
-            for t, a in r.acc.items():
+            for t, a in self._values(r, metric).items():
                 acc[i, col[t]] = a
         return steps, acc
 
-    def boundary_matrix(self) -> np.ndarray:
-        """``R[k, i]``: accuracy on task i at the end of the k-th finished task."""
+    def boundary_matrix(self, metric: str | None = None) -> np.ndarray:
+        """``R[k, i]``: ``metric`` (default: the primary one, the accuracy) on task i at the end of
+        the k-th finished task."""
         finished = [t for t in self.seen if t in self.boundaries]
-        steps, acc = self.curves()
+        steps, acc = self.curves(metric)
         col = {t: j for j, t in enumerate(self.task_ids)}
         R = np.full((len(finished), len(finished)), np.nan)
         for k, tk in enumerate(finished):
@@ -323,26 +432,42 @@ class ContinualEvaluator:
                 R[k, i] = acc[row, col[ti]]
         return R
 
-    def metrics(self) -> dict[str, Any]:
-        """All continual metrics over the finished tasks, in training order."""
+    def metrics(self, metric: str | None = None) -> dict[str, Any]:
+        """All continual metrics over the finished tasks, in training order, computed on ``metric``
+        (default: the primary one; an LM evaluator also takes ``"loss"`` or ``"ppl"``).
+
+        For a lower-is-better metric (loss, perplexity) every key keeps its name and means the same
+        thing with "worse" for "lower": ``acc`` is the average final value, ``min_acc``/``min_after``
+        the *worst* (largest) value after a task, ``wc_acc`` mixes the current value with that,
+        ``forgetting``/``wf*``/``gap_depth`` are rises (positive = worse), ``bwt = -forgetting``,
+        ``wp*`` the largest fall, and the gap's recovery is the time until the value is back
+        within ``gap_eps`` *above* its value at the switch. An LM evaluator's result also carries
+        ``metric`` and ``higher_is_better``.
+        """
+        metric = self._metric(metric)
+        hib = M.higher_is_better(metric)
         finished = [t for t in self.seen if t in self.boundaries]
         if not finished:
             raise RuntimeError("no task finished yet: call end_task first")
-        steps, acc_all = self.curves()
+        steps, acc_all = self.curves(metric)
         col = [self.task_ids.index(t) for t in finished]
         acc = acc_all[:, col]
         b = np.array([self.boundaries[t] for t in finished], dtype=float)
-        R = self.boundary_matrix()
+        R = self.boundary_matrix(metric)
+        # a lower-is-better metric is scored as its negative (the formulas compare "higher"), and
+        # the levels are turned back into the metric's units
+        sacc, sR = (acc, R) if hib else (-acc, -R)
+        sgn = 1.0 if hib else -1.0
         out: dict[str, Any] = {
             "acc": M.average_accuracy(R),
-            "forgetting": M.forgetting(R),
-            "bwt": M.backward_transfer(R),
-            "min_acc": M.min_acc(steps, acc, b),
-            "wc_acc": M.wc_acc(steps, acc, b),
+            "forgetting": M.forgetting(sR),
+            "bwt": M.backward_transfer(sR),
+            "min_acc": M.min_acc(steps, sacc, b) if hib else sgn * M.min_acc(steps, sacc, b),
+            "wc_acc": M.wc_acc(steps, sacc, b) if hib else sgn * M.wc_acc(steps, sacc, b),
         }
         for w in self.windows:
-            out[f"wf{w}"] = M.windowed_forgetting(acc, w)
-            out[f"wp{w}"] = M.windowed_plasticity(acc, w)
+            out[f"wf{w}"] = M.windowed_forgetting(sacc, w)
+            out[f"wp{w}"] = M.windowed_plasticity(sacc, w)
         per_task = {}
         depths, recs = [], []
         for i, t in enumerate(finished):
@@ -350,10 +475,11 @@ class ContinualEvaluator:
             info: dict[str, Any] = {
                 "acc_at_end": float(R[i, i]),
                 "acc_final": float(R[-1, i]),
-                "min_after": float(np.min(acc[after, i])) if after.any() else math.nan,
+                "min_after": (float(np.min(acc[after, i])) if hib else float(np.max(acc[after, i])))
+                if after.any() else math.nan,
             }
             if i + 1 < len(finished):
-                g = M.stability_gap(steps, acc[:, i], b[i], b[i + 1], self.gap_eps)
+                g = M.stability_gap(steps, acc[:, i], b[i], b[i + 1], self.gap_eps, higher_is_better=hib)
                 info.update(gap_depth=g.depth, gap_min_step=g.min_step, gap_recovery=g.recovery_steps)
                 depths.append(g.depth)
                 recs.append(g.recovery_steps)
@@ -367,4 +493,7 @@ class ContinualEvaluator:
         out["train_samples"] = self.train_samples
         out["eval_seconds"] = self.eval_seconds
         out["n_evals"] = len(self.records)
+        if self.lm:
+            out["metric"] = metric
+            out["higher_is_better"] = hib
         return out

@@ -13,6 +13,12 @@ Two inputs recur:
 * a curve: ``steps`` (shape ``(n,)``, increasing) and ``acc`` (shape ``(n, N)``), the
   accuracy of every task at every evaluation, NaN where a task was not evaluated.
 
+Every function is written for a higher-is-better score (accuracy). For a lower-is-better one
+(an LM's loss or perplexity, see :func:`higher_is_better`) pass its negative: the differences
+(forgetting, windowed forgetting, gap depth) then come out as rises, and the levels (min-ACC,
+WC-ACC) as the negative of the worst value; :func:`stability_gap` takes ``higher_is_better``
+directly. :meth:`poise.measure.ContinualEvaluator.metrics` does all of this for you.
+
 Indices are 0-based: after training task ``k`` the learner has seen ``k + 1`` tasks. The
 reference implementation of the windowed and worst-case metrics is
 Mattdl/ContinualEvaluation ``src/eval/continual_eval_metrics.py``; the window ``w`` counts
@@ -29,10 +35,12 @@ from numpy.typing import ArrayLike
 from poise._registry import register
 
 __all__ = [
+    "DIRECTIONS",
     "GapStats",
     "average_accuracy",
     "backward_transfer",
     "forgetting",
+    "higher_is_better",
     "max_window_drop",
     "min_acc",
     "stability_gap",
@@ -40,6 +48,18 @@ __all__ = [
     "windowed_forgetting",
     "windowed_plasticity",
 ]
+
+
+DIRECTIONS = {"acc": True, "token_acc": True, "loss": False, "ppl": False}
+"""Whether each evaluation metric the evaluator records is better when higher."""
+
+
+def higher_is_better(metric: str) -> bool:
+    """True for accuracies (``acc``, ``token_acc``), False for ``loss`` and ``ppl``; an unknown
+    name raises ``ValueError`` listing the known ones."""
+    if metric not in DIRECTIONS:
+        raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(DIRECTIONS)}")
+    return DIRECTIONS[metric]
 
 
 def _last(R: np.ndarray, k: int | None) -> int:
@@ -197,11 +217,12 @@ def windowed_plasticity(acc: ArrayLike, w: int) -> float:
 class GapStats:
     """The stability gap of one task at one task switch.
 
-    ``reference``: accuracy at the switch; ``depth``: reference minus the minimum that
-    follows (0 if it never drops); ``min_step``: where that minimum is;
-    ``recovery_steps``: steps from the switch until accuracy is back within ``eps`` of the
-    reference after the minimum (0 if it never left that band, NaN if it does not recover
-    within the span).
+    ``reference``: the score at the switch; ``depth``: how far it gets worse afterwards (for
+    accuracy, the reference minus the minimum that follows; for a lower-is-better score such as
+    a loss, the maximum that follows minus the reference; 0 if it never gets worse);
+    ``min_step``: where that worst value is; ``recovery_steps``: steps from the switch until the
+    score is back within ``eps`` of the reference after the worst value (0 if it never left that
+    band, NaN if it does not recover within the span).
     """
 
     reference: float
@@ -217,6 +238,7 @@ def stability_gap(
     switch_step: float,
     end_step: float | None = None,
     eps: float = 0.02,
+    higher_is_better: bool = True,
 ) -> GapStats:
     r"""Depth and recovery time of the stability gap of one task after one switch.
 
@@ -225,7 +247,14 @@ def stability_gap(
     ``recovery = \min\{n - s : n >= n^*, a_n >= a_s - eps\}`` where ``n^*`` is the argmin and
     ``e = end_step`` (default: the last evaluation). ``acc_i`` is task ``i``'s curve;
     NaN entries are skipped.
+
+    ``higher_is_better=False`` (a loss, a perplexity): ``depth = \max_{s < n <= e} a_n - a_s``
+    (the rise) and recovery is the first ``n >= n^*`` with ``a_n <= a_s + eps``, ``n^*`` the
+    argmax; ``reference`` is ``a_s`` in the score's own units.
     """
+    if not higher_is_better:
+        g = stability_gap(steps, -np.asarray(acc_i, dtype=float), switch_step, end_step, eps)
+        return GapStats(-g.reference, g.depth, g.min_step, g.recovery_steps)
     steps, acc = _check_curve(steps, acc_i)
     a = acc[:, 0]
     ok = ~np.isnan(a)
