@@ -3,6 +3,7 @@
     poise run [RECIPE] [key=value ...]   run a study (default recipe: stability-gap)
     poise list [KIND]                    recipes, strategies, metrics, streams, models
     poise report RUN_DIR                 rebuild a run directory's plots and report.html
+    poise export RUN_DIR --to T [T ...]  send a run directory to TensorBoard, W&B, MLflow or trackio
     poise env                            versions and threads, for bug reports
 """
 
@@ -48,11 +49,23 @@ def _fields_epilog() -> str:
     return "\n".join(lines)
 
 
+EXIT_CODES = """exit codes:
+  0  done (a diverged run is a result: it is flagged in the table, not an error)
+  1  a file or folder problem, named in the message: missing run directory or recipe, a run directory
+     that holds another study or is in use, a corrupt checkpoint, a full disk or a permission denied
+     (written results are kept: fix the cause and `poise run --resume RUN_DIR`), or a missing extra
+  2  a bad recipe, override or command line (the key and the valid choices are named)
+  3  training stopped by an update guard (non-finite gradients kept coming)
+  130 interrupted (Ctrl-C); the message names the run directory and the resume command
+--debug (before the command: poise --debug run ...) shows the Python traceback of any of these."""
+
+
 def _parser(fields: bool = True) -> argparse.ArgumentParser:
     """The CLI's parser; ``fields``: give ``run`` its epilog of every kind's recipe fields (it imports
     every study kind, so it is built only when ``poise run --help`` asks for it)."""
-    p = argparse.ArgumentParser(prog="poise", description=__doc__,
+    p = argparse.ArgumentParser(prog="poise", description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser(
         "run", help="run a study (every variant x seed) and write a run directory",
@@ -78,6 +91,15 @@ def _parser(fields: bool = True) -> argparse.ArgumentParser:
                      "recipe took 6-35 s alone on 2 CPU cores)")
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", nargs="?", default=None, choices=list(LISTS))
+    exp = sub.add_parser("export", help="send a run directory's metrics to TensorBoard, W&B, MLflow or trackio",
+                         description="Replay RUN_DIR's metrics/<run>.jsonl (every line at its own step) and results "
+                         "into trackers: one tracker run per variant x seed, with the config as its parameters. "
+                         "TensorBoard writes under RUN_DIR/tensorboard, MLflow to MLFLOW_TRACKING_URI or "
+                         "RUN_DIR/mlflow.db, W&B offline under RUN_DIR unless WANDB_MODE is set.")
+    exp.add_argument("run_dir")
+    exp.add_argument("--to", required=True, nargs="+", choices=["tensorboard", "wandb", "mlflow", "trackio"])
+    exp.add_argument("--project", default=None, help="W&B / MLflow / trackio project (default: the study name)")
+    exp.add_argument("--runs", nargs="*", default=None, metavar="TAG", help="only these runs (e.g. replay-s0)")
     rep = sub.add_parser("report", help="rebuild the plots and report.html of a run directory")
     rep.add_argument("run_dir")
     sub.add_parser("env", help="versions and threads")
@@ -246,6 +268,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from poise.integrations.trackers import export_run
+
+    if not (Path(args.run_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.run_dir} is not a run directory (no config.json)")
+    try:
+        written = export_run(args.run_dir, to=args.to, project=args.project, runs=args.runs)
+    except ValueError as e:
+        print(f"poise: {e}", file=sys.stderr)
+        return 2
+    for run, n in written.items():
+        print(f"{run}: {n} metric lines -> {', '.join(args.to)}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from poise.runs.report import build_report
 
@@ -275,8 +312,11 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from poise.runs.config import ConfigError
+    """``poise``: returns the exit code (see ``poise --help``)."""
+    return _run_command(argv)
 
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser(fields=bool(argv) and argv[0] == "run" and any(a in ("-h", "--help") for a in argv))
     # overrides may follow options (`poise run tiny --no-report seeds=[0]`): argparse leaves
@@ -291,7 +331,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"run": _cmd_run, "list": _cmd_list, "report": _cmd_report, "env": _cmd_env}[args.command](args)
+        return {"run": _cmd_run, "list": _cmd_list, "report": _cmd_report, "export": _cmd_export,
+                "env": _cmd_env}[args.command](args)
+    except Exception:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        raise
+
+
+def _run_command(argv: list[str] | None) -> int:
+    """The command, with every expected failure turned into one line and its exit code."""
+    from poise.runs.config import ConfigError
+
+    try:
+        return _dispatch(argv)
     except ConfigError as e:
         print(f"poise: bad config: {e}", file=sys.stderr)
         return 2

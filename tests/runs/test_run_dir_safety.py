@@ -77,3 +77,28 @@ def test_interrupt_names_the_run_dir_and_the_resume_command(tmp_path, monkeypatc
     run = tmp_path / "r"
     assert main(["run", "tiny", *TINY, "--run-dir", str(run), "--no-progress"]) == 130
     assert f"continue with `poise run --resume {run}`" in capsys.readouterr().err
+
+
+def test_a_half_written_rl_checkpoint_never_blocks_resume(tmp_path):
+    import torch
+
+    from poise.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    save_checkpoint(tmp_path, 3, model, opt, gen, {"x": 1})
+    leftover = tmp_path / ".step-000004.abc"  # a kill during the next write
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step-000003" and not leftover.exists()
+    assert load_checkpoint(latest, model, opt, gen)["x"] == 1
+
+
+def test_debug_shows_the_traceback_and_errors_are_one_line(tmp_path, capsys):
+    assert main(["run", "tiny", "train.lr=nan", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert main(["--debug", "run", "tiny", "train.lr=nan", "--dry-run"]) == 2
+    assert "Traceback" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Transform, fill_hyper, init_state, missing_hyper, tick
+from poise.transforms._base import Transform, compiling, fill_hyper, init_state, missing_hyper, tick
 
 __all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "TransformOptimizer"]
 
@@ -54,6 +54,13 @@ class TransformOptimizer(torch.optim.Optimizer):
     :class:`NonFiniteGradientError` naming the parameters and the step (None: never);
     ``"ignore"`` checks nothing (fastest; a NaN then spreads into the
     state). The check costs one sum per gradient and one host sync per step.
+
+    Under ``torch.compile`` (a compiled ``opt.step`` or training step) the stages run their
+    branch-free tensor paths (:func:`poise.transforms.compiling`) and ``"raise"`` becomes a
+    device-side assertion (``torch._assert_async``, no host sync, no graph break): a NaN/Inf
+    gradient raises ``RuntimeError("non-finite gradient ...")`` when the graph runs, before any
+    update on CPU (on CUDA, as any device-side assertion, it leaves the CUDA context unusable). ``"skip"``
+    needs the host sync and costs one graph break per step there; ``"ignore"`` costs nothing.
 
     Hyperparameters: every group (at construction, in :meth:`add_param_group` and after
     :meth:`load_state_dict`) is completed with ``defaults`` and then with the defaults the
@@ -112,6 +119,16 @@ class TransformOptimizer(torch.optim.Optimizer):
                 out[id(p)] = names[pi] if names else f"param_groups[{gi}].params[{pi}]"
         return out
 
+    def _assert_finite(self) -> None:
+        """The ``"raise"`` check without a host sync (the torch.compile path)."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if any(_is_dtensor(g) for g in grads):
+            self._finite()  # every rank must agree: the eager check (raises on a non-finite gradient)
+        elif grads:
+            ok = torch.stack([torch.isfinite(g).all() for g in grads]).all()  # exact: no false alarm on overflow
+            torch._assert_async(ok, "non-finite gradient (nonfinite='raise' under torch.compile); use "
+                                    "nonfinite='skip' to skip such steps, or fix the loss")
+
     def _finite(self) -> bool:
         grads = [_view(p.grad, True) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
@@ -157,7 +174,9 @@ class TransformOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.steps_called += 1
-        if self.nonfinite != "ignore" and not self._finite():
+        if self.nonfinite == "raise" and compiling():
+            self._assert_finite()
+        elif self.nonfinite != "ignore" and not self._finite():
             return loss
         self.consecutive_skips = 0
         before = ([p.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None]

@@ -24,7 +24,7 @@ from torch import nn
 
 from poise.runs.store import atomic_write_json
 
-__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "clean_partial", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(ValueError):
@@ -33,12 +33,30 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, state: dict[str, Any]) -> Path:
-    from safetensors.torch import save_model
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:06d}"
+    clean_partial(directory)
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step-{step:06d}."))
+    try:
+        return _write(directory, final, tmp, step, model, optimizer, generator, state)
+    except BaseException as e:  # a full disk, a kill signal turned exception: never leave a half-written folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "RuntimeError":
+            raise OSError(getattr(e, "errno", None) or 28, f"checkpoint write failed ({e})", str(tmp)) from e
+        raise
+
+
+def clean_partial(directory: str | Path) -> None:
+    """Remove half-written ``.step-*`` folders (left by a kill or a full disk during a write)."""
+    for old in Path(directory).glob(".step-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(directory: Path, final: Path, tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+           generator: torch.Generator, state: dict[str, Any]) -> Path:
+    from safetensors.torch import save_model
+
     save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
@@ -60,6 +78,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest complete step directory named by ``<directory>/latest.json``, or None when
     there is none yet. A manifest that is not ``{"step": int, "path": "step-NNNNNN"}`` (or
     names a directory outside ``directory``) raises ``ValueError``."""
+    clean_partial(directory)  # a leftover from a killed write never blocks --resume
     pointer = Path(directory) / "latest.json"
     if not pointer.is_file():
         return None

@@ -109,6 +109,19 @@ def from_dict(data: dict[str, Any]) -> Any:
 
 
 _MAX_THREADS = 4 * (os.cpu_count() or 1)
+_TRACKER_MODULES = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "mlflow": ("mlflow", "sqlalchemy"),
+                    "trackio": ("trackio",)}
+
+
+def _check_trackers(names: list[str]) -> None:
+    """Each tracker's package is installed, or ConfigError with the install hint (before any training)."""
+    from poise.integrations.trackers import _require
+
+    for t in names:
+        try:
+            _require(t, *_TRACKER_MODULES[t])
+        except ImportError as e:
+            raise ConfigError(f"tracking: {e}") from None
 
 
 def check_name(value: str, key: str) -> None:
@@ -130,6 +143,14 @@ def _check_common(cfg: Any) -> None:
             raise ConfigError(f"seeds[{i}]={s} must be in [0, 2^63)")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds={cfg.seeds} repeats a seed")
+    tracking = getattr(cfg, "tracking", [])
+    if tracking:
+        from poise.integrations.trackers import TRACKERS
+
+        for i, t in enumerate(tracking):
+            if t not in TRACKERS:
+                raise ConfigError(f"tracking[{i}]: unknown tracker {t!r}; valid choices: {', '.join(TRACKERS)}")
+        _check_trackers(tracking)
     if not 1 <= cfg.threads <= _MAX_THREADS:
         raise ConfigError(f"threads={cfg.threads}; valid: 1 to {_MAX_THREADS} (4 x the {os.cpu_count()} CPUs)")
 

@@ -185,6 +185,7 @@ def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: St
                 if main:
                     atomic_write_json(done, r)
                     atomic_write_json(path / "summary.json", summary(False))
+                    _track(getattr(cfg, "tracking", []), path, tag)
     finally:
         bar.close()
     if main:
@@ -194,6 +195,27 @@ def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: St
 
         build_report(path)
     return path
+
+
+_TRACK_FAILED: set[str] = set()
+
+
+def _track(trackers: list[str], path: Path, tag: str) -> None:
+    """Send a finished run's metric lines (at their own steps) and final metrics to the recipe's
+    trackers. A tracker that fails warns once and is skipped from then on: the study goes on."""
+    import warnings
+
+    for t in trackers:
+        if t in _TRACK_FAILED:
+            continue
+        try:
+            from poise.integrations.trackers import export_run
+
+            export_run(path, t, runs=[tag])
+        except Exception as e:  # noqa: BLE001 - a tracker must never break the study
+            _TRACK_FAILED.add(t)
+            warnings.warn(f"tracker {t!r} failed on run {tag} ({type(e).__name__}: {e}); the study goes on without "
+                          "it (poise export RUN_DIR --to ... can send the run later)", RuntimeWarning, stacklevel=2)
 
 
 def summarize_results(kind: StudyKind, config: dict[str, Any], results: list[dict[str, Any]],

@@ -60,6 +60,9 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -75,8 +78,11 @@ class JsonlWriter:
         self._f: TextIO = open(self.path, "a")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(_clean(record)) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(_clean(record)) + "\n")
+            self._f.flush()
+        except OSError as e:  # a full disk or a vanished folder: name the file
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
         self._f.close()

@@ -7,7 +7,19 @@ import math
 import torch
 from torch import Tensor
 
-from poise.transforms._base import BETAS, CORRECT_BIAS, EPS, LR, WEIGHT_DECAY, Hyper, State, Transform, Updates, declare
+from poise.transforms._base import (
+    BETAS,
+    CORRECT_BIAS,
+    EPS,
+    LR,
+    WEIGHT_DECAY,
+    Hyper,
+    State,
+    Transform,
+    Updates,
+    compiling,
+    declare,
+)
 
 __all__ = [
     "add_decayed_weights", "fused_adamw", "scale_by_adam", "scale_by_bias_correction", "scale_by_learning_rate",
@@ -16,9 +28,26 @@ __all__ = [
 CONVENTIONS = ("torch", "hf")
 
 
+Scalar = float | Tensor
+
+
 def _check(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r}; valid choices: {', '.join(choices)}")
+
+
+def _sqrt(x: Scalar) -> Scalar:
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def _tensor_coefficients(s: State, b1_base: float, b2: float, correct: bool) -> tuple[Scalar, Scalar, Scalar]:
+    """``(b1, 1 - b1^t, 1 - b2^t)`` as 0-d tensors of the shared step (no host sync: the
+    torch.compile path)."""
+    b1 = b1_base * s["momentum_scale"] if "momentum_scale" in s else b1_base
+    if not correct:
+        return b1, 1.0, 1.0
+    t = s["step"]
+    return b1, 1 - torch.pow(b1, t), 1 - torch.pow(b2, t)
 
 
 def scale_by_adam(convention: str = "torch", bias_correction: bool = True, foreach: bool = True) -> Transform:
@@ -39,7 +68,8 @@ def scale_by_adam(convention: str = "torch", bias_correction: bool = True, forea
 
     ``foreach=True`` runs the same arithmetic with ``torch._foreach_*`` kernels over the
     group (fewer Python round trips); ``foreach=False`` is the readable per-tensor
-    reference it is tested equal to.
+    reference it is tested equal to. Under torch.compile the per-tensor form runs with the
+    coefficients as 0-d tensors of the step (no host sync; Inductor fuses the loop itself).
     """
     _check("convention", convention, CONVENTIONS)
 
@@ -48,15 +78,15 @@ def scale_by_adam(convention: str = "torch", bias_correction: bool = True, forea
         t = float(s["step"])
         return b1, (1 - b1**t if correct else 1.0), (1 - b2**t if correct else 1.0)
 
-    def single(u: Tensor, s: State, b1: float, b2: float, bc1: float, bc2: float, eps: float) -> Tensor:
+    def single(u: Tensor, s: State, b1: Scalar, b2: float, bc1: Scalar, bc2: Scalar, eps: float) -> Tensor:
         m, v = s["exp_avg"], s["exp_avg_sq"]
         m.lerp_(u, 1 - b1)
         v.mul_(b2).addcmul_(u, u, value=1 - b2)
         if convention == "torch":
-            denom = v.sqrt().div_(math.sqrt(bc2)).add_(eps)
+            denom = v.sqrt().div_(_sqrt(bc2)).add_(eps)
             return torch.div(m, denom, out=denom).div_(bc1)
         denom = v.sqrt().add_(eps)
-        return torch.div(m, denom, out=denom).mul_(math.sqrt(bc2) / bc1)
+        return torch.div(m, denom, out=denom).mul_(_sqrt(bc2) / bc1)
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
         b1_base, b2 = hyper["betas"]
@@ -69,6 +99,11 @@ def scale_by_adam(convention: str = "torch", bias_correction: bool = True, forea
                 s["exp_avg"] = torch.zeros_like(updates[i])
                 s["exp_avg_sq"] = torch.zeros_like(updates[i])
         out: Updates = list(updates)
+        if compiling():
+            for i in live:
+                b1, bc1, bc2 = _tensor_coefficients(states[i], b1_base, b2, correct)
+                out[i] = single(updates[i], states[i], b1, b2, bc1, bc2, eps)
+            return out
         coef = [coefficients(states[i], b1_base, b2, correct) for i in live]
         if not foreach or len(live) < 2:
             for i, (b1, bc1, bc2) in zip(live, coef, strict=True):
@@ -166,15 +201,33 @@ def fused_adamw() -> Transform:
     shared ``step``), same hyperparameters (``lr, betas, eps, weight_decay`` and the shared
     ``momentum_scale``). Parameters the kernel cannot take (a dtype other than the update's,
     sparse) go through the per-tensor reference arithmetic instead. Tested equal to the
-    chain it replaces (tests/transforms/test_fast_paths.py).
+    chain it replaces (tests/transforms/test_fast_paths.py). Under torch.compile every
+    parameter takes the reference arithmetic with tensor coefficients (Inductor generates the
+    fused kernel; ``torch._fused_adamw_`` does not trace), so a compiled step has no graph break.
     """
     reference = scale_by_adam("torch", foreach=False)
+
+    def compiled(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper, lr: Scalar,
+                 wd: float) -> Updates:
+        live = [i for i, u in enumerate(updates) if u is not None]
+        sub = reference.update([updates[i] for i in live], [states[i] for i in live], [params[i] for i in live],
+                               hyper)
+        out: Updates = list(updates)
+        for i, u in zip(live, sub, strict=True):
+            p = params[i]
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(u.to(p.dtype).mul_(-lr))
+            out[i] = None
+        return out
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
         b1_base, b2 = hyper["betas"]
         lr, wd, eps = hyper["lr"], hyper.get("weight_decay", 0.0), hyper["eps"]
-        lr_f = float(lr) if isinstance(lr, Tensor) else lr
         out: Updates = list(updates)
+        if compiling():
+            return compiled(updates, states, params, hyper, lr, wd)
+        lr_f = float(lr) if isinstance(lr, Tensor) else lr
         groups: dict[tuple, list[int]] = {}
         for i, u in enumerate(updates):
             if u is None:

@@ -28,6 +28,12 @@ A few state entries are shared by every transform of a parameter (0-d float32 te
 * ``"momentum_scale"`` (optional): a factor on first-moment EMA rates, written by a
   schedule (Stable-SPAM's cosine schedule), read by the transforms that keep such EMAs.
 
+**Under torch.compile.** Where a stage reads a state scalar as a Python number (``float(s["step"])``
+for a bias correction, ``int(s["clock"]) % gap`` for a periodic reset, ``.tolist()`` to branch on a
+spike), :func:`compiling` switches it to the same formula in 0-d tensor arithmetic with
+``torch.where`` in place of the branch, as torch.optim does, so a compiled training step has no graph
+break (eager runs keep the Python-number arithmetic the parity tests replay bit for bit).
+
 All other keys are namespaced by :func:`chain` with the transform's name
 (``"adam.exp_avg"``), so state dicts are readable and transforms never collide.
 
@@ -51,8 +57,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "REQUIRED", "Hyper", "Read", "State", "Transform", "Updates", "apply_updates", "chain", "declare", "fill_hyper",
-    "identity", "init_state", "merge_reads", "missing_hyper", "rename", "scoped", "tick",
+    "REQUIRED", "Hyper", "Read", "State", "Transform", "Updates", "apply_updates", "chain", "compiling", "declare",
+    "fill_hyper", "identity", "init_state", "merge_reads", "missing_hyper", "rename", "scoped", "tick",
 ]
 
 State = MutableMapping[str, Any]
@@ -275,6 +281,13 @@ class Scoped(MutableMapping[str, Any]):
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self._k(key) in self.root
+
+
+def compiling() -> bool:
+    """True while torch.compile (Dynamo) traces the caller: stages then take their branch-free
+    0-d-tensor path instead of reading state scalars as Python numbers (a host sync and a graph
+    break each)."""
+    return torch.compiler.is_compiling()
 
 
 def scoped(states: Sequence[State], prefix: str) -> list[State]:

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from poise.transforms._base import EPS, REQUIRED, Hyper, State, Transform, Updates, declare
+from poise.transforms._base import EPS, REQUIRED, Hyper, State, Transform, Updates, compiling, declare
 
 __all__ = [
     "clip_by_global_norm",
@@ -58,7 +58,7 @@ def clip_spikes_by_max_ema() -> Transform:
     ``|g_i| > \hat M`` become ``g_i / max|g| * \hat M``. ``theta`` = ``hyper["gamma3"]``,
     ``t`` the shared step. State: ``m_max_t``; records ``clipped_frac``. The per-tensor
     scalars of the whole group are updated as one vector; only tensors that hold a spike
-    are touched elementwise beyond the max.
+    are touched elementwise beyond the max (under torch.compile: every tensor, branch-free).
     """
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
@@ -73,8 +73,15 @@ def clip_spikes_by_max_ema() -> Transform:
         _store(sts, "m_max_t", m)
         steps = torch.stack([s["step"] for s in sts]).to(m.device)
         m_hat = m / (1 - torch.pow(theta, steps))
-        spikes = (gmax > m_hat).tolist()  # one host sync for the group (the authors sync per tensor)
         out: Updates = list(updates)
+        if compiling():  # branch-free: every tensor masked (no host sync, no graph break)
+            for j, i in enumerate(live):
+                u, s = us[j], sts[j]
+                a = u.abs() > m_hat[j]
+                s["clipped_frac"] = a.float().mean()
+                out[i] = u.copy_(torch.where(a, u * (m_hat[j] / gmax[j]), u))
+            return out
+        spikes = (gmax > m_hat).tolist()  # one host sync for the group (the authors sync per tensor)
         for j, i in enumerate(live):
             u, s = us[j], sts[j]
             if spikes[j]:
@@ -108,8 +115,12 @@ def normalize_by_norm_ema() -> Transform:
         us = [updates[i] for i in live]
         sts = [states[i] for i in live]
         dev = us[0].device
-        g1 = torch.tensor([hyper["gamma1"] * (float(s["momentum_scale"]) if "momentum_scale" in s else 1.0)
-                           for s in sts], device=dev)
+        if compiling():  # the schedule's scale stays a tensor (no host sync)
+            g1 = torch.stack([(hyper["gamma1"] * s["momentum_scale"]).to(dev, torch.float32) if "momentum_scale" in s
+                              else torch.tensor(float(hyper["gamma1"]), device=dev) for s in sts])
+        else:
+            g1 = torch.tensor([hyper["gamma1"] * (float(s["momentum_scale"]) if "momentum_scale" in s else 1.0)
+                               for s in sts], device=dev)
         steps = torch.stack([s["step"] for s in sts]).to(dev)
         n = torch.stack(torch._foreach_norm(us))
         m = _scalars(sts, "m_norm_t", dev)
@@ -120,7 +131,11 @@ def normalize_by_norm_ema() -> Transform:
         _store(sts, "v_norm_t", v)
         c = (m / (1 - torch.pow(g1, steps))) / (torch.sqrt(v / (1 - torch.pow(g2, steps))) + eps)
         factor = torch.where(n > 0, c / n, torch.ones_like(n))
-        torch._foreach_mul_(us, factor.tolist())
+        if compiling():
+            for u, f in zip(us, factor.unbind(), strict=True):
+                u.mul_(f)
+        else:
+            torch._foreach_mul_(us, factor.tolist())
         out: Updates = list(updates)
         for j, i in enumerate(live):
             out[i] = us[j]
@@ -143,6 +158,11 @@ def cosine_momentum_schedule() -> Transform:
         if T is None:
             return updates
         eta = hyper["eta_min"]
+        if compiling():
+            for u, s in zip(updates, states, strict=True):
+                if u is not None:
+                    s["momentum_scale"] = eta + (1 - eta) * (1 + torch.cos(math.pi * s["clock"] / (T + 1))) / 2
+            return updates
         for u, s in zip(updates, states, strict=True):
             if u is not None:
                 c = float(s["clock"])

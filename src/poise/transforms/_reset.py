@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from poise.transforms._base import SHARED, Hyper, State, Transform, Updates, declare, merge_reads
+from poise.transforms._base import SHARED, Hyper, State, Transform, Updates, compiling, declare, merge_reads
 
 __all__ = ["periodic_reset"]
 
@@ -26,6 +27,10 @@ def periodic_reset(inner: Transform, semantics: str = "official", key: str = "up
     * ``"clean"``: the moments are zeroed first, so the reset step starts a fresh Adam.
 
     An interval of 0 (the default) disables resets.
+
+    Under torch.compile the due test is a 0-d tensor (``clock % gap == 0``) and the reset zeroes
+    ``inner``'s tensors in place instead of dropping them: the same values for stages that
+    recreate zero state on first use (``scale_by_adam``, ``fused_adamw``), with no graph break.
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics={semantics!r}; valid choices: {', '.join(SEMANTICS)}")
@@ -34,8 +39,31 @@ def periodic_reset(inner: Transform, semantics: str = "official", key: str = "up
         for k in [k for k in s if k not in SHARED]:
             del s[k]
 
+    def zero_where(due: Tensor, s: State) -> None:
+        for k in [k for k in s if k not in SHARED]:
+            if isinstance(s[k], Tensor):
+                s[k].masked_fill_(due, 0)
+
+    def update_compiled(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper,
+                        gap: int) -> Updates:
+        due = [None if u is None else torch.remainder(s["clock"], gap) == 0 for u, s in zip(updates, states,
+                                                                                           strict=True)]
+        for d, s in zip(due, states, strict=True):
+            if d is not None:
+                s["step"].masked_fill_(d, 1)
+                if semantics == "clean":
+                    zero_where(d, s)
+        out = inner.update(updates, states, params, hyper)
+        if semantics == "official":
+            for d, s in zip(due, states, strict=True):
+                if d is not None:
+                    zero_where(d, s)
+        return out
+
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
         gap = hyper.get(key, 0)
+        if gap and compiling():
+            return update_compiled(updates, states, params, hyper, gap)
         due = [u is not None and bool(gap) and int(s["clock"]) % gap == 0
                for u, s in zip(updates, states, strict=True)]
         for d, s in zip(due, states, strict=True):

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Hyper, State, Transform, Updates, declare, merge_reads, scoped
+from poise.transforms._base import Hyper, State, Transform, Updates, compiling, declare, merge_reads, scoped
 
 __all__ = ["spam", "spam_warmup_scale"]
 
@@ -20,6 +20,12 @@ def spam_warmup_scale(warmup_step: float, warmup_steps: int) -> float:
     if warmup_step >= warmup_steps:
         return 1.0
     return 1.0 - 0.99 * (1 + math.cos(math.pi * warmup_step / (warmup_steps + 1))) / 2
+
+
+def _warmup_scale_tensor(warmup_step: Tensor, warmup_steps: int) -> Tensor:
+    """:func:`spam_warmup_scale` of a 0-d tensor counter, branch-free (the torch.compile path)."""
+    ramp = 1.0 - 0.99 * (1 + torch.cos(math.pi * warmup_step / (warmup_steps + 1))) / 2
+    return torch.where(warmup_step >= warmup_steps, torch.ones_like(ramp), ramp)
 
 
 def spam(inner: Transform) -> Transform:
@@ -41,10 +47,47 @@ def spam(inner: Transform) -> Transform:
     Dense only: the authors' sparse-momentum ``density`` masks are not implemented. Declared
     defaults are the authors' (``DeltaT=500, threshold=5000, grad_accu_steps=20,
     warmup_steps=150``). ``threshold`` is also CLASSP's gate: to chain both, alias one with
-    :func:`poise.transforms.rename`.
+    :func:`poise.transforms.rename`. Under torch.compile the same rules run as 0-d tensor
+    arithmetic and masks (no host sync, no graph break).
     """
 
+    def update_compiled(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
+        T, theta = hyper["DeltaT"], hyper["threshold"]
+        A, W = hyper["grad_accu_steps"], hyper["warmup_steps"]
+        inner_states = scoped(states, "inner.")
+        scales: list[Tensor | None] = []
+        for u, s, si in zip(updates, states, inner_states, strict=True):
+            if u is None:
+                scales.append(None)
+                continue
+            c = s["clock"]
+            phase = torch.remainder(c, T)
+            if "warmup_step" not in s:
+                s["warmup_step"] = torch.tensor(float(W + 1))
+            if "exp_avg" in si:
+                si["exp_avg"].masked_fill_(phase == 0, 0)
+                si["exp_avg_sq"].masked_fill_(phase == 0, 0)
+            if theta and "exp_avg_sq" in si:
+                bound = (theta * si["exp_avg_sq"]).sqrt_()
+                mask = (u.abs() > bound) & (c >= A) & (phase >= A)
+                s["clipped_frac"] = mask.float().mean()
+                u.copy_(torch.where(mask, u.sign() * bound, u))
+            else:
+                s["clipped_frac"] = torch.zeros(())
+            scales.append(_warmup_scale_tensor(s["warmup_step"], W))
+        out = inner.update(updates, inner_states, params, hyper)
+        for u, s, scale in zip(out, states, scales, strict=True):
+            if scale is None:
+                continue
+            if u is not None:
+                u.mul_(scale)
+            s["warmup_step"] += 1
+            s["warmup_step"].masked_fill_(torch.remainder(s["clock"] + 1, T) == 0, 0)
+        return out
+
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
+        if compiling():
+            return update_compiled(updates, states, params, hyper)
         T, theta = hyper["DeltaT"], hyper["threshold"]
         A, W = hyper["grad_accu_steps"], hyper["warmup_steps"]
         inner_states = scoped(states, "inner.")

@@ -77,6 +77,10 @@ class PrimingStudyConfig:
                                       "each gets an estimate, a 95% interval over seeds and a computed verdict",
                                       default_factory=list)
     quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
+    tracking: list[str] = _help("trackers that receive every run's metric lines at their own step when the run "
+                                "finishes: tensorboard, wandb (offline unless WANDB_MODE), mlflow, trackio "
+                                "(poise.integrations.trackers; each its extra); a failing tracker warns once, "
+                                "the study goes on", default_factory=list)
 
 
 def validate_priming(cfg: PrimingStudyConfig) -> PrimingStudyConfig:
