@@ -28,7 +28,7 @@ def test_every_kind_of_name_builds(name, cls):
 def test_bad_names_and_arguments_name_the_key():
     with pytest.raises(ConfigError, match="train.optimizer: unknown optimizer 'lion'; valid choices: adam, adamw"):
         build_optimizer(OptimizerSpec("lion"), _mlp(), "train.optimizer")
-    with pytest.raises(ConfigError, match="cannot import 'torch.optim:Lion'"):
+    with pytest.raises(ConfigError, match="optimizer 'torch.optim:Lion': cannot import it"):
         optimizer_class("torch.optim:Lion")
     with pytest.raises(ConfigError, match="'torch.nn:Linear' is not a torch.optim.Optimizer"):
         optimizer_class("torch.nn:Linear")
@@ -98,3 +98,72 @@ def test_the_example_recipe_composes_replay_with_three_optimizers():
     opts = resolve(cfg)["optimizers"]
     assert [o["class"].rsplit(".", 1)[1] for o in opts.values()] == ["SGD", "StableSPAM", "GaLoreAdamW"]
     assert opts["replay+galore16"]["groups"][0]["rank"] == 16
+
+
+def _label(opt, param):
+    """How a poise optimizer names ``param`` in its errors: its name, else its group and index."""
+    gi, pi = next((gi, pi) for gi, g in enumerate(opt.param_groups) for pi, p in enumerate(g["params"])
+                  if p is param)
+    names = opt.param_groups[gi].get("param_names")
+    return names[pi] if names else f"param_groups[{gi}].params[{pi}]"
+
+
+def _poise_optimizer_names():
+    from poise import _registry
+    from poise import optim as _  # noqa: F401 (registers the optimizers)
+
+    return _registry.names("optimizer")
+
+
+@pytest.mark.parametrize("name", _poise_optimizer_names())
+def test_max_consecutive_skips_reaches_every_poise_optimizer_through_the_slot(name):
+    import re
+
+    from poise.optim import NonFiniteGradientError
+
+    rank = {"rank": 2} if name in ("galore_adamw", "qgalore_adamw") else {}
+    model = _mlp()
+    opt = build_optimizer(OptimizerSpec(name, {"nonfinite": "skip", "max_consecutive_skips": 3, **rank}), model)
+    assert (opt.nonfinite, opt.max_consecutive_skips) == ("skip", 3)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+
+    def step(bad):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        if bad:
+            params[0].grad.view(-1)[0] = float("nan")
+        opt.step()
+
+    step(True)
+    step(True)
+    step(False)  # a finite step resets the count (and may move the weights)
+    moved = [p.detach().clone() for p in params]
+    step(True)
+    step(True)
+    with pytest.raises(NonFiniteGradientError, match=r"3 steps in a row skipped .* at step 6 in "
+                                                     + re.escape(f"{_label(opt, params[0])}; stopping "
+                                                                 "(max_consecutive_skips=3)")):
+        step(True)
+    assert opt.skipped_steps == 5
+    assert all(torch.equal(p, q) for p, q in zip(params, moved, strict=True))
+    assert len(before) == len(moved)
+
+
+@pytest.mark.parametrize("name", _poise_optimizer_names())
+def test_nonfinite_raise_through_the_slot_names_the_parameter(name):
+    import re
+
+    from poise.optim import NonFiniteGradientError
+
+    rank = {"rank": 2} if name in ("galore_adamw", "qgalore_adamw") else {}
+    model = _mlp()
+    opt = build_optimizer(OptimizerSpec(name, rank), model)
+    assert opt.nonfinite == "raise"
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[-1].grad.view(-1)[-1] = float("inf")
+    label = re.escape(_label(opt, params[-1]))
+    with pytest.raises(NonFiniteGradientError, match=f"non-finite gradient in {label}; nothing was updated"):
+        opt.step()

@@ -23,3 +23,24 @@ def test_a_continual_run_that_diverges_is_stopped_flagged_and_left_out(tmp_path,
     assert f"ewc (seed 0): diverged at step {step}" in out and "SMOKE RUN" in out and "± 0.000" not in out
     page = (run / "report.html").read_text()
     assert f"diverged at step {step}" in page and "not for conclusions" in page
+
+
+def test_a_poise_optimizer_refusing_a_nan_gradient_is_a_diverged_run_not_a_crash(tmp_path, monkeypatch):
+    from poise.runs.config import load_recipe
+    from poise.runs.kinds import continual
+
+    real = continual.fit_stream
+
+    def nan_at_5(model, *a, log=None, **k):
+        def poisoned(rec):
+            log(rec)
+            if rec.get("step") == 4 and not rec.get("boundary"):  # the next backward gives NaN gradients
+                for p in model.parameters():
+                    p.data.fill_(float("nan"))
+        return real(model, *a, log=poisoned, **k)
+
+    monkeypatch.setattr(continual, "fit_stream", nan_at_5)
+    cfg = load_recipe("tiny", ["seeds=[0]", "train.optimizer=adamw", "train.lr=0.001", "train.steps_per_task=8",
+                               "variants=[{strategy='finetune'}]"])
+    r = continual.run_one(cfg, 0, 0)
+    assert r["diverged_at"] == 5

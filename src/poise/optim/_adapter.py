@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from poise.transforms._base import Transform, compiling, fill_hyper, init_state, missing_hyper, tick
 
-__all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "TransformOptimizer"]
+__all__ = ["COMPLEX_DTYPES", "FLOAT_DTYPES", "NONFINITE_POLICIES", "NonFiniteGradientError", "TransformOptimizer"]
 
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as pairs of reals (``torch.view_as_real``, sharing storage), as torch.optim steps them."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -69,6 +80,17 @@ class TransformOptimizer(torch.optim.Optimizer):
     'max_norm': add it to defaults or the param group")`` at construction, not at the first
     ``step()``.
 
+    Parameter dtypes: a subclass lists those it steps in ``param_dtypes`` (default
+    :data:`FLOAT_DTYPES`: float16, bfloat16, float32, float64). A parameter of any other dtype
+    (complex, integer, bool, float8) is refused with ``TypeError`` at construction and in
+    :meth:`add_param_group`, naming the parameter (``param_groups[0].params[1]``, and its name
+    when the group has ``param_names``) and its dtype. A class that lists :data:`COMPLEX_DTYPES`
+    steps a complex parameter as pairs of reals (``torch.view_as_real`` of the parameter, its
+    gradient and so its state), as torch.optim does; only an elementwise chain gives the same
+    update as torch that way, so only such classes may list them (:class:`~poise.optim.AdamW`
+    does, tested equal to ``torch.optim.AdamW``). Zero-size parameters are accepted and left
+    alone: a step gives them no state and no update.
+
     ``diagnostics=True`` fills ``self.last_diagnostics`` after each step with 0-d tensors
     (no ``.item()``, no host sync): ``update_ratio`` (``||p_new - p_old|| / ||p_old||`` over
     all parameters; costs a copy of the parameters per step), ``clipped_frac`` (mean over
@@ -78,6 +100,7 @@ class TransformOptimizer(torch.optim.Optimizer):
     """
 
     shard_safe = False  # subclasses whose every stage is elementwise say True (see poise.distributed)
+    param_dtypes: ClassVar[tuple[torch.dtype, ...]] = FLOAT_DTYPES  # others are refused (see the class docstring)
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], transform: Transform,
                  nonfinite: str = "raise", diagnostics: bool = False, max_consecutive_skips: int | None = None):
@@ -101,15 +124,52 @@ class TransformOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, then the transform's declared defaults are filled in;
-        a required key missing from the group and the defaults raises ``ValueError`` (and the
-        group is not added)."""
+        a required key missing from the group and the defaults raises ``ValueError``, a
+        parameter whose dtype is not in ``param_dtypes`` raises ``TypeError`` (and the group is
+        not added)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        self._check_dtypes(param_group)
         missing = missing_hyper(self.transform, param_group, self.defaults)
         if missing:
             raise ValueError("; ".join(missing))
         super().add_param_group(param_group)
         fill_hyper(self.transform, self.param_groups[-1])
+
+    def _check_dtypes(self, param_group: dict[str, Any]) -> None:
+        """Refuse a parameter whose dtype this optimizer does not step, naming it and its dtype."""
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        elif params is None or isinstance(params, (set, str)):
+            return  # torch's add_param_group raises its own error for these
+        else:
+            params = list(params)
+        param_group["params"] = params  # an iterator is read once; torch does the same
+        names = param_group.get("param_names")
+        for i, item in enumerate(params):
+            name, p = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+            if not isinstance(p, Tensor) or p.dtype in self.param_dtypes:
+                continue
+            if name is None and isinstance(names, (list, tuple)) and i < len(names):
+                name = names[i]
+            where = f"param_groups[{len(self.param_groups)}].params[{i}]" + (f" ({name!r})" if name else "")
+            kind = ("complex" if p.is_complex() else "bool" if p.dtype == torch.bool
+                    else "floating-point" if p.is_floating_point() else "integer")
+            hint = {"complex": "; keep a real parameter and build the complex tensor from it in forward "
+                               "(torch.view_as_complex), or use an optimizer that lists complex dtypes "
+                               "(poise.optim.AdamW steps them as torch.optim.AdamW does)",
+                    "integer": "; integer tensors have no gradient to follow: freeze them or leave them out "
+                               "(requires_grad=False buffers)",
+                    "bool": "; bool tensors have no gradient to follow: freeze them or leave them out"}.get(kind, "")
+            label = _dtype_name(p.dtype) + ("" if kind == _dtype_name(p.dtype) else f" ({kind})")
+            raise TypeError(f"{type(self).__name__}: {where} has dtype {label}, which it "
+                            f"does not support; supported: {', '.join(map(_dtype_name, self.param_dtypes))}{hint}")
+
+    @staticmethod
+    def _stepped(group: dict[str, Any]) -> list[Tensor]:
+        """The group's parameters a step updates: those with a gradient and at least one entry."""
+        return [p for p in group["params"] if p.grad is not None and p.numel() > 0]
 
     def _names(self) -> dict[int, str]:
         out = {}
@@ -179,10 +239,10 @@ class TransformOptimizer(torch.optim.Optimizer):
         elif self.nonfinite != "ignore" and not self._finite():
             return loss
         self.consecutive_skips = 0
-        before = ([p.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        before = ([p.detach().clone() for g in self.param_groups for p in self._stepped(g)]
                   if self.diagnostics else None)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = self._stepped(group)  # zero-size parameters: nothing to update, no state
             if not params:
                 continue
             states = []
@@ -191,19 +251,20 @@ class TransformOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 st = self.state[p]
                 if "step" not in st:
-                    st.update(init_state(self.transform, _view(p, self.shard_safe), group))
+                    st.update(init_state(self.transform, _real(_view(p, self.shard_safe)), group))
                 states.append(st)
             tick(states)
             dt = [_is_dtensor(p) for p in params]
             if not any(dt):
-                updates = self.transform.update([p.grad for p in params], states, params, group)
-                for p, u in zip(params, updates, strict=True):
+                reals = [_real(p) for p in params]  # complex (where param_dtypes allow it): pairs of reals
+                updates = self.transform.update([_real(p.grad) for p in params], states, reals, group)
+                for p, u in zip(reals, updates, strict=True):
                     if u is not None:
                         p.add_(u.to(p.dtype))
                 continue
             # FSDP2 / DTensor parameters: local shards when every stage is elementwise, else whole tensors
-            views = [_view(p, self.shard_safe) for p in params]
-            grads = [_view(p.grad, self.shard_safe) for p in params]
+            views = [_real(_view(p, self.shard_safe)) for p in params]
+            grads = [_real(_view(p.grad, self.shard_safe)) for p in params]
             snap = [v.clone() for v in views]
             updates = self.transform.update(grads, states, views, group)
             for p, v, s0, u, d in zip(params, views, snap, updates, dt, strict=True):
@@ -218,7 +279,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         return loss
 
     def _diagnose(self, before: list[Tensor]) -> dict[str, Tensor]:
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for g in self.param_groups for p in self._stepped(g)]
         if not params:
             return {}
         delta = torch.stack(torch._foreach_norm(torch._foreach_sub([p.detach() for p in params], before)))

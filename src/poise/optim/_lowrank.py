@@ -23,7 +23,7 @@ def _tensor(p: Any) -> Tensor:
 
 
 def _projectable(p: Any) -> bool:
-    return _tensor(p).dim() >= 2
+    return _tensor(p).dim() >= 2 and _tensor(p).numel() > 0  # a zero-size matrix has nothing to project
 
 
 class LowRankOptimizer(TransformOptimizer):
@@ -124,7 +124,7 @@ class LowRankOptimizer(TransformOptimizer):
         out = []
         for i, g in enumerate(self.param_groups):
             rank = g.get("rank")
-            proj = [j for j, p in enumerate(g["params"]) if rank is not None and p.dim() >= 2]
+            proj = [j for j, p in enumerate(g["params"]) if rank is not None and _projectable(p)]
             d: dict[str, Any] = {
                 "group": i, "rank": rank, "tensors": len(g["params"]),
                 "numel": int(sum(p.numel() for p in g["params"])), "projected_tensors": len(proj),

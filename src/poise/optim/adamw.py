@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from poise._registry import register
 from poise.optim import _check
-from poise.optim._adapter import TransformOptimizer
+from poise.optim._adapter import COMPLEX_DTYPES, FLOAT_DTYPES, TransformOptimizer
 from poise.transforms import add_decayed_weights, chain, fused_adamw, scale_by_adam, scale_by_learning_rate
 
 __all__ = ["AdamW"]
@@ -27,9 +28,15 @@ class AdamW(TransformOptimizer):
     Arguments as torch's: ``lr, betas, eps, weight_decay``. ``fused=True`` (default for
     the torch convention) runs ``fused_adamw()``, torch's one-pass kernel, in place of the
     three-stage chain it is tested equal to; ``fused=False`` runs the chain.
+
+    Complex parameters are stepped as pairs of reals (``torch.view_as_real``), as
+    ``torch.optim.AdamW`` does (tested equal to it); integer and bool parameters are refused
+    with ``TypeError`` naming the parameter and its dtype.
     """
 
     shard_safe = True  # every stage is elementwise: a shard's update is the whole tensor's update, sliced
+    # every stage is elementwise, so complex as pairs of reals is torch.optim.AdamW exactly
+    param_dtypes: ClassVar[tuple[torch.dtype, ...]] = FLOAT_DTYPES + COMPLEX_DTYPES
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, convention: str = "torch",

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from poise._registry import register
 from poise.optim import _check
+from poise.optim._adapter import _is_dtensor, _local_shard
 from poise.optim._lowrank import LowRankOptimizer
 from poise.transforms import (
     add_decayed_weights,
@@ -88,10 +89,17 @@ class QGaLoreAdamW(LowRankOptimizer):
             if group.get("rank") is None or not bits:
                 continue
             for p in group["params"]:
-                if p.grad is None or p.dim() < 2 or "clock" not in self.state[p]:
+                if p.grad is None or p.dim() < 2 or p.numel() == 0 or "clock" not in self.state.get(p, {}):
                     continue
                 gen = torch.Generator(device=p.device).manual_seed(
                     self.seed * 1_000_003 + int(self.state[p]["clock"]) * 7919 + p.numel())
-                codes, scale, lo = quantize(p, bits, group["weight_group_size"], group["stochastic_round"], gen)
-                p.copy_(dequantize(codes, scale, lo, p.shape, p.dtype))
+                # an FSDP2 shard is requantized as part of its whole tensor (groups span shard borders;
+                # every rank draws the same stochastic rounding), then keeps its own slice
+                full = p.full_tensor() if _is_dtensor(p) else p
+                codes, scale, lo = quantize(full, bits, group["weight_group_size"], group["stochastic_round"], gen)
+                new = dequantize(codes, scale, lo, full.shape, full.dtype)
+                if _is_dtensor(p):
+                    p.to_local().copy_(_local_shard(new, p))
+                else:
+                    p.copy_(new)
         return loss

@@ -17,7 +17,6 @@ refuses to run with no projected group.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -65,13 +64,10 @@ def optimizer_class(name: str, key: str = "optimizer") -> type:
     if ":" not in path:
         raise _error(f"{key}: unknown optimizer {name!r}; valid choices: {', '.join(optimizer_names())} "
                      "(or an import path 'pkg.mod:Class')")
-    mod, _, attr = path.partition(":")
     try:
-        obj: Any = importlib.import_module(mod)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise _error(f"{key}: cannot import {path!r}: {e}") from None
+        obj: Any = _registry.get("optimizer", path)  # a "pkg.mod:Class" path is imported by the registry
+    except _registry.UnknownNameError as e:
+        raise _error(f"{key}: {e}") from None
     import torch
 
     if not (inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer)):
@@ -142,8 +138,14 @@ def build_optimizer(spec: OptimizerSpec, model: Any, name_key: str = "optimizer"
             params: Any = low_rank_groups(model, **group)
         except (TypeError, ValueError) as e:
             raise _error(f"{params_key}: {e}") from None
+    elif hasattr(model, "named_parameters"):
+        from poise.optim import TransformOptimizer
+
+        # poise optimizers take (name, tensor) pairs, so their errors name the parameter ("fc.weight")
+        named = issubclass(cls, TransformOptimizer)
+        params = [(n, p) if named else p for n, p in model.named_parameters() if p.requires_grad]
     else:
-        params = [p for p in model.parameters() if p.requires_grad] if hasattr(model, "parameters") else model
+        params = model
     try:
         return cls(params, **kw)
     except (TypeError, ValueError) as e:

@@ -71,6 +71,10 @@ wall time {{ wall }} · poise {{ version }}, torch {{ torch }}, Python {{ python
 """
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
     if not stat or stat.get("mean") is None or (isinstance(stat["mean"], float) and math.isnan(stat["mean"])):
         return "–"
@@ -142,7 +146,7 @@ def build_report(run_dir: str | Path) -> Path:
         tables=tables, diverged=diverged, quick=bool(summary.get("quick") or config.get("quick")),
         claims=[{**c, "text": html.escape(c["text"]), "paper": html.escape(c["paper"]),
                  "paper_value": html.escape(c.get("paper_value", "")), "better": html.escape(c["better"]),
-                 "than": html.escape(c["than"]), "why": html.escape(c.get("why", "")),
+                 "than": html.escape(c["than"]), "why": html.escape(_sentence(c.get("why", ""))),
                  "est": "–" if c.get("estimate") is None else f"{c['estimate']:.4g}",
                  "ci": "–" if not c.get("interval") else f"[{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]"}
                 for c in claims],

@@ -288,6 +288,12 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
         diverged_at, metrics = e.step, {}
         if progress is not None:
             progress(cfg.train.steps_per_task * w.n_tasks - e.step)
+    except FloatingPointError as e:  # the optimizer refused a non-finite gradient (or ran out of skips)
+        diverged_at, metrics = watch.last_step + 1, {"diverged_reason": str(e)}
+        if writer:
+            writer.write({"step": diverged_at, "diverged": True, "reason": str(e)})
+        if progress is not None:
+            progress(cfg.train.steps_per_task * w.n_tasks - watch.last_step)
     finally:
         if writer:
             writer.close()
@@ -317,9 +323,10 @@ class _DivergenceWatch:
     first step's loss. That record is written first, marked ``diverged``."""
 
     def __init__(self, factor: float, write: Any):
-        self.factor, self.write, self.first = factor, write, None
+        self.factor, self.write, self.first, self.last_step = factor, write, None, 0
 
     def __call__(self, rec: dict[str, Any]) -> None:
+        self.last_step = int(rec.get("step", self.last_step))
         loss = rec.get("loss")
         bad = False
         if isinstance(loss, float):
