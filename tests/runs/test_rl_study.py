@@ -15,8 +15,11 @@ QUICK = ["seeds=[0]", "train.steps=3", "train.prompts=4", "train.group_size=4", 
 
 def test_rl_recipe_validates():
     cfg = load_recipe("rl-stability")
-    assert isinstance(cfg, RLStudyConfig) and cfg.train.sampler_dtype == "bfloat16"
-    assert {v.name for v in cfg.variants} >= {"pg_is", "ppo_clip", "grpo", "gspo", "cispo", "ppo_clip_stale4"}
+    assert isinstance(cfg, RLStudyConfig) and cfg.train.sampler_dtype == "bfloat16" and cfg.train.sampler_bits == 3
+    assert [v.name for v in cfg.variants] == ["pg_is", "pg_nois", "ppo_clip", "pg_is_stale4", "pg_nois_stale4",
+                                              "ppo_clip_stale4"]
+    names = {v.name for v in cfg.variants}
+    assert all(c.better.variant in names and c.than.variant in names for c in cfg.claims) and len(cfg.claims) == 2
 
 
 def test_rl_study_end_to_end(tmp_path, capsys):
@@ -28,7 +31,8 @@ def test_rl_study_end_to_end(tmp_path, capsys):
     assert "held_out_acc" in rows[1] and "mismatch/abs_log_ratio" in rows[0] and "ratio/mean" in rows[0]
     assert rows[0]["mismatch/abs_log_ratio"] > 0  # the bfloat16 sampler differs from the float32 trainer
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["complete"] and summary["variants"]["grpo"]["collapsed"]["runs"] == 1
+    assert summary["complete"] and summary["variants"]["ppo_clip"]["collapsed"]["runs"] == 1
+    assert 0 <= summary["variants"]["pg_is"]["late_pass1"]["mean"] <= 1  # the claims' metric is there
     assert (run_dir / "report.html").read_text().count("<img") == 2  # accuracy vs staleness; the curves
 
 
@@ -53,9 +57,11 @@ def test_policy_loss_dispatch_is_finite_and_on_policy_is_pg(loss, is_level):
 @pytest.mark.parametrize("override, message", [
     ("variants.pg_is.loss=kl", "'kl' is not a policy loss; valid choices: pg, ppo_clip"),
     ("variants.pg_is.is_level=batch", "is_level: 'batch'; valid choices: none, token, sequence, geometric"),
-    ("variants.grpo.params.eps=0.1", "unknown argument of loss 'ppo_clip'; valid: eps_low"),
+    ("variants.ppo_clip.params.eps=0.1", "unknown argument of loss 'ppo_clip'; valid: eps_low"),
     ("variants.pg_is.loss=minirl", "loss 'minirl' corrects the sampler mismatch with its own behav_logp"),
     ("train.sampler_dtype=float16", "valid choices: bfloat16, float32"),
+    ("train.sampler_bits=1", "train.sampler_bits=1: 0 (the trainer's weights) or an integer 2-16"),
+    ("train.eval_pass1_samples=-1", "train.eval_pass1_samples=-1 must be >= 0"),
     ("task.name=chess", "unknown rl_task 'chess'; valid choices: arithmetic, countdown"),
     ("task.level=9", "level=9 is out of range"),
     ("train.group_size=1", "group_size=1 must be >= 2"),
@@ -73,7 +79,7 @@ def test_rl_loop_runs_a_hugging_face_policy(model, tmp_path):
 
     cfg = load_recipe("rl-stability", [*QUICK, f"train.model={model}", "train.n_head=2"])
     names = [v.name for v in cfg.variants]
-    r = run_one_rl(cfg, names.index("grpo"), seed=0)
+    r = run_one_rl(cfg, names.index("ppo_clip"), seed=0)
     assert len(r["curves"]["reward"]) == 3 and 0 <= r["final_acc"] <= 1
     assert r["curves"]["mismatch_abs"][0] > 0
 
@@ -192,7 +198,7 @@ def test_quick_rl_stability_runs_in_under_two_minutes(tmp_path, capsys):
     assert main(["run", "rl-stability", "--quick", "--run-dir", str(tmp_path / "q"), "--no-progress"]) == 0
     assert time.perf_counter() - t0 < 120
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
-    assert summary["complete"] and len(summary["variants"]) == 22
+    assert summary["complete"] and list(summary["variants"]) == [v.name for v in load_recipe("rl-stability").variants]
 
 
 @pytest.mark.parametrize("eta", [1, 2])

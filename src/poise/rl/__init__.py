@@ -81,6 +81,8 @@ from poise.rl.rollout import (
     collect,
     completion_batch,
     generate,
+    quantise_weights,
+    quantised_copy,
     score_rollouts,
     sft_warmup,
     trainer_logprobs,
@@ -117,6 +119,8 @@ def names() -> list[str]:
 
 
 __all__ = [
+    "quantise_weights",
+    "quantised_copy",
     "AGG_MODES",
     "AdaSampler",
     "AsyncSampler",

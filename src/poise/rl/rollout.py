@@ -36,7 +36,8 @@ from poise.tasks.reasoning import EOS, Problem
 from poise.tasks.text import CharTokenizer
 
 __all__ = ["SAMPLING_MODES", "AsyncSampler", "Collected", "RaySampler", "RewardTask", "Rollout", "collect",
-           "completion_batch", "generate", "score_rollouts", "sft_warmup", "trainer_logprobs"]
+           "completion_batch", "generate", "quantise_weights", "quantised_copy", "score_rollouts", "sft_warmup",
+           "trainer_logprobs"]
 
 SAMPLING_MODES = ("uniform", "dynamic", "reinforce_ada")
 
@@ -62,16 +63,55 @@ def _by_length(items: Sequence[int], length: Callable[[int], int]) -> dict[int, 
     return buckets
 
 
+def quantise_weights(w: Tensor, bits: int) -> Tensor:
+    r"""Round-to-nearest symmetric fake quantisation of a weight matrix, one scale per output row
+    (the absmax weight-only scheme of int8/int4 inference engines; GPTQ's RTN baseline, arXiv
+    2210.17323): ``s_i = max_j |w_ij| / Q`` with ``Q = 2^(bits-1) - 1`` and
+    ``w_q = s_i * clamp(round(w_ij / s_i), -Q, Q)``, returned in ``w``'s dtype. A row of zeros
+    stays zero. ``bits`` from 2 to 16; 1-D tensors (biases, norms) are returned unchanged.
+
+    >>> quantise_weights(torch.tensor([[1.0, 0.4, -0.2]]), 2)   # Q = 1, s = 1
+    tensor([[1., 0., -0.]])
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bits={bits!r}: an integer from 2 to 16")
+    if w.dim() < 2:
+        return w
+    q = 2 ** (bits - 1) - 1
+    flat = w.detach().float().reshape(w.shape[0], -1)
+    s = flat.abs().amax(1, keepdim=True) / q
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (torch.clamp(torch.round(flat / s), -q, q) * s).reshape(w.shape).to(w.dtype)
+
+
+def quantised_copy(model: nn.Module, bits: int) -> nn.Module:
+    """A frozen copy of ``model`` whose parameters with two or more dimensions (embeddings,
+    linear and output weights) are :func:`quantise_weights` to ``bits`` bits: an inference
+    engine's weight-only quantised policy, while the trainer keeps the full-precision weights.
+    Biases and norm scales stay as they are (as in weight-only int8/int4 serving)."""
+    sampler = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in sampler.parameters():
+            p.requires_grad_(False)
+            p.copy_(quantise_weights(p, bits))
+    return sampler
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: CharTokenizer, problems: Sequence[Problem], *, group_size: int = 8,
              max_new_tokens: int = 8, temperature: float = 1.0, generator: torch.Generator | None = None,
-             dtype: torch.dtype | None = None, greedy: bool = False) -> list[Rollout]:
+             dtype: torch.dtype | None = None, greedy: bool = False,
+             weight_bits: int | None = None) -> list[Rollout]:
     """Sample ``group_size`` completions per problem (stopping at EOS or ``max_new_tokens``)
     and record the sampler's log-probabilities. ``dtype=torch.bfloat16`` runs the sampler's
     forward in bfloat16 autocast: a real train-inference mismatch against a float32 trainer.
-    ``greedy`` takes the most likely token (evaluation)."""
+    ``weight_bits`` samples from :func:`quantised_copy` ``(model, weight_bits)`` (weight-only
+    quantisation of the sampler, a larger and controlled mismatch; ``None`` = the model's own
+    weights). ``greedy`` takes the most likely token (evaluation)."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
+    if weight_bits is not None:
+        model = quantised_copy(model, weight_bits)
     eos = tokenizer.encode(EOS)[0]
     was = model.training
     model.eval()
@@ -224,7 +264,7 @@ def collect(model: nn.Module, tokenizer: CharTokenizer, task: RewardTask, *, num
             max_new_tokens: int, sampling: str = "uniform",
             advantage: str | Callable[[Tensor, Tensor], Tensor] = "grpo", max_gen_batches: int = 3,
             ada_rounds: int = 4, temperature: float = 1.0, generator: torch.Generator | None = None,
-            dtype: torch.dtype | None = None) -> Collected:
+            dtype: torch.dtype | None = None, weight_bits: int | None = None) -> Collected:
     """One step's training samples by a sampling strategy, scored, with advantages.
 
     ``sampling``:
@@ -241,7 +281,8 @@ def collect(model: nn.Module, tokenizer: CharTokenizer, task: RewardTask, *, num
     ``advantage`` is a registered advantage name (``poise list advantages``) or a function
     ``(rewards [N], group_id [N]) -> [N]``. ``temperature``, ``generator`` and ``dtype`` (the
     sampler's autocast precision: ``torch.bfloat16`` for a real train-inference mismatch)
-    go to :func:`generate`. Returns :class:`Collected` (a tuple
+    go to :func:`generate`; ``weight_bits`` samples from one :func:`quantised_copy` of the model
+    (made once per call) for every generation round. Returns :class:`Collected` (a tuple
     ``(rollouts, rewards, advantages, generated, failures)``); returning the failures rather
     than keeping them in module state lets a Ray actor report them too.
     """
@@ -254,6 +295,8 @@ def collect(model: nn.Module, tokenizer: CharTokenizer, task: RewardTask, *, num
         if x <= 0:
             raise ValueError(f"{key}={x} must be > 0")
     adv_fn = _registry.get("advantage", advantage) if isinstance(advantage, str) else advantage
+    if weight_bits is not None:
+        model = quantised_copy(model, weight_bits)
 
     def sample(problems: list, n: int) -> list:
         return generate(model, tokenizer, problems, group_size=n, max_new_tokens=max_new_tokens,

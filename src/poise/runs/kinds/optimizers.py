@@ -1,5 +1,12 @@
 """The optimizers study: several optimizers x seeds training a tiny GPT on generated text at
-an aggressive learning rate; loss curves, loss spikes and divergence per optimizer.
+an aggressive learning rate; loss curves, loss spikes and divergence per optimizer, in float32 or
+with fake-quantised INT8/INT4 weights and activations (:mod:`poise.models.quant`, the simulated
+low-precision training of Stable-SPAM, arXiv 2502.17055).
+
+Loss spike (the detector, fixed before any run): step ``t`` is a spike when its training loss
+``L_t > spike_factor * E_{t-1}``, where ``E`` is the EMA ``E_t = 0.9 E_{t-1} + 0.1 L_t`` of the
+training losses of the steps before (``E_1 = L_1``; spike steps are included in the EMA).
+A run's ``spike_count`` is the number of such steps.
 
 Run directory as for the continual studies (config.json, metrics/*.jsonl flushed per step,
 results/*.json per run, summary.json rewritten after each run, plots and report.html).
@@ -20,6 +27,7 @@ from torch import nn
 
 from poise.distributed import is_main
 from poise.models import GPT, GPTConfig
+from poise.models.quant import QUANT_PRESETS, fake_quantize_linears, quant_spec
 from poise.optim import NonFiniteGradientError
 from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
 from poise.runs.config import ConfigError, _check_variants, _help
@@ -27,7 +35,7 @@ from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter
-from poise.runs.verdict import ClaimConfig
+from poise.runs.verdict import ClaimConfig, t975
 from poise.tasks.text import CharTokenizer, arithmetic_corpus
 
 __all__ = ["KIND", "LMConfig", "OptimStudyConfig", "OptimVariantConfig", "make_optimizer", "run_optim_study",
@@ -46,6 +54,13 @@ class LMConfig:
     batch_size: int = _help("sequences per step", default=32)
     steps: int = _help("optimizer steps per run", default=300)
     eval_every: int = _help("validation loss every this many steps", default=25)
+    quant: str = _help("precision of the attention/MLP linear layers: 'none' (float32), 'int8' or 'int4' "
+                       "(fake-quantised weights and activations with straight-through gradients, the Stable-SPAM "
+                       "authors' scheme: weights asymmetric min-max, activations symmetric abs-max keeping the 2 "
+                       "largest of each group; poise.models.quant); embeddings and the output head stay float32; "
+                       "a variant's own 'quant' overrides it", default="none")
+    quant_group_size: int = _help("elements per quantisation group (consecutive in the flattened tensor; the "
+                                  "authors use 256); <= 0: one group per tensor", default=256)
 
 
 @dataclass
@@ -56,6 +71,7 @@ class OptimVariantConfig:
     params: dict[str, Any] = _help("constructor arguments and the optimizer's declared group keys (galore_adamw, "
                                    "qgalore_adamw: rank, update_proj_gap, scale, proj_type; applied to the 2-D "
                                    "weight matrices, embeddings excluded)", default_factory=dict)
+    quant: str = _help("this variant's precision ('none', 'int8', 'int4'); empty: lm.quant", default="")
 
 
 @dataclass
@@ -66,7 +82,8 @@ class OptimStudyConfig:
     seeds: list[int] = _help("seeds; every variant runs once per seed", default_factory=lambda: [0, 1, 2])
     threads: int = _help("torch intra-op threads", default=1)
     out_dir: str = _help("parent folder of run directories", default="runs")
-    spike_factor: float = _help("a loss spike: training loss above this factor times its running EMA",
+    spike_factor: float = _help("a loss spike: a step whose training loss is above this factor times the EMA "
+                                "(decay 0.9) of the training losses before it; spike_count counts such steps",
                                 default=1.5)
     divergence_factor: float = _help("diverged: loss non-finite or above this factor times the initial loss",
                                      default=2.0)
@@ -89,6 +106,12 @@ def validate_optim(cfg: OptimStudyConfig) -> OptimStudyConfig:
     for key in ("digits", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "steps", "eval_every"):
         if getattr(cfg.lm, key) <= 0:
             raise ConfigError(f"lm.{key}={getattr(cfg.lm, key)} must be > 0")
+    if cfg.lm.quant not in QUANT_PRESETS:
+        raise ConfigError(f"lm.quant: unknown quantisation {cfg.lm.quant!r}; valid choices: {', '.join(QUANT_PRESETS)}")
+    for i, v in enumerate(cfg.variants):
+        if v.quant and v.quant not in QUANT_PRESETS:
+            raise ConfigError(f"variants[{i}].quant: unknown quantisation {v.quant!r}; valid choices: "
+                              f"{', '.join(QUANT_PRESETS)} (or empty: lm.quant)")
     if cfg.lm.n_embd % cfg.lm.n_head:
         raise ConfigError(f"lm.n_embd={cfg.lm.n_embd} must be a multiple of lm.n_head={cfg.lm.n_head}")
     model = _model(cfg, vocab_size=CharTokenizer().vocab_size)
@@ -114,11 +137,28 @@ def _model(cfg: OptimStudyConfig, vocab_size: int) -> GPT:
                          n_embd=c.n_embd))
 
 
+def variant_quant(cfg: OptimStudyConfig, variant_index: int) -> str:
+    """The precision variant ``variant_index`` trains in: its own ``quant``, else ``lm.quant``."""
+    return cfg.variants[variant_index].quant or cfg.lm.quant
+
+
+def quantize_model(model: nn.Module, quant: str, group_size: int = 256) -> list[str]:
+    """Fake-quantise ``model``'s linear layers in place as ``quant`` says (``none``: nothing);
+    the output head (tied to the embedding) stays in full precision, as in the authors' runs.
+    Returns the quantised layers' names."""
+    spec = quant_spec(quant, group_size)
+    return [] if spec is None else fake_quantize_linears(model, spec, exclude=("head",))
+
+
 def resolve(cfg: OptimStudyConfig) -> dict[str, Any]:
     """What each variant's optimizer was built as (class, groups, projected matrices)."""
     model = _model(cfg, CharTokenizer().vocab_size)
     return {"optimizers": {v.name: describe_optimizer(make_optimizer(v, model, f"variants[{i}]"), model)
-                           for i, v in enumerate(cfg.variants)}}
+                           for i, v in enumerate(cfg.variants)},
+            "quant": {v.name: {"quant": variant_quant(cfg, i),
+                               "layers": quantize_model(_model(cfg, CharTokenizer().vocab_size), variant_quant(cfg, i),
+                                                        cfg.lm.quant_group_size)}
+                      for i, v in enumerate(cfg.variants)}}
 
 
 def _data(cfg: OptimStudyConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -153,6 +193,9 @@ def run_one_optim(cfg: OptimStudyConfig, variant_index: int, seed: int, metrics_
     torch.manual_seed(seed)
     c = cfg.lm
     model = _model(cfg, vocab)
+    quant = variant_quant(cfg, variant_index)
+    if quant != "none":  # float32 keeps the original code path (and its seeded results) exactly
+        quantize_model(model, quant, c.quant_group_size)
     opt = make_optimizer(v, model, f"variants[{variant_index}]")
     gen = torch.Generator().manual_seed(seed)
     writer = JsonlWriter(metrics_path) if metrics_path and is_main() else None
@@ -206,7 +249,7 @@ def run_one_optim(cfg: OptimStudyConfig, variant_index: int, seed: int, metrics_
             writer.close()
     wall = time.perf_counter() - t0
     return {
-        "variant": v.name, "optimizer": v.optimizer, "seed": seed, "wall_seconds": wall,
+        "variant": v.name, "optimizer": v.optimizer, "quant": quant, "seed": seed, "wall_seconds": wall,
         "seconds_per_step": wall / max(1, len(losses)),
         "losses": losses, "val_steps": val_steps, "val_losses": val_losses,
         "spikes": spikes, "spike_count": len(spikes), "diverged_at": diverged_at,
@@ -214,19 +257,34 @@ def run_one_optim(cfg: OptimStudyConfig, variant_index: int, seed: int, metrics_
     }
 
 
+def interval95(values: list[float]) -> list[float] | None:
+    """The 95% Student-t interval of the mean of the finite ``values``
+    (``mean ± t_{n-1,0.975} sd/sqrt(n)``), or None with fewer than two."""
+    a = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if len(a) < 2:
+        return None
+    m = sum(a) / len(a)
+    half = t975(len(a) - 1) * math.sqrt(sum((x - m) ** 2 for x in a) / (len(a) - 1)) / math.sqrt(len(a))
+    return [m - half, m + half]
+
+
 def summarize_optim(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per variant over seeds: final validation loss, best training loss, loss spikes,
-    divergence rate, seconds per step."""
+    """Per variant over seeds: precision, final validation loss, best training loss, loss spikes,
+    divergence rate, seconds per step; 95% intervals of final loss and spike count (diverged runs
+    have no final loss and are left out of its mean and interval)."""
     out: dict[str, Any] = {}
     for variant in dict.fromkeys(r["variant"] for r in results):
         rs = [r for r in results if r["variant"] == variant]
         out[variant] = {
+            "quant": rs[0].get("quant", "none"),
             "final_val_loss": _stats([r["final_val_loss"] for r in rs]),
             "min_train_loss": _stats([float(np.nanmin(r["losses"])) if r["losses"] else math.nan for r in rs]),
             "spikes": _stats([float(len(r["spikes"])) for r in rs]),
             "diverged": {"count": sum(r["diverged_at"] is not None for r in rs), "runs": len(rs)},
             "seconds_per_step": _stats([r["seconds_per_step"] for r in rs]),
             "seeds": [r["seed"] for r in rs],
+            "interval95": {"final_val_loss": interval95([r["final_val_loss"] for r in rs]),
+                           "spikes": interval95([float(len(r["spikes"])) for r in rs])},
         }
     return out
 
@@ -240,17 +298,27 @@ def run_optim_study(cfg: OptimStudyConfig, run_dir: str | Path | None = None, pr
 # -- report --------------------------------------------------------------------------------
 def _optim_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = summarize_optim(results)
-    note = (f"Mean ± sample std over seeds. A loss spike: training loss above {config['spike_factor']}x its "
-            f"running average (EMA 0.9). Diverged: loss non-finite or above {config['divergence_factor']}x its "
-            "initial value; the run stops there and has no final validation loss.")
-    heads = ["final val loss", "min train loss", "loss spikes", "diverged", "ms / step"]
+    note = (f"Mean ± sample std over seeds; [a, b]: 95% t interval of the mean (two or more seeds). Precision: "
+            "float32, or fake-quantised INT8/INT4 weights and activations of the attention/MLP linear layers "
+            f"(poise.models.quant). A loss spike: a step whose training loss is above {config['spike_factor']}x the "
+            "EMA (decay 0.9) of the training losses before it. Diverged: loss non-finite or above "
+            f"{config['divergence_factor']}x its initial value; the run stops there and has no final validation "
+            "loss.")
+    heads = ["precision", "final val loss", "95% interval", "min train loss", "loss spikes", "95% interval",
+             "diverged", "ms / step"]
     rows = []
+
+    def ci(x: list[float] | None, digits: int) -> str:
+        return "–" if x is None else f"[{x[0]:.{digits}f}, {x[1]:.{digits}f}]"
+
     for v, row in table.items():
         sps = row["seconds_per_step"]
         ms = {k: (x * 1e3 if isinstance(x, float) and k in ("mean", "std") else x) for k, x in sps.items()}
-        rows.append([html.escape(v), _fmt(row["final_val_loss"]), _fmt(row["min_train_loss"]),
-                     _fmt(row["spikes"], 1), f"{row['diverged']['count']} / {row['diverged']['runs']}",
-                     _fmt(ms, 1)])
+        quant = row["quant"]
+        rows.append([html.escape(v), "float32" if quant == "none" else html.escape(quant.upper()),
+                     _fmt(row["final_val_loss"]), ci(row["interval95"]["final_val_loss"], 3),
+                     _fmt(row["min_train_loss"]), _fmt(row["spikes"], 1), ci(row["interval95"]["spikes"], 1),
+                     f"{row['diverged']['count']} / {row['diverged']['runs']}", _fmt(ms, 1)])
     return [{"title": "Optimizers", "note": note, "heads": heads, "rows": rows}]
 
 

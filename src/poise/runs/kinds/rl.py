@@ -1,13 +1,16 @@
 """The RL study: policy-gradient objectives compared on a tiny LM that learns a task with
-verifiable rewards, under a real train-inference mismatch (bfloat16 sampler, float32
-trainer) and optional staleness (several minibatch updates per rollout batch).
+verifiable rewards, under a train-inference mismatch (a bfloat16-autocast sampler, optionally
+on weights quantised to ``train.sampler_bits`` bits, against a float32 trainer) and optional
+staleness (several minibatch updates per rollout batch).
 
 One run, top to bottom (:func:`run_one_rl`): warm start by supervised learning; then each
 step samples ``group_size`` completions for ``prompts`` problems, scores them, computes
 group advantages, recomputes the trainer's log-probs at the current version (``old``),
 and takes ``minibatches`` optimizer steps, each on its share of the batch with the
-variant's loss from :mod:`poise.rl` and its aggregation. Held-out greedy accuracy is
-evaluated every ``eval_every`` steps.
+variant's loss from :mod:`poise.rl` and its aggregation. Held-out greedy accuracy (and, with
+``eval_pass1_samples``, the sampled pass@1 of the trainer's weights) is evaluated every
+``eval_every`` steps; ``late_acc`` / ``late_pass1`` average the second half of RL
+(:func:`late_accuracy`).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from poise.runs.verdict import ClaimConfig
 from poise.tasks.text import CharTokenizer
 
 __all__ = ["KIND", "RLStudyConfig", "RLTaskConfig", "RLTrainConfig", "RLVariantConfig", "build_policy", "run_one_rl",
-           "run_rl_study", "summarize_rl", "validate_rl", "variant_objective"]
+           "late_accuracy", "run_rl_study", "summarize_rl", "validate_rl", "variant_objective"]
 
 
 # -- config --------------------------------------------------------------------------------
@@ -86,6 +89,11 @@ class RLTrainConfig:
     temperature: float = _help("sampling temperature", default=1.0)
     sampler_dtype: str = _help("sampler precision: 'bfloat16' (a real train-inference mismatch) or 'float32'",
                                default="bfloat16")
+    sampler_bits: int = _help("the sampler's weights fake-quantised to this many bits (symmetric, one scale per "
+                              "output row, round to nearest: weight-only int8/int4 serving; "
+                              "poise.rl.rollout.quantised_copy) for sampling only, while the trainer keeps its "
+                              "float32 weights: a controlled train-inference mismatch. 0 = the trainer's weights; "
+                              "else 2-16", default=0)
     lr: float = _help("RL learning rate", default=1e-3)
     optimizer: str = _help("the policy's optimizer: a registered poise optimizer (poise list optimizers), torch's "
                            "'sgd' or 'adam', or an import path 'pkg.mod:Class'", default="torch.optim:AdamW")
@@ -95,6 +103,11 @@ class RLTrainConfig:
                              "minibatches k-1 updates stale)", default=1)
     eval_every: int = _help("held-out greedy accuracy every this many steps", default=5)
     eval_problems: int = _help("held-out problems", default=100)
+    eval_pass1_samples: int = _help("with k > 0, each evaluation also samples k completions per held-out problem "
+                                    "from the trainer's float32 weights at the training temperature (its own "
+                                    "generator, seeded by seed and step, so training is unchanged): the held-out "
+                                    "pass@1, the quantity RL maximises (greedy accuracy moves only when the argmax "
+                                    "flips). 0 = greedy only", default=0)
     collapse_reward: float = _help("collapsed: held-out accuracy below this after having been above twice it",
                                    default=0.05)
     async_eta: int = _help("asynchronous generation: a sampler thread runs ahead of training by at most this "
@@ -166,10 +179,15 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
         raise ConfigError(f"train.n_embd={t.n_embd} must be a multiple of train.n_head={t.n_head}")
     if t.sampler_dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"train.sampler_dtype: {t.sampler_dtype!r}; valid choices: bfloat16, float32")
+    if isinstance(t.sampler_bits, bool) or not isinstance(t.sampler_bits, int) or not (
+            t.sampler_bits == 0 or 2 <= t.sampler_bits <= 16):
+        raise ConfigError(f"train.sampler_bits={t.sampler_bits!r}: 0 (the trainer's weights) or an integer 2-16")
     for key in ("steps", "prompts", "group_size", "max_new_tokens", "minibatches", "eval_every", "eval_problems",
                 "n_layer", "n_head", "n_embd", "block_size"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
+    if t.eval_pass1_samples < 0:
+        raise ConfigError(f"train.eval_pass1_samples={t.eval_pass1_samples} must be >= 0")
     if t.async_eta < 0:
         raise ConfigError(f"train.async_eta={t.async_eta} must be >= 0")
     if t.async_backend not in ("thread", "ray"):
@@ -295,7 +313,8 @@ def _collect_kwargs(v: RLVariantConfig, t: RLTrainConfig) -> dict[str, Any]:
     return dict(num_prompts=t.prompts, group_size=t.group_size, max_new_tokens=t.max_new_tokens,
                 sampling=v.sampling, advantage=v.advantage, max_gen_batches=v.max_gen_batches,
                 ada_rounds=v.ada_rounds, temperature=t.temperature,
-                dtype=torch.bfloat16 if t.sampler_dtype == "bfloat16" else None)
+                dtype=torch.bfloat16 if t.sampler_dtype == "bfloat16" else None,
+                weight_bits=t.sampler_bits or None)
 
 
 def _held_out_accuracy(model: torch.nn.Module, tok: CharTokenizer, task: Any, problems: list,
@@ -305,6 +324,20 @@ def _held_out_accuracy(model: torch.nn.Module, tok: CharTokenizer, task: Any, pr
     if failures is not None:
         failures.extend(bad)
     return sum(r.reward for r in kept) / max(1, len(rollouts))  # a failed reward counts as wrong here
+
+
+def _held_out_pass1(model: torch.nn.Module, tok: CharTokenizer, task: Any, problems: list, t: RLTrainConfig,
+                    seed: int, step: int) -> float | None:
+    """Mean reward of ``t.eval_pass1_samples`` completions per held-out problem, sampled from the
+    trainer's weights (float32, no quantisation) at the training temperature with a generator of
+    its own (seeded by ``seed`` and ``step``: resumable, and the training stream is untouched)."""
+    if not t.eval_pass1_samples:
+        return None
+    g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + step)
+    rollouts = generate(model, tok, problems, group_size=t.eval_pass1_samples, max_new_tokens=t.max_new_tokens,
+                        temperature=t.temperature, generator=g)
+    kept, _ = score_rollouts(task, rollouts)
+    return sum(r.reward for r in kept) / max(1, len(rollouts))
 
 
 def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: Path | None = None,
@@ -338,6 +371,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             gen.manual_seed(seed + 7919 * rank + 1_000_003 * st["step"])
         start, curve = st["step"] + 1, st["curves"]
         eval_steps, eval_acc, eval_samples = st["eval_steps"], st["eval_acc"], st["eval_samples"]
+        eval_pass1 = st.get("eval_pass1", [])
         collapsed_at, bad_rewards, generated_total = st["collapsed_at"], st["bad_rewards"], st["generated_total"]
         examples.extend(st["bad_reward_examples"])
         if metrics_path is not None:
@@ -351,6 +385,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
         curve = {k: [] for k in ("reward", "entropy", "mismatch_abs", "grad_norm", "clip_frac", "chi2_token")}
         eval_failures: list[dict[str, str]] = []
         eval_steps, eval_acc = [0], [_held_out_accuracy(model, tok, task, held, t.max_new_tokens, eval_failures)]
+        eval_pass1 = [_held_out_pass1(model, tok, task, held, t, seed, 0)]
         record(eval_failures)
         eval_samples = [0]
         collapsed_at = None
@@ -437,8 +472,11 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 record(eval_failures)
                 eval_steps.append(step)
                 eval_acc.append(acc)
+                eval_pass1.append(_held_out_pass1(model, tok, task, held, t, seed, step))
                 eval_samples.append(generated_total)
                 rec["held_out_acc"] = acc
+                if eval_pass1[-1] is not None:
+                    rec["held_out_pass1"] = eval_pass1[-1]
                 if collapsed_at is None and max(eval_acc) >= 2 * t.collapse_reward and acc < t.collapse_reward:
                     collapsed_at = step
             if writer:
@@ -446,7 +484,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             if rank == 0 and ckpt_dir and t.checkpoint_every and step % t.checkpoint_every == 0 and not diverged_at:
                 save_checkpoint(ckpt_dir, step, model, opt, gen, {
                     "task_rng": task.rng.getstate(), "curves": curve, "eval_steps": eval_steps,
-                    "eval_acc": eval_acc, "eval_samples": eval_samples, "collapsed_at": collapsed_at,
+                    "eval_acc": eval_acc, "eval_pass1": eval_pass1, "eval_samples": eval_samples,
+                    "collapsed_at": collapsed_at,
                     "bad_rewards": bad_rewards, "generated_total": generated_total,
                     "bad_reward_examples": examples})
             if progress is not None:
@@ -463,11 +502,25 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
     wall = time.perf_counter() - t0
     return {"variant": v.name, "seed": seed, "wall_seconds": wall, "curves": curve,
             "eval_steps": eval_steps, "eval_acc": eval_acc, "eval_samples": eval_samples, "final_acc": eval_acc[-1],
+            "late_acc": late_accuracy(eval_steps, eval_acc, t.steps),
+            **({"eval_pass1": eval_pass1, "start_pass1": eval_pass1[0], "final_pass1": eval_pass1[-1],
+                "late_pass1": late_accuracy(eval_steps, eval_pass1, t.steps)} if t.eval_pass1_samples else {}),
             "samples_generated": generated_total,
             "collapsed_at": collapsed_at, "diverged_at": diverged_at, "bad_rewards": bad_rewards,
             "bad_reward_examples": examples,
             "seconds_per_step": wall / max(1, len(curve["reward"])),
             "world_size": world, "ranks_in_sync": _in_sync(model, world)}
+
+
+def late_accuracy(eval_steps: list[int], eval_acc: list[float], steps: int) -> float:
+    """Mean held-out accuracy over the evaluations of the second half of RL (``step >= steps / 2``;
+    the last evaluation if none is there): the run's end point, less noisy than one evaluation.
+
+    >>> round(late_accuracy([0, 10, 20, 30, 40], [0.5, 0.6, 0.7, 0.8, 0.9], 40), 6)
+    0.8
+    """
+    late = [a for s, a in zip(eval_steps, eval_acc, strict=True) if s > 0 and 2 * s >= steps]
+    return float(np.mean(late)) if late else float(eval_acc[-1])
 
 
 def _tuplify(x: Any) -> Any:
@@ -481,6 +534,10 @@ def summarize_rl(results: list[dict[str, Any]]) -> dict[str, Any]:
         rs = [r for r in results if r["variant"] == variant]
         out[variant] = {
             "final_acc": _stats([r["final_acc"] for r in rs]),
+            "late_acc": _stats([r["late_acc"] if "late_acc" in r else r["final_acc"] for r in rs]),
+            # pass@1 only where train.eval_pass1_samples > 0: n = 0 otherwise, so every row has every column
+            "start_pass1": _stats([r.get("start_pass1") for r in rs]),
+            "late_pass1": _stats([r.get("late_pass1") for r in rs]),
             "start_acc": _stats([r["eval_acc"][0] for r in rs]),
             "final_reward": _stats([float(np.mean(r["curves"]["reward"][-5:])) if r["curves"]["reward"] else math.nan
                                     for r in rs]),
@@ -512,17 +569,31 @@ def _rl_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[di
         "Mean ± sample std over seeds. Held-out accuracy: greedy decoding on problems never trained on, "
         "at the start of RL (after the warm start) and at the end. Reward: mean training reward over the "
         "last 5 steps. Entropy: mean token entropy of the trainer at the last step. |log ρ|: mean absolute "
-        "log-ratio between the trainer and the (bfloat16) sampler on sampled tokens, the train-inference "
-        f"mismatch. Collapsed: held-out accuracy fell below {config['train']['collapse_reward']} after having "
-        "reached twice that, or the loss diverged.")
-    heads = ["held-out acc (end)", "held-out acc (start)", "reward", "entropy", "|log ρ|", "collapsed",
-             "samples generated", "acc gain / 1k samples", "s / step"]
-    rows = [[html.escape(v), _fmt(r["final_acc"]), _fmt(r["start_acc"]), _fmt(r["final_reward"]),
-             _fmt(r["final_entropy"]), _fmt(r["mismatch_abs"], 4),
+        "log-ratio between the trainer and the sampler on sampled tokens, the train-inference mismatch "
+        f"({_sampler_words(config['train'])}); χ²: mean over steps of the token χ²(π‖μ) = E[ρ²] − 1. Late: the "
+        "mean over the evaluations of the second half of RL. Collapsed: held-out accuracy fell below "
+        f"{config['train']['collapse_reward']} after having reached twice that, or the loss diverged.")
+    pass1 = any(r["late_pass1"]["n"] for r in table.values())
+    if pass1:
+        note += (f" Pass@1: mean reward of {config['train'].get('eval_pass1_samples')} completions per held-out "
+                 "problem sampled from the trainer's float32 weights at the training temperature.")
+    heads = ["held-out acc (end)", "held-out acc (start)", "held-out acc (late)",
+             *(["pass@1 (start)", "pass@1 (late)"] if pass1 else []), "reward", "entropy", "|log ρ|", "χ²",
+             "collapsed", "samples generated", "acc gain / 1k samples", "s / step"]
+    rows = [[html.escape(v), _fmt(r["final_acc"]), _fmt(r["start_acc"]), _fmt(r["late_acc"]),
+             *([_fmt(r["start_pass1"]), _fmt(r["late_pass1"])] if pass1 else []), _fmt(r["final_reward"]),
+             _fmt(r["final_entropy"]), _fmt(r["mismatch_abs"], 4), _fmt(r["chi2_token"], 4),
              f"{r['collapsed']['count']} / {r['collapsed']['runs']}", _fmt(r["samples_generated"], 0),
              _fmt(r["acc_gain_per_1k_samples"], 3), _fmt(r["seconds_per_step"], 2)]
             for v, r in table.items()]
     return [{"title": "Objectives", "note": note, "heads": heads, "rows": rows}]
+
+
+def _sampler_words(train: dict[str, Any]) -> str:
+    """The sampler's numerics in words, for the report."""
+    dtype = "bfloat16 autocast" if train.get("sampler_dtype", "bfloat16") == "bfloat16" else "float32"
+    bits = train.get("sampler_bits", 0)
+    return f"sampler: {dtype}" + (f" on {bits}-bit quantised weights" if bits else "") + "; trainer: float32"
 
 
 def _families(config: dict[str, Any]) -> dict[str, list[tuple[int, str]]]:
@@ -632,8 +703,9 @@ KIND = StudyKind(
     summarize=lambda results, config: summarize_rl(results),
     tables=_rl_tables,
     plots=_rl_plots,
-    columns=(("final_acc", "held-out acc"), ("start_acc", "start"), ("final_reward", "reward"),
-             ("final_entropy", "entropy"), ("collapsed", "collapsed"), ("seconds_per_step", "s/step")),
+    columns=(("late_pass1", "pass@1 late"), ("final_acc", "held-out acc"), ("start_acc", "start"),
+             ("final_reward", "reward"), ("final_entropy", "entropy"), ("collapsed", "collapsed"),
+             ("seconds_per_step", "s/step")),
     quick=("seeds=[0]", "train.steps=10", "train.eval_problems=50"),
     resumable=True,
     resolve=resolve,
