@@ -44,3 +44,27 @@ def test_a_poise_optimizer_refusing_a_nan_gradient_is_a_diverged_run_not_a_crash
                                "variants=[{strategy='finetune'}]"])
     r = continual.run_one(cfg, 0, 0)
     assert r["diverged_at"] == 5
+
+
+def test_the_users_skip_guard_stops_the_study_with_exit_3(tmp_path, monkeypatch, capsys):
+    """nonfinite='skip' with max_consecutive_skips through the optimizer slot: when the guard gives up, the
+    study stops (exit 3, naming the parameter), as the guard documents; not a silent diverged row."""
+    from poise.cli import main
+    from poise.runs.kinds import continual
+
+    real = continual.fit_stream
+
+    def nan_from_3(model, *a, log=None, **k):
+        def poisoned(rec):
+            log(rec)
+            if rec.get("step") == 2 and not rec.get("boundary"):
+                for p in model.parameters():
+                    p.data.fill_(float("nan"))
+        return real(model, *a, log=poisoned, **k)
+
+    monkeypatch.setattr(continual, "fit_stream", nan_from_3)
+    assert main(["run", "tiny", "seeds=[0]", "train.optimizer=adamw", "train.lr=0.001", "train.steps_per_task=8",
+                 "train.optimizer_params={nonfinite='skip',max_consecutive_skips=3}",
+                 "variants=[{strategy='finetune'}]", "--run-dir", str(tmp_path / "g"), "--no-progress", "--no-report"]) == 3
+    err = capsys.readouterr().err
+    assert "training stopped" in err and "max_consecutive_skips=3" in err and "net." in err

@@ -99,11 +99,11 @@ def test_soak_with_injected_faults(tmp_path, monkeypatch, capsys):
 
 
 def test_guard_stop_is_a_clean_exit(tmp_path, monkeypatch, capsys):
-    from poise.optim import NonFiniteGradientError
+    from poise.optim import ConsecutiveSkipsError
     from poise.runs import study
 
-    def always_nan(*a, **k):
-        raise NonFiniteGradientError("5 steps in a row skipped for non-finite gradients, the last at step 5 in w")
+    def always_nan(*a, **k):  # the guard (nonfinite="skip", max_consecutive_skips=5) gives up
+        raise ConsecutiveSkipsError("5 steps in a row skipped for non-finite gradients, the last at step 5 in w")
 
     monkeypatch.setattr(study, "fit_stream", always_nan)
     assert main(["run", "tiny", "--run-dir", str(tmp_path / "g"), "--no-progress", "--no-report"]) == 3

@@ -1,6 +1,6 @@
 """Drop-in ``torch.optim.Optimizer`` classes, each visibly a chain of transforms."""
 
-from poise.optim._adapter import NonFiniteGradientError, TransformOptimizer
+from poise.optim._adapter import ConsecutiveSkipsError, NonFiniteGradientError, TransformOptimizer
 from poise.optim._lowrank import LowRankOptimizer, low_rank_groups
 from poise.optim.adamw import AdamW
 from poise.optim.classp import CLASSP
@@ -12,6 +12,7 @@ from poise.optim.spam import SPAM
 from poise.optim.stable_spam import StableSPAM
 
 __all__ = [
-    "CLASSP", "FRUGAL", "SOAP", "SPAM", "AdamW", "GaLoreAdamW", "LowRankOptimizer", "NonFiniteGradientError",
+    "CLASSP", "FRUGAL", "SOAP", "SPAM", "AdamW", "ConsecutiveSkipsError", "GaLoreAdamW", "LowRankOptimizer",
+    "NonFiniteGradientError",
     "QGaLoreAdamW", "StableSPAM", "TransformOptimizer", "low_rank_groups",
 ]

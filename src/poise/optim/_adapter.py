@@ -10,7 +10,8 @@ from torch import Tensor
 
 from poise.transforms._base import Transform, compiling, fill_hyper, init_state, missing_hyper, tick
 
-__all__ = ["COMPLEX_DTYPES", "FLOAT_DTYPES", "NONFINITE_POLICIES", "NonFiniteGradientError", "TransformOptimizer"]
+__all__ = ["COMPLEX_DTYPES", "FLOAT_DTYPES", "NONFINITE_POLICIES", "ConsecutiveSkipsError", "NonFiniteGradientError",
+           "TransformOptimizer"]
 
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,6 +46,12 @@ def _local_shard(full: Tensor, like: Tensor) -> Tensor:
 
 class NonFiniteGradientError(FloatingPointError):
     """A NaN or Inf gradient reached the optimizer under ``nonfinite="raise"``."""
+
+
+class ConsecutiveSkipsError(NonFiniteGradientError):
+    """The update guard gave up: ``max_consecutive_skips`` non-finite steps in a row under
+    ``nonfinite="skip"``. A study stops on it (``poise run`` exits 3) instead of recording the run
+    as diverged: the user asked for the guard."""
 
 
 class TransformOptimizer(torch.optim.Optimizer):
@@ -218,7 +225,7 @@ class TransformOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             self.consecutive_skips += 1
             if self.max_consecutive_skips and self.consecutive_skips >= self.max_consecutive_skips:
-                raise NonFiniteGradientError(
+                raise ConsecutiveSkipsError(
                     f"{self.consecutive_skips} steps in a row skipped for non-finite gradients, the last at step "
                     f"{self.steps_called} in {', '.join(which)}; stopping (max_consecutive_skips="
                     f"{self.max_consecutive_skips})")

@@ -25,6 +25,7 @@ from poise import _registry
 from poise.continual.loop import fit_stream
 from poise.measure.evaluator import ContinualEvaluator, EvalSchedule, EvalSet
 from poise.models import build_model
+from poise.optim import ConsecutiveSkipsError
 from poise.runs.checkpoint import CheckpointError
 from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
 from poise.runs.config import DEFAULT_RECIPE, ConfigError, _check_variants, _choices, _help
@@ -270,7 +271,10 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
     if resume is not None and progress is not None:
         progress(resume["step"])
     writer = JsonlWriter(metrics_path) if metrics_path and main else None
-    watch = _DivergenceWatch(cfg.train.divergence_factor, writer.write if writer else None)
+    # under nonfinite="skip" the optimizer's own guard handles non-finite steps (and stops the study
+    # when max_consecutive_skips run out); a loss above the bound is still divergence
+    watch = _DivergenceWatch(cfg.train.divergence_factor, writer.write if writer else None,
+                             nonfinite_ok=getattr(opt, "nonfinite", None) == "skip")
     t0 = time.perf_counter()
     diverged_at = None
     try:
@@ -288,7 +292,9 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
         diverged_at, metrics = e.step, {}
         if progress is not None:
             progress(cfg.train.steps_per_task * w.n_tasks - e.step)
-    except FloatingPointError as e:  # the optimizer refused a non-finite gradient (or ran out of skips)
+    except FloatingPointError as e:  # the optimizer refused a non-finite gradient: a diverged run
+        if isinstance(e, ConsecutiveSkipsError):  # the user's guard gave up: the study stops (exit 3)
+            raise
         diverged_at, metrics = watch.last_step + 1, {"diverged_reason": str(e)}
         if writer:
             writer.write({"step": diverged_at, "diverged": True, "reason": str(e)})
@@ -322,15 +328,19 @@ class _DivergenceWatch:
     :class:`_Diverged`) at the first step whose loss is non-finite or above ``factor`` times the
     first step's loss. That record is written first, marked ``diverged``."""
 
-    def __init__(self, factor: float, write: Any):
+    def __init__(self, factor: float, write: Any, nonfinite_ok: bool = False):
         self.factor, self.write, self.first, self.last_step = factor, write, None, 0
+        self.nonfinite_ok = nonfinite_ok
 
     def __call__(self, rec: dict[str, Any]) -> None:
         self.last_step = int(rec.get("step", self.last_step))
         loss = rec.get("loss")
         bad = False
         if isinstance(loss, float):
-            bad = not math.isfinite(loss) or (self.first is not None and loss > self.factor * self.first)
+            if not math.isfinite(loss):
+                bad = not self.nonfinite_ok
+            else:
+                bad = self.first is not None and loss > self.factor * self.first
             if self.first is None and not bad:
                 self.first = max(loss, 1e-12)
         if bad:
