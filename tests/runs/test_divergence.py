@@ -65,6 +65,7 @@ def test_the_users_skip_guard_stops_the_study_with_exit_3(tmp_path, monkeypatch,
     monkeypatch.setattr(continual, "fit_stream", nan_from_3)
     assert main(["run", "tiny", "seeds=[0]", "train.optimizer=adamw", "train.lr=0.001", "train.steps_per_task=8",
                  "train.optimizer_params={nonfinite='skip',max_consecutive_skips=3}",
-                 "variants=[{strategy='finetune'}]", "--run-dir", str(tmp_path / "g"), "--no-progress", "--no-report"]) == 3
+                 "variants=[{strategy='finetune'}]", "--run-dir", str(tmp_path / "g"), "--no-progress",
+                 "--no-report"]) == 3
     err = capsys.readouterr().err
     assert "training stopped" in err and "max_consecutive_skips=3" in err and "net." in err
