@@ -51,6 +51,54 @@ def test_memit_by_hand():
     torch.testing.assert_close(ed.weight, torch.tensor([[0.25, 0.0], [0.5, 0.0]], dtype=D), atol=1e-15, rtol=0)
 
 
+def test_rlsedit_lam0_by_hand():
+    # lam = 0, mu = 1, K0 = I (2 x 2): A = I, C = I; K = e1, v = (1, 2): the same step as lam = 1 without K0
+    ed = RLSEdit(torch.zeros(2, 2, dtype=D), torch.eye(2, dtype=D))
+    assert (ed.C == torch.eye(2, dtype=D)).all()
+    ed.edit(E1, torch.tensor([1.0, 2.0], dtype=D))
+    torch.testing.assert_close(ed.weight, torch.tensor([[0.5, 0.0], [1.0, 0.0]], dtype=D), atol=1e-15, rtol=0)
+    # mu = 2 and K0 = diag(1, 3): C = diag(1/4, 1/36); F = e1/4, S = 5/4, W = v e1^T / 5
+    ed = RLSEdit(torch.zeros(2, 2, dtype=D), torch.diag(torch.tensor([1.0, 3.0], dtype=D)), lam=0.0, mu=2.0)
+    torch.testing.assert_close(ed.C, torch.diag(torch.tensor([1 / 4, 1 / 36], dtype=D)), atol=1e-15, rtol=0)
+    ed.edit(E1, torch.tensor([1.0, 2.0], dtype=D))
+    torch.testing.assert_close(ed.weight, torch.tensor([[0.2, 0.0], [0.4, 0.0]], dtype=D), atol=1e-15, rtol=0)
+
+
+def test_rlsedit_lam0_first_request_is_memit_with_lam_mu_squared_and_equals_the_minimiser():
+    W0, K0, reqs = _data(n0=12)  # 12 anchor keys in 8 dims: K0 K0^T is positive definite
+    ed = RLSEdit(W0, K0, lam=0.0, mu=3.0)
+    first = ed.edit(*reqs[0])
+    torch.testing.assert_close(first, memit(W0, *reqs[0], K0 @ K0.T, lam=9.0), atol=1e-10, rtol=0)
+    for K, V in reqs[1:]:
+        ed.edit(K, V)
+    # the recursion equals the one-shot minimiser of sum_s ||W K_s - V_s||^2 + mu^2 ||(W - W0) K0||^2
+    A = 9.0 * K0 @ K0.T + sum(K @ K.T for K, _ in reqs)
+    B = 9.0 * W0 @ K0 @ K0.T + sum(V @ K.T for K, V in reqs)
+    torch.testing.assert_close(ed.weight, B @ torch.linalg.inv(A), atol=1e-10, rtol=0)
+    # and lam -> 0 approaches it
+    near = RLSEdit(W0, K0, lam=1e-6, mu=3.0)
+    for K, V in reqs:
+        near.edit(K, V)
+    torch.testing.assert_close(near.weight, ed.weight, atol=1e-8, rtol=0)
+
+
+def test_rlsedit_lam0_needs_positive_definite_anchor_keys():
+    W0, K0, _ = _data(n0=5)  # 5 anchor keys in 8 dims: rank 5
+    with pytest.raises(ValueError, match=r"lam=0 needs K0 K0\^T positive definite, but it has rank 5 of d_k=8 "
+                                         r"\(5 anchor keys.*or lam > 0"):
+        RLSEdit(W0, K0)
+    with pytest.raises(ValueError, match=r"lam=0 needs anchor keys K0 and mu > 0 \(got K0=None"):
+        RLSEdit(W0)
+    with pytest.raises(ValueError, match=r"mu > 0 \(got K0=given, mu=0.0\)"):
+        RLSEdit(W0, torch.eye(8, dtype=D), mu=0.0)
+    with pytest.raises(ValueError, match=r"lam=-1.0 must be >= 0"):
+        RLSEdit(W0, K0, lam=-1.0)
+    K1 = torch.cat([torch.eye(8, dtype=D)[:, :7], torch.eye(8, dtype=D)[:, :1] * 1e-9], 1)  # e8 missing
+    with pytest.raises(ValueError, match="rank 7 of d_k=8"):
+        RLSEdit(W0, K1)
+    RLSEdit(W0, K0, lam=0.5)  # lam > 0: any K0
+
+
 def test_rlsedit_by_hand_and_shift_keeps_C():
     # lam = 1, no K0: C = I; K = e1: F = e1, S = 2, G = e1 / 2, W = v e1^T / 2, C = I - e1 e1^T / 2
     ed = RLSEdit(torch.zeros(2, 2, dtype=D), lam=1.0)
@@ -164,7 +212,7 @@ def test_no_edit_is_zero_and_moves_only_by_shift():
 
 @pytest.mark.parametrize("name", [n for n in _registry.names("editor") if n != "sphere"] + ["sphere"])
 def test_every_editor_state_dict_round_trip_and_protocol(name):
-    W0, K0, reqs = _data()
+    W0, K0, reqs = _data(n0=12 if name == "rlsedit" else 5)  # rlsedit's default lam = 0 needs K0 K0^T full rank
     C0 = K0 @ K0.T + torch.eye(8, dtype=D)
     ed = make_editor(name if name != "sphere" else "alphaedit", W0, K0, C0, sphere=name == "sphere")
     assert isinstance(ed, Editor)
@@ -186,7 +234,7 @@ def test_defaults_live_in_the_signatures():
     assert editor_params("rome") == {"lam": 1e-3}
     assert editor_params("memit") == {"lam": 1.0}
     assert editor_params("alphaedit") == {"threshold": 1e-2, "l2": 1.0}
-    assert editor_params("rlsedit") == {"lam": 1.0, "mu": 1.0}
+    assert editor_params("rlsedit") == {"lam": 0.0, "mu": 1.0}  # the authors' form (lambda_reg 0, mu_reg 1)
     assert editor_params("sphere") == {"beta": 0.5, "alpha": 0.5}
     assert editor_params("none") == {}
     for n in _registry.names("editor"):
@@ -214,5 +262,7 @@ def test_make_editor_checks_names_and_arguments():
         make_editor("memit", W0, K0, lam=-1.0)
     m = make_editor("memit", W0, K0, lam=4.0)  # C0 = K0 K0^T from K0
     assert isinstance(m, MEMIT) and m.lam == 4.0 and torch.equal(m.C0, K0 @ K0.T)
-    s = make_editor("rlsedit", W0, K0, sphere={"alpha": 1.0})
+    with pytest.raises(ValueError, match="lam=0 needs K0 K0\\^T positive definite"):
+        make_editor("rlsedit", W0, K0)  # the default lam = 0 and 5 anchor keys in 8 dims
+    s = make_editor("rlsedit", W0, K0, sphere={"alpha": 1.0}, lam=0.5)
     assert isinstance(s, Sphere) and isinstance(s.editor, RLSEdit) and (s.beta, s.alpha) == (0.5, 1.0)

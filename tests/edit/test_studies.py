@@ -22,7 +22,7 @@ from poise.tasks.factlm import (
 )
 from poise.tasks.facts import THEMES, make_facts
 
-QUICK_EDIT = ["lm.n_facts=800", "lm.steps=300", "stream.n_edits=60", "stream.n_locality=60",
+QUICK_EDIT = ["lm.n_facts=800", "lm.steps=300", "lm.batch_size=32", "stream.n_edits=60", "stream.n_locality=60",
               "stream.n_preserve=200", "stream.eval_every=2"]
 
 
@@ -66,7 +66,7 @@ def test_prompts_positions_and_keys():
 def test_edit_targets_make_the_new_keyword_most_probable():
     from poise.runs.config import FactLMConfig
 
-    model, tok, facts = fact_lm(FactLMConfig(n_facts=300, steps=300), seed=0)
+    model, tok, facts = fact_lm(FactLMConfig(n_facts=300, steps=300, batch_size=32), seed=0)
     layer = model.blocks[1].mlp[2]
     fs = facts[:8]
     new = [[v for v in THEMES[f.theme]["values"] if v != f.keyword][0] for f in fs]
@@ -104,12 +104,17 @@ def test_edit_stream_editors_change_what_the_model_says(tmp_path):
            for name in ("unedited", "memit", "rlsedit")}
     m = {k: r["metrics"] for k, r in res.items()}
     assert m["unedited"]["efficacy"] < 0.15  # the counterfactual keyword is not the known one
+    assert m["unedited"]["write_efficacy"] == pytest.approx(m["unedited"]["efficacy"])  # nothing moves it
+    assert len({(m[k]["base_acc"], m[k]["key_erank"]) for k in m}) == 1  # one LM and one key set per seed
+    assert 1 <= m["memit"]["key_erank"] <= m["memit"]["key_dim"] == 256
+    assert m["memit"]["write_efficacy"] > 0.9  # lam = 1: each request written before the next moves it
     assert m["unedited"]["locality"] == 1.0 and m["unedited"]["weight_change"] == 0.0
     for e in ("memit", "rlsedit"):
         assert m[e]["efficacy"] > m["unedited"]["efficacy"] + 0.3
         assert 0 <= m[e]["locality"] <= 1 and math.isfinite(m[e]["general_loss"])
     rows = read_jsonl(tmp_path / "rlsedit.jsonl")
     assert [r["edits"] for r in rows] == [r["edits"] for r in res["rlsedit"]["curve"]]
+    assert all(0 <= r["write_efficacy"] <= 1 for r in rows)
     assert rows[-1]["edits"] == cfg.stream.n_edits and "forget_acc" not in rows[-1]
 
 
@@ -179,3 +184,29 @@ def test_priming_and_edit_recipes_run_from_the_cli(tmp_path, capsys):
                  "lm.mlp_ratio=4"]) == 0
     html = (run / "report.html").read_text()
     assert "early retention" in html and "rlsedit" in html and html.count("<img") == 1
+
+
+def test_key_spectrum_by_hand():
+    from poise.runs.kinds.edit import key_spectrum
+
+    # three equal singular values and a zero one: both ranks are 3
+    sp = key_spectrum(torch.diag(torch.tensor([2.0, 2.0, 2.0, 0.0])))
+    assert sp["erank"] == pytest.approx(3.0) and sp["participation"] == pytest.approx(3.0) and sp["dim"] == 4
+    # singular values 3, 1: p = (3/4, 1/4), erank = exp(-(3/4 ln 3/4 + 1/4 ln 1/4)); eigenvalues 9, 1: PR = 100/82
+    sp = key_spectrum(torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    assert sp["erank"] == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert sp["participation"] == pytest.approx(100 / 82) and sp["dim"] == 3
+
+
+def test_capacity_note_flags_an_lm_that_does_not_know_its_facts_and_an_overfull_layer():
+    from poise.runs.kinds.edit import _capacity_note
+
+    def res(seed, acc):
+        return {"seed": seed, "metrics": {"base_acc": acc, "key_dim": 256, "key_erank": 25.0 + seed,
+                                          "key_participation": 4.0}}
+
+    good = _capacity_note({"n_edits": 250}, [res(0, 0.95), res(1, 1.0), res(1, 1.0)])
+    assert "names 95.0% to 100.0% of its facts" in good and "d_k = 256" in good and "rank 25.0-26.0" in good
+    assert "does not know" not in good and "exceed" not in good
+    bad = _capacity_note({"n_edits": 300}, [res(0, 0.14)])
+    assert "does not know its facts" in bad and "300 edits exceed d_k = 256" in bad

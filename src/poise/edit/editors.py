@@ -225,6 +225,27 @@ class AlphaEdit(LinearEditor):
         return self._apply(delta, project)
 
 
+def _anchor_inverse(K0: Tensor | None, mu: float, d_k: int) -> Tensor:
+    """``(mu^2 K0 K0^T)^{-1}``, RLSEdit's start at ``lam = 0``, or a ``ValueError`` saying why it does not exist.
+
+    Positive definite means here: every eigenvalue of ``K0 K0^T`` above ``d_k * eps`` times the largest
+    (``eps`` the dtype's machine epsilon), the rank test of ``numpy.linalg.matrix_rank``."""
+    if K0 is None or mu == 0:
+        got = "None" if K0 is None else "given"
+        raise ValueError(f"RLSEdit with lam=0 needs anchor keys K0 and mu > 0 (got K0={got}, mu={mu}): "
+                         "A = mu^2 K0 K0^T must be invertible; pass K0 and mu > 0, or lam > 0")
+    M = K0 @ K0.T
+    evals = torch.linalg.eigvalsh(M)
+    tol = d_k * torch.finfo(M.dtype).eps * float(evals[-1].clamp_min(0))
+    rank = int((evals > tol).sum())
+    if rank < d_k or not float(evals[-1]) > 0:
+        raise ValueError(f"RLSEdit with lam=0 needs K0 K0^T positive definite, but it has rank {rank} of d_k={d_k} "
+                         f"({K0.shape[1]} anchor keys; smallest eigenvalue {float(evals[0]):.3g}, largest "
+                         f"{float(evals[-1]):.3g}): give at least d_k anchor keys that span the key space, or lam > 0")
+    L = torch.linalg.cholesky(mu**2 * M)
+    return torch.cholesky_inverse(L)
+
+
 @register("editor", "rlsedit")
 class RLSEdit(LinearEditor):
     r"""RLSEdit: sequential edits by recursive least squares, cost flat in the number of edits (arXiv 2601.15686).
@@ -236,22 +257,31 @@ class RLSEdit(LinearEditor):
     ``W <- W + (V - W K)(C K)^T``: ``O(d_k^2 u + u^3)`` for ``u`` keys (Euphoria040201/RLSEdit).
     A :meth:`shift` moves ``W`` and keeps ``C``; so does a ``project`` that changes the update
     (:class:`Sphere`): the next step's residual ``V - W K`` starts from the weight actually held.
+
+    The defaults are the authors' form (every hparam file of Euphoria040201/RLSEdit: ``lambda_reg:
+    0``, ``mu_reg: 1``): ``lam = 0``, so only the anchor keys hold ``W`` back and the first request
+    equals MEMIT's with ``lam = mu^2`` (``mu^2`` plays MEMIT's ``mom2_update_weight`` when ``K0 K0^T``
+    is the keys' mean second moment). ``lam = 0`` needs ``K0 K0^T`` positive definite (at least
+    ``d_k`` anchor keys spanning the key space); otherwise ``ValueError`` says so: give more anchor
+    keys or ``lam > 0``.
     """
 
     _state = ("C", "n_edits")
     _return_delta: ClassVar[bool] = True
 
-    def __init__(self, W0: Tensor, K0: Tensor | None = None, lam: float = 1.0, mu: float = 1.0):
+    def __init__(self, W0: Tensor, K0: Tensor | None = None, lam: float = 0.0, mu: float = 1.0):
         super().__init__(W0)
-        if not lam > 0:
-            raise ValueError(f"lam={lam} must be > 0 (the recursion needs an invertible start)")
-        _nonneg(mu=mu)
+        _nonneg(lam=lam, mu=mu)
         d_k = W0.shape[1]
-        A = lam**2 * torch.eye(d_k, dtype=W0.dtype, device=W0.device)
         if K0 is not None:
             _check(W0, K0, name="K0")
-            A = A + mu**2 * (K0 @ K0.T)
-        self.C = torch.linalg.inv(A)
+        if lam > 0:
+            A = lam**2 * torch.eye(d_k, dtype=W0.dtype, device=W0.device)
+            if K0 is not None:
+                A = A + mu**2 * (K0 @ K0.T)
+            self.C = torch.linalg.inv(A)
+        else:
+            self.C = _anchor_inverse(K0, mu, d_k)
         self.n_edits = 0
 
     def _edit(self, K: Tensor, V: Tensor, project: Project | None) -> Tensor:

@@ -5,8 +5,12 @@ Per seed, one LM is trained on ``lm.n_facts`` facts (three templates each, plus 
 theme sentences) and shared by every editor. The facts are split into edited ones (each
 gets a new keyword of its theme), locality ones (never edited, never used as preserved
 keys), preserved ones (their keys are the editors' ``K0``) and a pool to forget. Each
-editor rewrites one MLP down-projection request by request; every ``eval_every`` requests
-it is scored on the earliest 10% of edits (retention) and on the locality facts.
+editor rewrites one MLP down-projection request by request; right after each request its own
+edits are scored (write efficacy), and every ``eval_every`` requests the editor is scored on the
+earliest 10% of edits (retention) and on the locality facts. Each result also carries the LM's
+base accuracy on its facts (``base_acc``: retention means little if the LM never knew them) and
+the edit keys' effective rank (:func:`key_spectrum`: how many directions of the edited layer the
+stream really uses; ``n_edits`` should stay within ``d_k``, the most a linear edit can hold).
 
 Targets (keys and ROME's ``v*``) are found once on the unedited LM and reused by every
 editor and request (the authors recompute ``v*`` on the current model before each batch;
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -53,19 +58,20 @@ from poise.tasks.factlm import (
 from poise.tasks.facts import THEMES, Fact, make_facts
 
 __all__ = ["KIND", "EditStreamConfig", "EditStudyConfig", "EditVariantConfig", "FactLMConfig", "validate_edit",
-           "fact_lm", "run_edit_study", "run_one_edit", "summarize_edit"]
+           "fact_lm", "key_spectrum", "run_edit_study", "run_one_edit", "summarize_edit"]
 
 # -- config --------------------------------------------------------------------------------
 @dataclass
 class FactLMConfig:
     n_facts: int = _help("facts the LM is trained on (edits rewrite some of them; the rest measure locality)",
-                         default=3000)
+                         default=1500)
     n_layer: int = _help("GPT layers", default=2)
     n_head: int = _help("GPT heads", default=2)
     n_embd: int = _help("GPT width", default=64)
     mlp_ratio: int = _help("MLP hidden size / width (the edited layer's key size is mlp_ratio * n_embd)", default=4)
-    steps: int = _help("training steps", default=1500)
-    batch_size: int = _help("sequences of 16 tokens per step", default=32)
+    steps: int = _help("training steps (the LM learns its facts abruptly after about 500; check base_acc >= 0.9)",
+                       default=700)
+    batch_size: int = _help("sequences of 16 tokens per step", default=128)
     lr: float = _help("AdamW learning rate (cosine decay)", default=3e-3)
 
 
@@ -74,11 +80,13 @@ class EditStreamConfig:
     layer: int = _help("block whose MLP down-projection is edited", default=1)
     position: str = _help("where keys are read: 'last' (the prompt's last token) or 'subject' (ROME's subject "
                           "token)", default="last")
-    n_edits: int = _help("counterfactual edits in the stream (at most n_facts minus n_locality)", default=1000)
+    n_edits: int = _help("counterfactual edits in the stream (at most n_facts minus n_locality; keep it at most the "
+                         "edited layer's key size, mlp_ratio * n_embd, which a linear edit can hold)", default=250)
     per_request: int = _help("edits per request (each editor call gets this many)", default=10)
     n_locality: int = _help("unedited known facts that measure locality (never preserved keys)", default=300)
-    n_preserve: int = _help("unedited known facts whose keys are the preserved/anchor keys K0", default=1500)
-    eval_every: int = _help("requests between retention checks", default=10)
+    n_preserve: int = _help("unedited known facts whose keys are the preserved/anchor keys K0 (3 keys each; RLSEdit "
+                            "with lam = 0 needs them to span the key space)", default=600)
+    eval_every: int = _help("requests between retention checks", default=5)
     v_steps: int = _help("Adam steps of the target-value search (ROME's v*)", default=40)
     v_lr: float = _help("learning rate of the target-value search", default=0.5)
     v_clamp: float = _help("the value change is clamped to this times the layer output's norm", default=4.0)
@@ -213,6 +221,23 @@ def _positions(tok: WordTokenizer, prompts: list[str], facts: list[Fact], where:
     return [len(tok.encode("\n" + p)) - 1 for p in prompts]
 
 
+def key_spectrum(K: Tensor) -> dict[str, float]:
+    r"""How many directions keys ``K [d_k, n]`` (columns) really use, from the eigenvalues ``s_i`` of
+    ``K K^T`` (uncentred: a linear layer without bias sees the keys as they are):
+
+    * ``erank``: the entropy effective rank ``exp(-sum p_i log p_i)``, ``p_i = sqrt(s_i) / sum_j sqrt(s_j)``
+      (singular values; Roy & Vetterli, EUSIPCO 2007);
+    * ``participation``: the participation ratio ``(sum s_i)^2 / sum s_i^2``;
+    * ``dim``: ``d_k``. Both ranks lie in ``[1, min(d_k, n)]``; a matrix with ``r`` equal singular
+      values and the rest zero has both equal to ``r``."""
+    s = torch.linalg.eigvalsh(K.double() @ K.double().T).clamp_min(0)
+    sv = s.sqrt()
+    p = sv / sv.sum().clamp_min(1e-300)
+    p = p[p > 0]
+    return {"erank": float(torch.exp(-(p * p.log()).sum())), "participation": float(s.sum() ** 2 / (s**2).sum()),
+            "dim": K.shape[0]}
+
+
 def _general_lines(seed: int, n: int = 400) -> list[str]:
     rng = random.Random(10_000 + seed)
     out = []
@@ -292,8 +317,10 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
         pf = [f for f in preserve for _ in range(3)]
         K0 = keys_at(model, tok, layer, pp, _positions(tok, pp, pf, s.position)) if pp else K[:, :0]
         K0 = K0 / max(1, K0.shape[1]) ** 0.5  # K0 K0^T = the preserved keys' mean second moment
+        known = facts[: cfg.lm.n_facts]
         _TARGETS.clear()
-        _TARGETS.update(key=key, K=K, V=V, K0=K0)
+        _TARGETS.update(key=key, K=K, V=V, K0=K0, base_acc=_hit_rate(model, tok, known, [f.keyword for f in known], 0),
+                        spectrum=key_spectrum(K))
     K, V, K0 = _TARGETS["K"], _TARGETS["V"], _TARGETS["K0"]
     C0 = K0 @ K0.T
     base_local = _predict(model, tok, local, 0)
@@ -307,6 +334,8 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
     forget: list[Fact] = []
     writer = JsonlWriter(metrics_path) if metrics_path and is_main() else None
     curve: list[dict[str, Any]] = []
+    writes: list[float] = []  # per edit: its new keyword wins right after its own request
+    last = 0  # writes already reported in the curve
     edit_seconds = 0.0
     t0 = time.perf_counter()
     try:
@@ -320,6 +349,8 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
                     raise ValueError(f"{v.name}: request {r} (edits {lo}-{hi - 1}): {e}") from None
                 edit_seconds += time.perf_counter() - t
                 layer.weight.copy_(ed.weight.to(layer.weight.dtype))
+                want = torch.tensor([_values(f).index(k) for f, k in zip(edits[lo:hi], new_kw[lo:hi], strict=True)])
+                writes += (_predict(model, tok, edits[lo:hi], 0) == want).float().tolist()
                 if s.unlearn_every and (r + 1) % s.unlearn_every == 0:
                     batch = pool[len(forget) : len(forget) + s.unlearn_n]
                     ref = _seq_logp(model, tok, batch, [f.keyword for f in batch])
@@ -334,7 +365,9 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
                            "retention_early": _hit_rate(model, tok, edits[: min(early, done)],
                                                         new_kw[: min(early, done)], 0),
                            "locality": float((_predict(model, tok, local, 0) == base_local).float().mean()),
+                           "write_efficacy": sum(writes[last:]) / max(1, len(writes) - last),
                            "edit_seconds": edit_seconds}
+                    last = len(writes)
                     if forget:
                         rec["forget_acc"] = _hit_rate(model, tok, forget, [f.keyword for f in forget], 0)
                     curve.append(rec)
@@ -343,6 +376,8 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
                 if progress is not None:
                     progress(1)
         out = {
+            "base_acc": _TARGETS["base_acc"],
+            "write_efficacy": sum(writes) / len(writes),
             "efficacy": _hit_rate(model, tok, edits, new_kw, 0),
             "paraphrase": sum(_hit_rate(model, tok, edits, new_kw, j) for j in (1, 2)) / 2,
             "retention_early": _hit_rate(model, tok, edits[:early], new_kw[:early], 0),
@@ -352,6 +387,9 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
             "general_loss": heldout_loss(model, tok, general, model.config.block_size),
             "base_general_loss": base_general,
             "weight_change": float((layer.weight.detach().double() - W0).norm() / W0.norm()),
+            "key_dim": _TARGETS["spectrum"]["dim"],
+            "key_erank": _TARGETS["spectrum"]["erank"],
+            "key_participation": _TARGETS["spectrum"]["participation"],
         }
         if forget:
             out["forget_acc"] = _hit_rate(model, tok, forget, [f.keyword for f in forget], 0)
@@ -364,8 +402,8 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
             "edit_seconds": edit_seconds, "n_edits": s.n_edits, "metrics": out, "curve": curve}
 
 
-METRICS = ("efficacy", "paraphrase", "retention_early", "locality", "locality_acc", "general_loss", "weight_change",
-           "forget_acc", "retain_acc")
+METRICS = ("base_acc", "write_efficacy", "efficacy", "paraphrase", "retention_early", "locality", "locality_acc",
+           "general_loss", "weight_change", "forget_acc", "retain_acc", "key_dim", "key_erank", "key_participation")
 
 
 def summarize_edit(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -388,21 +426,46 @@ def run_edit_study(cfg: EditStudyConfig, run_dir: str | Path | None = None, prog
 
 
 # -- report --------------------------------------------------------------------------------
+def _capacity_note(s: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """The LM's base knowledge and the edited layer's key space, from the runs' results (one LM per seed)."""
+    per_seed = {r["seed"]: r["metrics"] for r in results if "base_acc" in r["metrics"]}
+    if not per_seed:
+        return ""
+    ms = list(per_seed.values())
+    acc = [m["base_acc"] for m in ms]
+    dim = ms[0]["key_dim"]
+    er = [m["key_erank"] for m in ms]
+    pr = [m["key_participation"] for m in ms]
+    note = (f"Base knowledge: before editing the LM names {min(acc):.1%}"
+            f"{'' if len(acc) == 1 else f' to {max(acc):.1%}'} of its facts (8-way argmax; chance 12.5%). "
+            f"Key space: d_k = {dim}; the {s['n_edits']} edit keys have effective rank {min(er):.1f}"
+            f"{'' if len(er) == 1 else f'-{max(er):.1f}'} (entropy of singular values) and participation ratio "
+            f"{min(pr):.1f}{'' if len(pr) == 1 else f'-{max(pr):.1f}'}. ")
+    if min(acc) < 0.9:
+        note += "<b>The LM does not know its facts (base accuracy < 90%): retention says little; raise lm.steps.</b> "
+    if s["n_edits"] > dim:
+        note += (f"<b>{s['n_edits']} edits exceed d_k = {dim}: no linear edit of this layer can hold them all.</b> ")
+    return note
+
+
 def _edit_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = summarize_edit(results)
     s = config["stream"]
     note = (f"{s['n_edits']} counterfactual edits, {s['per_request']} per request, into blocks[{s['layer']}].mlp[2] "
-            f"(keys at the {s['position']} token). Efficacy: the new keyword is the most probable of its theme's "
-            "eight values after the edited prompt; paraphrase: the same after the two other templates; early "
-            "retention: efficacy on the first 10% of edits at the end; locality: unedited facts whose prediction "
-            "did not move; general loss: next-token loss on held-out theme sentences (before: "
-            f"{_fmt({'mean': results[0]['metrics']['base_general_loss']})}); forget accuracy: forgotten facts "
+            f"(keys at the {s['position']} token). {_capacity_note(s, results)}"
+            "Write: the new keyword is the most probable of its theme's eight values right after the edit's own "
+            "request (mean over edits); efficacy: the same at the end; paraphrase: the same after the two other "
+            "templates; early retention: efficacy on the first 10% of edits at the end; locality: unedited facts "
+            "whose prediction did not move; general loss: next-token loss on held-out theme sentences (before: "
+            f"{_fmt(_stats(list({r['seed']: r['metrics']['base_general_loss'] for r in results}.values())))}); "
+            "forget accuracy: forgotten facts "
             "still answered (lower is better). Mean ± std over seeds.")
-    heads = ["efficacy", "paraphrase", "early retention", "locality", "locality acc", "general loss",
-             "forget acc", "|ΔW|/|W|", "editor s"]
-    rows = [[html.escape(v), *(_fmt(r.get(k)) for k in ("efficacy", "paraphrase", "retention_early", "locality",
-                                                        "locality_acc", "general_loss", "forget_acc",
-                                                        "weight_change")), _fmt(r["edit_seconds"], 2)]
+    heads = ["base acc", "write", "efficacy", "paraphrase", "early retention", "locality", "locality acc",
+             "general loss", "forget acc", "|ΔW|/|W|", "editor s"]
+    rows = [[html.escape(v), *(_fmt(r.get(k)) for k in ("base_acc", "write_efficacy", "efficacy", "paraphrase",
+                                                        "retention_early", "locality", "locality_acc",
+                                                        "general_loss", "forget_acc", "weight_change")),
+             _fmt(r["edit_seconds"], 2)]
             for v, r in table.items()]
     return [{"title": "Editors", "note": note, "heads": heads, "rows": rows}]
 
@@ -411,22 +474,25 @@ def _edit_plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, A
     plt = _plt()
     variants = list(dict.fromkeys(r["variant"] for r in results))
     colors = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
     for i, v in enumerate(variants):
         for j, r in enumerate(r for r in results if r["variant"] == v):
             x = [c["edits"] for c in r["curve"]]
-            for ax, k in zip(axes, ("retention_early", "locality"), strict=True):
-                ax.plot(x, [c[k] for c in r["curve"]], color=colors(i), lw=1.2, label=v if j == 0 else None)
+            for ax, k in zip(axes, ("retention_early", "locality", "write_efficacy"), strict=True):
+                ax.plot(x, [c.get(k, math.nan) for c in r["curve"]], color=colors(i), lw=1.2,
+                        label=v if j == 0 else None)
     axes[0].axhline(1 / 8, color="#999", ls=":", lw=1, label="chance (1 of 8 values)")
     axes[0].set(xlabel="edits done", ylabel="efficacy on the first 10% of edits", ylim=(-0.02, 1.02),
                 title="Retention of early edits along the stream")
     axes[1].set(xlabel="edits done", ylabel="unedited facts unchanged", ylim=(-0.02, 1.02), title="Locality")
+    axes[2].set(xlabel="edits done", ylabel="edits written, right after their request", ylim=(-0.02, 1.02),
+                title="Write efficacy (per window between checks)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     p = run_dir / "edit_stream.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
-    return [("Retention and locality along the stream (one line per seed)", p)]
+    return [("Retention, locality and write efficacy along the stream (one line per seed)", p)]
 
 
 
@@ -443,8 +509,8 @@ KIND = StudyKind(
     summarize=lambda results, config: summarize_edit(results),
     tables=_edit_tables,
     plots=_edit_plots,
-    columns=tuple((k, k) for k in ("efficacy", "paraphrase", "retention_early", "locality", "general_loss",
-                                   "forget_acc")),
-    quick=("seeds=[0]", "lm.n_facts=800", "lm.steps=300", "stream.n_edits=100", "stream.n_locality=100",
-           "stream.n_preserve=300"),
+    columns=tuple((k, k) for k in ("base_acc", "write_efficacy", "efficacy", "retention_early", "locality",
+                                   "general_loss", "forget_acc")),
+    quick=("seeds=[0]", "lm.n_facts=500", "lm.steps=500", "lm.batch_size=64", "stream.n_edits=50",
+           "stream.n_locality=100", "stream.n_preserve=300"),
 )
