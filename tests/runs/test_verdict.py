@@ -74,3 +74,13 @@ def test_the_engine_and_cli_report_verdicts_and_divergence(tmp_path, capsys):
     assert f"-> {c['verdict'].upper()}" in out
     page = (run / "report.html").read_text()
     assert "replay beats finetune" in page and c["verdict"] in page
+
+
+def test_a_side_can_be_a_constant():
+    # "the correlation is negative": 0 - rho > 0 over seeds; rho = (-0.3, -0.5, -0.4): d = (0.3, 0.5, 0.4), mean 0.4,
+    # sd 0.1, half-width 4.303 * 0.1 / sqrt(3) = 0.2484: [0.1516, 0.6484] above 0
+    c = ClaimConfig(text="rho < 0", paper="arXiv 2504.09522", better=Side(value=0.0), than=Side("a", "rho"))
+    runs = [{"variant": "a", "seed": s, "metrics": {"rho": x}} for s, x in enumerate([-0.3, -0.5, -0.4])]
+    v = evaluate_claim(c, runs)
+    assert v["better"] == "0" and v["than"] == "a.rho" and v["verdict"] == "reproduced"
+    assert v["interval"] == pytest.approx([0.4 - 0.248434, 0.4 + 0.248434], abs=1e-5)

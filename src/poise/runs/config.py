@@ -162,8 +162,14 @@ def _check_claims(cfg: Any) -> None:
         key = f"claims[{i}]"
         if not c.text or not c.paper:
             raise ConfigError(f"{key}: give the claim's text and paper (its source)")
+        if c.better.value is not None and c.than.value is not None:
+            raise ConfigError(f"{key}: both sides are constants; one side must be a variant's metric")
         for side in ("better", "than"):
             s = getattr(c, side)
+            if s.value is not None:
+                if s.variant or s.metric:
+                    raise ConfigError(f"{key}.{side}: give either value or variant and metric, not both")
+                continue
             if s.variant not in names:  # e.g. variants overridden: the claim is reported untested, not dropped
                 import sys
 

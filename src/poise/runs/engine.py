@@ -240,7 +240,7 @@ def summarize_results(kind: StudyKind, config: dict[str, Any], results: list[dic
         from poise.runs.verdict import ClaimConfig, Side
 
         if isinstance(c, dict):  # from a stored config.json
-            c = ClaimConfig(**{**c, "better": Side(**c["better"]), "than": Side(**c["than"])})
+            c = ClaimConfig(**{**c, "better": Side(**c["better"]), "than": Side(**c["than"])})  # type: ignore[arg-type]
         claims_out.append(evaluate_claim(c, results))
     return {"variants": rows, "claims": claims_out}
 

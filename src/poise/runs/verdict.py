@@ -53,6 +53,11 @@ class Side:
     variant: str = _help("variant name", default="")
     metric: str = _help("metric of that variant's runs (result['metrics'][m] or result[m]; dotted for nested)",
                         default="")
+    value: float | None = _help("a constant instead of a variant's metric (e.g. 0 for 'the correlation is "
+                                "negative'); then leave variant and metric empty", default=None)
+
+    def label(self) -> str:
+        return f"{self.value:g}" if self.value is not None else f"{self.variant}.{self.metric}"
 
 
 @dataclass
@@ -83,17 +88,19 @@ def evaluate_claim(claim: ClaimConfig, results: list[dict[str, Any]]) -> dict[st
     """The claim's estimate, 95% interval over seeds, resolution and verdict (see the module doc).
     Diverged runs (``diverged_at`` set) are left out and counted."""
     def side(s: Side) -> dict[int, float | None]:
+        if s.value is not None:  # a constant: every usable seed of the other side pairs with it
+            other = claim.than if s is claim.better else claim.better
+            return {r["seed"]: float(s.value) for r in results if r.get("variant") == other.variant}
         return {r["seed"]: run_metric(r, s.metric) for r in results
                 if r.get("variant") == s.variant and r.get("diverged_at") is None}
 
     present = {r.get("variant") for r in results}
-    missing = [s.variant for s in (claim.better, claim.than) if s.variant not in present]
+    missing = [s.variant for s in (claim.better, claim.than) if s.value is None and s.variant not in present]
     diverged = sorted({(r["variant"], r["seed"]) for r in results if r.get("diverged_at") is not None
                        and r.get("variant") in (claim.better.variant, claim.than.variant)})
     if missing:
         return {"text": claim.text, "paper": claim.paper, "paper_value": claim.paper_value,
-                "better": f"{claim.better.variant}.{claim.better.metric}",
-                "than": f"{claim.than.variant}.{claim.than.metric}", "margin": claim.margin, "n": 0, "seeds": [],
+                "better": claim.better.label(), "than": claim.than.label(), "margin": claim.margin, "n": 0, "seeds": [],
                 "diverged_runs": [], "estimate": None, "interval": None, "resolution": None, "verdict": "untested",
                 "why": f"no runs of variant {', '.join(map(repr, missing))} in this study"}
     a, b = side(claim.better), side(claim.than)
@@ -101,7 +108,7 @@ def evaluate_claim(claim: ClaimConfig, results: list[dict[str, Any]]) -> dict[st
     d = [a[s] - b[s] for s in seeds]  # type: ignore[operator]
     out: dict[str, Any] = {
         "text": claim.text, "paper": claim.paper, "paper_value": claim.paper_value,
-        "better": f"{claim.better.variant}.{claim.better.metric}", "than": f"{claim.than.variant}.{claim.than.metric}",
+        "better": claim.better.label(), "than": claim.than.label(),
         "margin": claim.margin, "n": len(d), "seeds": seeds, "diverged_runs": [list(x) for x in diverged],
         "estimate": None, "interval": None, "resolution": None,
     }
