@@ -341,10 +341,28 @@ def _dispatch(argv: list[str] | None) -> int:
         raise
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a kill from a scheduler ends like Ctrl-C: results kept, resume command printed
+
+
 def _run_command(argv: list[str] | None) -> int:
     """The command, with every expected failure turned into one line and its exit code."""
+    import signal
+    import threading
+
     from poise.runs.config import ConfigError
 
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run_guarded(argv, ConfigError)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run_guarded(argv: list[str] | None, ConfigError: type) -> int:  # noqa: N803 - the class, passed in
     try:
         return _dispatch(argv)
     except ConfigError as e:

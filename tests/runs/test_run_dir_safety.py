@@ -102,3 +102,22 @@ def test_debug_shows_the_traceback_and_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["--debug", "run", "tiny", "train.lr=nan", "--dry-run"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_sigterm_ends_like_ctrl_c_naming_the_resume_command(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-c", "import sys; from poise.cli import main; sys.exit(main(sys.argv[1:]))", "run",
+           "tiny", "seeds=[0,1,2]", "train.steps_per_task=200", "--run-dir", str(run), "--no-progress", "--no-report"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "metrics").glob("*.jsonl")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"continue with `poise run --resume {run}`" in err
