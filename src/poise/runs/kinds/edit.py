@@ -479,7 +479,8 @@ def _edit_plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, A
         for j, r in enumerate(r for r in results if r["variant"] == v):
             x = [c["edits"] for c in r["curve"]]
             for ax, k in zip(axes, ("retention_early", "locality", "write_efficacy"), strict=True):
-                ax.plot(x, [c.get(k, math.nan) for c in r["curve"]], color=colors(i), lw=1.2,
+                ax.plot(x, [c.get(k, math.nan) for c in r["curve"]], color=colors(i), lw=1.2, marker="o",
+                        markersize=3 if len(x) > 1 else 6,  # a single evaluation is a visible point, not an empty line
                         label=v if j == 0 else None)
     axes[0].axhline(1 / 8, color="#999", ls=":", lw=1, label="chance (1 of 8 values)")
     axes[0].set(xlabel="edits done", ylabel="efficacy on the first 10% of edits", ylim=(-0.02, 1.02),
