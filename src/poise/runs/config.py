@@ -44,6 +44,22 @@ class ConfigError(ValueError):
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
+
+# Fields every study kind's config has beside its own (each kind's dataclass declares them with these).
+def claims_field() -> Any:
+    return _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): each gets an "
+                 "estimate, a 95% interval over seeds and a computed verdict", default_factory=list)
+
+
+def quick_field() -> Any:
+    return _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
+
+
+def tracking_field() -> Any:
+    return _help("trackers that receive every run's metric lines at their own step when the run finishes: "
+                 "tensorboard, wandb (offline unless WANDB_MODE), mlflow, trackio (poise.integrations.trackers; "
+                 "each its extra); a failing tracker warns once, the study goes on", default_factory=list)
+
 # -- loading ---------------------------------------------------------------------------------
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

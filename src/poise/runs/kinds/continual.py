@@ -28,7 +28,16 @@ from poise.models import build_model
 from poise.optim import ConsecutiveSkipsError
 from poise.runs.checkpoint import CheckpointError
 from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
-from poise.runs.config import DEFAULT_RECIPE, ConfigError, _check_variants, _choices, _help
+from poise.runs.config import (
+    DEFAULT_RECIPE,
+    ConfigError,
+    _check_variants,
+    _choices,
+    _help,
+    claims_field,
+    quick_field,
+    tracking_field,
+)
 from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt
@@ -112,14 +121,9 @@ class StudyConfig:
     eval: EvalConfig = _help("continual evaluation", default_factory=EvalConfig)
     variants: list[VariantConfig] = _help("the update rules compared ([[variants]] tables)",
                                           default_factory=_default_variants)
-    claims: list[ClaimConfig] = _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): "
-                                      "each gets an estimate, a 95% interval over seeds and a computed verdict",
-                                      default_factory=list)
-    quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
-    tracking: list[str] = _help("trackers that receive every run's metric lines at their own step when the run "
-                                "finishes: tensorboard, wandb (offline unless WANDB_MODE), mlflow, trackio "
-                                "(poise.integrations.trackers; each its extra); a failing tracker warns once, "
-                                "the study goes on", default_factory=list)
+    claims: list[ClaimConfig] = claims_field()
+    quick: bool = quick_field()
+    tracking: list[str] = tracking_field()
     kind: str = _help("'continual' (the default kind): update rules compared on a stream of tasks",
                       default="continual")
 

@@ -39,7 +39,7 @@ from poise.distributed import is_main
 from poise.edit.editors import editor_params, make_editor
 from poise.edit.targets import edit_targets, keys_at
 from poise.edit.unlearn import grad_ascent_loss, grad_diff_loss, npo_loss
-from poise.runs.config import ConfigError, _check_variants, _help
+from poise.runs.config import ConfigError, _check_variants, _help, claims_field, quick_field
 from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
@@ -118,10 +118,8 @@ class EditStudyConfig:
     lm: FactLMConfig = _help("the fact LM", default_factory=FactLMConfig)
     stream: EditStreamConfig = _help("the edit stream", default_factory=EditStreamConfig)
     variants: list[EditVariantConfig] = _help("the editors compared ([[variants]] tables)", default_factory=list)
-    claims: list[ClaimConfig] = _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): "
-                                      "each gets an estimate, a 95% interval over seeds and a computed verdict",
-                                      default_factory=list)
-    quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
+    claims: list[ClaimConfig] = claims_field()
+    quick: bool = quick_field()
 
 
 SPHERE_KEYS = ("beta", "alpha")  # the sphere wrapper's arguments in a variant's params

@@ -30,7 +30,7 @@ from poise.models import GPT, GPTConfig
 from poise.models.quant import QUANT_PRESETS, fake_quantize_linears, quant_spec
 from poise.optim import NonFiniteGradientError
 from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
-from poise.runs.config import ConfigError, _check_variants, _help
+from poise.runs.config import ConfigError, _check_variants, _help, claims_field, quick_field, tracking_field
 from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
@@ -90,14 +90,9 @@ class OptimStudyConfig:
     lm: LMConfig = _help("the tiny GPT and its data", default_factory=LMConfig)
     variants: list[OptimVariantConfig] = _help("the optimizers compared ([[variants]] tables)",
                                                default_factory=list)
-    claims: list[ClaimConfig] = _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): "
-                                      "each gets an estimate, a 95% interval over seeds and a computed verdict",
-                                      default_factory=list)
-    quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
-    tracking: list[str] = _help("trackers that receive every run's metric lines at their own step when the run "
-                                "finishes: tensorboard, wandb (offline unless WANDB_MODE), mlflow, trackio "
-                                "(poise.integrations.trackers; each its extra); a failing tracker warns once, "
-                                "the study goes on", default_factory=list)
+    claims: list[ClaimConfig] = claims_field()
+    quick: bool = quick_field()
+    tracking: list[str] = tracking_field()
 
 
 def validate_optim(cfg: OptimStudyConfig) -> OptimStudyConfig:

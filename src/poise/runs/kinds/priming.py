@@ -28,7 +28,7 @@ from poise.continual import IgnoreK
 from poise.distributed import is_main
 from poise.measure.priming import keyword_logprob, memorization_score, priming_score
 from poise.runs.components import OptimizerSpec, build_optimizer
-from poise.runs.config import ConfigError, _check_variants, _help
+from poise.runs.config import ConfigError, _check_variants, _help, claims_field, quick_field, tracking_field
 from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.kinds.edit import FactLMConfig, _check_lm, fact_lm
@@ -73,14 +73,9 @@ class PrimingStudyConfig:
     lm: FactLMConfig = _help("the LM the facts are learned into", default_factory=lambda: FactLMConfig(n_facts=600))
     priming: PrimingConfig = _help("the insertion step", default_factory=PrimingConfig)
     variants: list[PrimingVariantConfig] = _help("insertion variants ([[variants]] tables)", default_factory=list)
-    claims: list[ClaimConfig] = _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): "
-                                      "each gets an estimate, a 95% interval over seeds and a computed verdict",
-                                      default_factory=list)
-    quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
-    tracking: list[str] = _help("trackers that receive every run's metric lines at their own step when the run "
-                                "finishes: tensorboard, wandb (offline unless WANDB_MODE), mlflow, trackio "
-                                "(poise.integrations.trackers; each its extra); a failing tracker warns once, "
-                                "the study goes on", default_factory=list)
+    claims: list[ClaimConfig] = claims_field()
+    quick: bool = quick_field()
+    tracking: list[str] = tracking_field()
 
 
 def validate_priming(cfg: PrimingStudyConfig) -> PrimingStudyConfig:

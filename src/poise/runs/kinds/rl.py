@@ -52,7 +52,7 @@ from poise.rl.objective import ADAPTIVE_CLIPS, IS_DENOMINATORS, IS_LEVELS, TOKEN
 from poise.rl.rollout import SAMPLING_MODES
 from poise.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
-from poise.runs.config import ConfigError, _check_variants, _choices, _help
+from poise.runs.config import ConfigError, _check_variants, _choices, _help, claims_field, quick_field, tracking_field
 from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
@@ -160,14 +160,9 @@ class RLStudyConfig:
     task: RLTaskConfig = _help("the task", default_factory=RLTaskConfig)
     train: RLTrainConfig = _help("model, warm start and RL loop", default_factory=RLTrainConfig)
     variants: list[RLVariantConfig] = _help("the objectives compared ([[variants]] tables)", default_factory=list)
-    claims: list[ClaimConfig] = _help("the paper's claims this study tests ([[claims]] tables; poise.runs.verdict): "
-                                      "each gets an estimate, a 95% interval over seeds and a computed verdict",
-                                      default_factory=list)
-    quick: bool = _help("set by --quick: a smoke-test size, labelled 'not for conclusions'", default=False)
-    tracking: list[str] = _help("trackers that receive every run's metric lines at their own step when the run "
-                                "finishes: tensorboard, wandb (offline unless WANDB_MODE), mlflow, trackio "
-                                "(poise.integrations.trackers; each its extra); a failing tracker warns once, "
-                                "the study goes on", default_factory=list)
+    claims: list[ClaimConfig] = claims_field()
+    quick: bool = quick_field()
+    tracking: list[str] = tracking_field()
 
 
 def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
