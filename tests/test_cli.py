@@ -27,9 +27,24 @@ def test_run_tiny_recipe_end_to_end(tmp_path, capsys):
     assert summary["complete"] and set(summary["variants"]) == {"finetune", "replay"}
     assert summary["variants"]["replay"]["acc"]["n"] == 2
     html = (run_dir / "report.html").read_text()
-    assert html.count("<img") == 4 and "min-ACC" in html and "replay" in html
-    for png in ("task0_accuracy.png", "task_curves.png", "average_accuracy.png", "metrics.png"):
+    assert html.count("<img") == 5 and "min-ACC" in html and "replay" in html
+    for png in ("task0_accuracy.png", "task_curves.png", "average_accuracy.png", "metrics.png", "accuracy_matrix.png"):
         assert (run_dir / png).stat().st_size > 1000
+    # beside summary.json: a CSV per variant and per run, a Markdown summary; the page links them and says how
+    # to run the study again
+    import csv
+
+    rows = list(csv.DictReader((run_dir / "summary.csv").open()))
+    assert [r["variant"] for r in rows] == ["finetune", "replay"]
+    assert float(rows[1]["acc_mean"]) == pytest.approx(summary["variants"]["replay"]["acc"]["mean"])
+    per_run = list(csv.DictReader((run_dir / "runs.csv").open()))
+    assert sorted((r["variant"], r["seed"]) for r in per_run) == [("finetune", "0"), ("finetune", "1"),
+                                                                   ("replay", "0"), ("replay", "1")]
+    assert "| replay |" in (run_dir / "summary.md").read_text()
+    assert f"poise run {run_dir / 'config.json'} --run-dir NEW_DIR" in html
+    for name in ("summary.csv", "runs.csv", "summary.md", "config.json", "metrics/replay-s1.jsonl"):
+        assert f'href="{name}"' in html
+    assert "Every run</h2>" in html and "poise run tiny" in html  # per-seed rows, and the command it was run with
     # the report can be rebuilt from the files alone
     (run_dir / "report.html").unlink()
     assert main(["report", str(run_dir)]) == 0

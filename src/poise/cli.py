@@ -45,6 +45,9 @@ def _fields_epilog() -> str:
         "",
         "overrides: dotted keys, TOML values; variants.NAME.KEY addresses one variant:",
         "  poise run train.lr=0.1 seeds=[0] variants.replay.params.mem_size=500",
+        "sweeps: a value with commas makes one variant per value, named by it (several multiply):",
+        "  poise run tiny train.lr=0.01,0.1          -> finetune[lr=0.01], finetune[lr=0.1], replay[lr=0.01], ...",
+        "  poise run tiny variants.replay.params.mem_size=10,50   (only the replay variant is copied)",
     ]
     return "\n".join(lines)
 
@@ -86,6 +89,9 @@ def _parser(fields: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="skip the plots and report.html")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--dry-run", action="store_true", help="validate and print the config, run nothing")
+    run.add_argument("--allow-large", action="store_true",
+                     help="run a study above its kind's size limit (continual, optimizers, edit, priming: 250,000 "
+                     "steps over all variants and seeds; rl: 25,000), which is otherwise refused before it starts")
     run.add_argument("--quick", action="store_true",
                      help="smoke-test size: one seed and fewer steps, labelled 'not for conclusions' (each built-in "
                      "recipe took 6-35 s alone on 2 CPU cores)")
@@ -146,8 +152,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"{kind.describe(cfg)} each", file=sys.stderr)
     if world > 1 and not args.run_dir:
         raise FileNotFoundError("under torchrun give --run-dir (the same path on every rank)")
+    import shlex
+
+    command = "poise " + " ".join(shlex.quote(a) for a in args.argv)
     path = execute(cfg, args.run_dir, False if args.no_progress else None, not args.no_report, kind,
-                   resume=bool(args.resume))
+                   resume=bool(args.resume), allow_large=args.allow_large, command=command)
     if not is_main():
         return 0
     print_summary(json.loads((path / "summary.json").read_text()), kind.columns)
@@ -322,6 +331,7 @@ def _dispatch(argv: list[str] | None) -> int:
     # overrides may follow options (`poise run tiny --no-report seeds=[0]`): argparse leaves
     # those over, and they are overrides when they look like key=value
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(argv)
     bad = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "run"]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")

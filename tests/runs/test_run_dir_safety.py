@@ -121,3 +121,58 @@ def test_sigterm_ends_like_ctrl_c_naming_the_resume_command(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert f"continue with `poise run --resume {run}`" in err
+
+
+def test_run_json_records_the_config_hash_and_an_edited_config_is_refused_on_resume(tmp_path):
+    from poise.runs.engine import config_hash
+
+    run = tmp_path / "r"
+    execute(load_recipe("tiny", TINY), run, False, False, command="poise run tiny")
+    meta = json.loads((run / "run.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    assert meta["config_sha256"] == config_hash(cfg) and meta["command"] == "poise run tiny"
+    cfg["train"]["lr"] = 0.9  # edited by hand after the study began: resuming would mix two configs
+    (run / "config.json").write_text(json.dumps(cfg))
+    from poise.runs.config import from_dict
+
+    with pytest.raises(RunDirError, match="was changed after the study began"):
+        execute(from_dict(cfg), run, False, False, resume=True)
+
+
+def test_a_run_dirs_config_json_runs_the_same_study_again(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", "tiny", *TINY, "train.lr=0.05", "--run-dir", str(a), "--no-progress", "--no-report"]) == 0
+    assert main(["run", str(a / "config.json"), "--run-dir", str(b), "--no-progress", "--no-report"]) == 0
+    ra, rb = (json.loads((d / "results" / "finetune-s0.json").read_text()) for d in (a, b))
+    timing = ("eval_seconds",)
+    assert {k: v for k, v in ra["metrics"].items() if k not in timing} == \
+        {k: v for k, v in rb["metrics"].items() if k not in timing}
+    assert ra["curves"] == rb["curves"]
+
+
+def test_a_study_above_the_size_limit_needs_confirmation(tmp_path, capsys):
+    run = tmp_path / "r"
+    big = ["seeds=[0]", "train.steps_per_task=200000", "variants=[{strategy='finetune'}]"]
+    assert main(["run", "tiny", *big, "--run-dir", str(run), "--no-progress", "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert "400,000 steps" in err and "--allow-large" in err and not run.exists()
+    from poise.runs.engine import total_steps
+
+    assert total_steps(load_recipe("tiny", ["train.lr=0.1,0.2", "seeds=[0,1,2]"])) == 40 * 4 * 3
+
+
+def test_nothing_is_written_outside_the_run_directory(tmp_path):
+    from poise.runs.store import JsonlWriter, atomic_write_json, writing_into
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "outside").mkdir()
+    (run / "link").symlink_to(tmp_path / "outside")
+    with writing_into(run):
+        atomic_write_json(run / "results" / "ok.json", {"a": 1})
+        for bad in (run / ".." / "escaped.json", run / "link" / "x.json", tmp_path / "abs.json"):
+            with pytest.raises(PermissionError, match="outside the run directory"):
+                atomic_write_json(bad, {})
+            with pytest.raises(PermissionError, match="outside the run directory"):
+                JsonlWriter(bad)
+    assert sorted(p.name for p in tmp_path.rglob("*.json")) == ["ok.json"]

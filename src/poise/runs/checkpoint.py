@@ -33,7 +33,9 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, state: dict[str, Any]) -> Path:
-    directory = Path(directory)
+    from poise.runs.store import check_inside
+
+    directory = check_inside(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:06d}"
     clean_partial(directory)

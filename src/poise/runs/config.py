@@ -10,6 +10,7 @@ key and the valid choices.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -32,6 +33,7 @@ __all__ = [
     "find_recipe",
     "load_recipe",
     "recipe_names",
+    "variant_config",
 ]
 
 DEFAULT_RECIPE = "stability-gap"
@@ -59,6 +61,12 @@ def tracking_field() -> Any:
     return _help("trackers that receive every run's metric lines at their own step when the run finishes: "
                  "tensorboard, wandb (offline unless WANDB_MODE), mlflow, trackio (poise.integrations.trackers; "
                  "each its extra); a failing tracker warns once, the study goes on", default_factory=list)
+
+
+def sweep_field() -> Any:
+    return _help("study-level keys a variant overrides (variant name -> {dotted key: value}); written by a "
+                 "sweep on the command line (train.lr=0.01,0.1 makes one variant per value, named "
+                 "'<variant>[lr=0.01]'); each variant runs with its own derived config", default_factory=dict)
 
 # -- loading ---------------------------------------------------------------------------------
 def _type_name(tp: Any) -> str:
@@ -121,7 +129,38 @@ def from_dict(data: dict[str, Any]) -> Any:
     _check_common(cfg)
     cfg = kind.validate(cfg)
     _check_claims(cfg)
+    _check_sweep(cfg)
     return cfg
+
+
+def _check_sweep(cfg: Any) -> None:
+    """Each swept variant exists and its derived config is valid (checked now, before any run)."""
+    sweep = getattr(cfg, "sweep", None) or {}
+    names = [v.name for v in cfg.variants]
+    for vname, keys in sweep.items():
+        if vname not in names:
+            raise ConfigError(f"sweep: {vname!r} is not a variant of this study (variants: {', '.join(names)})")
+        for key in keys:
+            if key.split(".")[0] in (*_NO_SWEEP, "variants", "sweep", "seeds"):
+                raise ConfigError(f"sweep.{vname}: key {key!r} cannot differ between variants")
+        try:
+            variant_config(cfg, names.index(vname))
+        except ConfigError as e:
+            raise ConfigError(f"variant {vname!r} (a sweep): {e}") from None
+
+
+def variant_config(cfg: Any, index: int) -> Any:
+    """The config variant ``index`` runs with: ``cfg`` itself, or for a variant made by a sweep
+    over a study-level key (``train.lr=0.01,0.1``) a copy of ``cfg`` with that variant's values."""
+    sweep = getattr(cfg, "sweep", None) or {}
+    keys = sweep.get(cfg.variants[index].name)
+    if not keys:
+        return cfg
+    data = dataclasses.asdict(cfg)
+    data["sweep"] = {}
+    for key, value in keys.items():
+        _set_key(data, key, value)
+    return from_dict(data)
 
 
 _MAX_THREADS = 4 * (os.cpu_count() or 1)
@@ -231,40 +270,134 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+_NO_SWEEP = ("name", "kind", "description", "out_dir", "threads", "quick", "claims", "tracking")
+
+
+def _split_top(text: str) -> list[str] | None:
+    """``a,b,c`` split at commas outside brackets and quotes; None when there is no such comma."""
+    parts, depth, quote, cur = [], 0, "", ""
+    for c in text:
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+            continue
+        cur += c
+    if not parts:
+        return None
+    return [*parts, cur.strip()]
+
+
+def _variants(data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    from poise.runs.kinds import kind_of
+
+    kind = kind_of(data)
+    variants = data.setdefault("variants", [dataclasses.asdict(v) for v in kind.Config().variants])
+    return variants, [str(v.get("name") or v.get(kind.variant_key)) for v in variants]
+
+
+def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` in a recipe's raw dict; ``variants.NAME.KEY`` addresses one variant."""
+    parts = key.strip().split(".")
+    node: Any = data
+    i = 0
+    while i < len(parts) - 1:
+        part = parts[i]
+        if node is data and part == "variants":
+            if len(parts) < 3:
+                raise ConfigError(f"override {key!r}: use variants.NAME.KEY=VALUE")
+            variants, names = _variants(data)
+            if parts[1] not in names:
+                raise ConfigError(f"override {key!r}: no variant {parts[1]!r}; variants: {', '.join(names)}")
+            node = variants[names.index(parts[1])]
+            i += 2
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a table")
+        i += 1
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` overrides to a recipe's raw dict. Keys are dotted
     (``train.lr=0.1``); ``variants.NAME.KEY`` addresses the variant called NAME
     (``variants.replay.params.mem_size=500``); values are TOML literals (``seeds=[0,1]``),
-    anything else is taken as a string."""
+    anything else is taken as a string.
+
+    A value with commas outside brackets and quotes is a **sweep**: ``train.lr=0.01,0.1`` makes
+    one copy of every variant per value, named ``<variant>[lr=0.01]`` (each runs with its own
+    derived config, :func:`variant_config`); ``variants.replay.params.mem_size=100,500`` copies
+    only that variant. Several sweeps multiply. Quote a string that contains commas
+    (``description='"a, b"'``); ``seeds`` is not swept (it is the replicate axis: ``seeds=[0,1,2]``)."""
+    sweeps: list[tuple[str, list[str]]] = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = data
-        i = 0
-        while i < len(parts) - 1:
-            part = parts[i]
-            if node is data and part == "variants":
-                if len(parts) < 3:
-                    raise ConfigError(f"override {key!r}: use variants.NAME.KEY=VALUE")
-                from poise.runs.kinds import kind_of
-
-                kind = kind_of(data)
-                variants = data.setdefault("variants", [dataclasses.asdict(v) for v in kind.Config().variants])
-                names = [v.get("name") or v.get(kind.variant_key) for v in variants]
-                if parts[1] not in names:
-                    raise ConfigError(f"override {key!r}: no variant {parts[1]!r}; "
-                                      f"variants: {', '.join(map(str, names))}")
-                node = variants[names.index(parts[1])]
-                i += 2
-                continue
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {part!r} is not a table")
-            i += 1
-        node[parts[-1]] = _parse_value(text.strip())
+        key = key.strip()
+        values = None if key.split(".")[0] in _NO_SWEEP else _split_top(text.strip())
+        if values is not None:
+            if key == "seeds":
+                raise ConfigError(f"override {item!r}: seeds are the replicate axis, not a sweep; write "
+                                  f"seeds=[{text.strip()}]")
+            if any(not v for v in values):
+                raise ConfigError(f"override {item!r}: a sweep needs a value between every two commas")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"override {item!r}: a sweep repeats a value")
+            sweeps.append((key, values))
+            continue
+        _set_key(data, key, _parse_value(text.strip()))
+    if sweeps:
+        _expand_sweeps(data, sweeps)
     return data
+
+
+def _expand_sweeps(data: dict[str, Any], sweeps: list[tuple[str, list[str]]]) -> None:
+    leaves = [k.split(".")[-1] for k, _ in sweeps]
+    labels = [leaf if leaves.count(leaf) == 1 else k for leaf, (k, _) in zip(leaves, sweeps, strict=True)]
+    variants, names = _variants(data)
+    # each entry: (raw variant dict, base name, [(label, text)], {study-level key: value})
+    rows = [(v, n, [], dict(data.get("sweep", {}).get(n, {}))) for v, n in zip(variants, names, strict=True)]
+    for (key, texts), label in zip(sweeps, labels, strict=True):
+        parts = key.split(".")
+        only = None
+        if parts[0] == "variants":
+            if len(parts) < 3 or parts[1] not in names:
+                raise ConfigError(f"sweep {key!r}: no variant {parts[1] if len(parts) > 1 else ''!r}; "
+                                  f"variants: {', '.join(names)}")
+            only = parts[1]
+        out = []
+        for v, base, tags, study in rows:
+            if only is not None and base != only:
+                out.append((v, base, tags, study))
+                continue
+            for text in texts:
+                value = _parse_value(text)
+                v2, study2 = copy.deepcopy(v), dict(study)
+                if only is not None:
+                    holder = {"variants": [v2], "kind": data.get("kind", "continual")}
+                    _set_key(holder, ".".join(["variants", base, *parts[2:]]), value)
+                else:
+                    study2[key] = value
+                out.append((v2, base, [*tags, (label, text)], study2))
+        rows = out
+    new_variants, sweep = [], {}
+    for v, base, tags, study in rows:
+        name = f"{base}[{','.join(f'{lab}={t}' for lab, t in tags)}]" if tags else base
+        v["name"] = name
+        new_variants.append(v)
+        if study:
+            sweep[name] = study
+    data["variants"] = new_variants
+    data["sweep"] = sweep
 
 
 # -- recipes ---------------------------------------------------------------------------------
@@ -285,11 +418,12 @@ def _read_text(p: Path) -> str:
 
 
 def find_recipe(name_or_path: str | None) -> tuple[str, str]:
-    """``(name, TOML text)`` of a recipe: a file path, ``recipes/<name>.toml`` under the
-    current directory, or a built-in recipe name. None gives the default recipe."""
+    """``(name, TOML text)`` of a recipe: a file path (``.toml``, or a run directory's ``config.json``
+    to run a study again exactly as it ran), ``recipes/<name>.toml`` under the current directory, or a
+    built-in recipe name. None gives the default recipe."""
     name_or_path = name_or_path or DEFAULT_RECIPE
     p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
+    if p.suffix in (".toml", ".json") or p.exists():
         if p.is_dir():
             raise ConfigError(f"recipe {str(p)!r} is a directory; give a .toml file (or a built-in name: "
                               f"{', '.join(recipe_names())})")
@@ -311,10 +445,21 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
     """Load, override and validate a recipe. ``quick`` first applies a smoke-test size
     (one seed, fewer steps: the kind's ``quick``); explicit overrides still win."""
     name, text = find_recipe(name_or_path)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"recipe {name!r} is not valid TOML: {e}") from None
+    if str(name_or_path).endswith(".json"):  # a run directory's config.json: the study exactly as it ran
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"recipe {name_or_path!r} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {name_or_path!r} is not a JSON object")
+        data.pop("resolved", None)
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"recipe {name!r} is not valid TOML: {e}") from None
     data.setdefault("name", name)
     if quick:
         from poise.runs.kinds import kind_of

@@ -25,7 +25,7 @@ import numpy as np
 from poise.runs.kinds import StudyKind, kind_of
 from poise.runs.store import atomic_write_json, new_run_dir
 
-__all__ = ["RunDirError", "execute", "run", "stats"]
+__all__ = ["RunDirError", "config_hash", "execute", "run", "stats", "total_steps"]
 
 
 class _Progress:
@@ -68,13 +68,24 @@ class RunDirError(ValueError):
     """A run directory that cannot be used as asked: it holds another study, or another process uses it."""
 
 
-_STUDY_FILES = ("config.json", "results", "metrics", "checkpoints", "summary.json")
+_STUDY_FILES = ("config.json", "run.json", "results", "metrics", "checkpoints", "summary.json")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of a study's config (``resolved`` aside) as canonical JSON: what ``run.json`` records."""
+    import hashlib
+
+    from poise.runs.store import _clean
+
+    body = {k: v for k, v in config.items() if k != "resolved"}
+    return hashlib.sha256(json.dumps(_clean(body), sort_keys=True).encode()).hexdigest()
 
 
 def _claim_run_dir(path: Path, config: dict[str, Any], resume: bool) -> Any:
     """Check that ``path`` may take this study and lock it for this process (the lock is held
     until the returned file is closed). A new run needs an empty or new folder; ``resume`` needs
-    the folder's own study (its ``config.json`` equal to ``config``, ``resolved`` aside)."""
+    the folder's own study: its ``config.json`` equal to ``config`` (``resolved`` aside) and
+    unchanged since the study began (the hash in ``run.json``)."""
     import fcntl
 
     held = [n for n in _STUDY_FILES if (path / n).exists()]
@@ -82,7 +93,19 @@ def _claim_run_dir(path: Path, config: dict[str, Any], resume: bool) -> Any:
         stored_path = path / "config.json"
         if not stored_path.is_file():
             raise RunDirError(f"{path} is not a run directory (no config.json): nothing to resume")
-        stored = {k: v for k, v in json.loads(stored_path.read_text()).items() if k != "resolved"}
+        try:
+            stored = {k: v for k, v in json.loads(stored_path.read_text()).items() if k != "resolved"}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{stored_path} is not readable JSON ({e}); the run cannot be resumed") from None
+        run_json = path / "run.json"
+        if run_json.is_file():
+            try:
+                recorded = json.loads(run_json.read_text()).get("config_sha256")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise RunDirError(f"{run_json} is not readable JSON; the run cannot be resumed") from None
+            if recorded and recorded != config_hash(stored):
+                raise RunDirError(f"{stored_path} was changed after the study began (its hash is not the one in "
+                                  f"{run_json}): results made with two configs would mix; start a new --run-dir")
         diff = sorted(k for k in stored if stored[k] != config.get(k))  # fields added since: their defaults
         if diff:
             raise RunDirError(f"{path} holds a study with another config (differs in: {', '.join(diff)}); "
@@ -108,24 +131,44 @@ def _claim_run_dir(path: Path, config: dict[str, Any], resume: bool) -> Any:
     return lock
 
 
+def total_steps(cfg: Any, kind: StudyKind | None = None) -> int:
+    """Progress steps of the whole study: each variant's (its own config, for a sweep) times the seeds."""
+    from poise.runs.config import variant_config
+
+    kind = kind or kind_of(cfg)
+    return sum(kind.steps_per_run(variant_config(cfg, i)) for i in range(len(cfg.variants))) * len(cfg.seeds)
+
+
 def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report: bool,
-            kind: StudyKind | None = None, resume: bool = False) -> Path:
+            kind: StudyKind | None = None, resume: bool = False, allow_large: bool = False,
+            command: str | None = None) -> Path:
     """Run every variant x seed of ``cfg`` with its kind's ``run_one(cfg, i, seed, metrics_path,
     progress)``, write each result and a fresh ``summary.json`` (the kind's ``summarize``) after
-    every run, then the report. Runs whose result file already exists are not run again
-    (``poise run --resume``); an unfinished run starts again from scratch (its partial metrics
-    file is replaced) unless the kind is ``resumable``: then the run function resumes from its
-    own checkpoints and truncates its metrics file to them (the RL and continual studies do).
+    every run, then ``summary.csv``, ``runs.csv``, ``summary.md`` and the report. Runs whose result file
+    already exists are not run again (``poise run --resume``); an unfinished run starts again from
+    scratch (its partial metrics file is replaced) unless the kind is ``resumable``: then the run
+    function resumes from its own checkpoints and truncates its metrics file to them (the RL and
+    continual studies do).
 
     ``run_dir`` must be new or empty, unless ``resume``: then it must hold this very study (its
-    ``config.json``); the folder is locked while the study runs, so two processes never write
-    into one. Without a progress bar (output not a terminal), one line per finished run goes to
-    stderr. An interrupt (Ctrl-C) carries the run directory as ``KeyboardInterrupt.run_dir``."""
+    ``config.json``, unchanged since the study began: ``run.json`` records its hash); the folder is
+    locked while the study runs, so two processes never write into one, and every file written is
+    checked to lie inside it. A study above the kind's ``large`` steps needs ``allow_large``.
+    Without a progress bar (output not a terminal), one line per finished run goes to stderr.
+    An interrupt (Ctrl-C) carries the run directory as ``KeyboardInterrupt.run_dir``. ``command``
+    (the command line that started it) is recorded in ``run.json`` and shown in the report."""
     import torch
 
     from poise.distributed import is_main
+    from poise.runs.config import ConfigError
+    from poise.runs.store import writing_into
 
     kind = kind or kind_of(cfg)
+    n_steps = total_steps(cfg, kind)
+    if n_steps > kind.large and not allow_large:
+        raise ConfigError(f"this study has {n_steps:,} steps over {len(cfg.variants)} variants x {len(cfg.seeds)} "
+                          f"seeds, above the {kind.large:,} a {kind.name} study runs without confirmation: check the "
+                          "sizes, or confirm with --allow-large (run(..., allow_large=True))")
     main = is_main()  # under torchrun every rank runs every run; rank 0 writes the files
     torch.set_num_threads(cfg.threads)
     path = Path(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name)
@@ -134,7 +177,14 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
     if main:
         lock = _claim_run_dir(path, config, resume)
     try:
-        return _execute(cfg, path, progress, report, kind, config, main)
+        with writing_into(path):
+            if main and not (resume and (path / "run.json").is_file()):
+                import poise
+                from poise.runs.store import atomic_write_json as _w
+
+                _w(path / "run.json", {"config_sha256": config_hash(config), "command": command,
+                                       "poise": poise.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            return _execute(cfg, path, progress, report, kind, config, main)
     except KeyboardInterrupt as e:
         e.run_dir = path  # type: ignore[attr-defined]
         raise
@@ -150,9 +200,12 @@ def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: St
         atomic_write_json(path / "config.json", {**config, "resolved": resolved} if resolved else config)
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("CI") != "true"
+    from poise.runs.config import variant_config
+
     total = len(cfg.variants) * len(cfg.seeds)
-    steps_per_run = kind.steps_per_run(cfg)
-    bar = _Progress(steps_per_run * len(cfg.variants) * len(cfg.seeds), progress and main)
+    cfgs = [variant_config(cfg, i) for i in range(len(cfg.variants))]  # a sweep's variants carry their own values
+    steps = [kind.steps_per_run(c) for c in cfgs]
+    bar = _Progress(sum(steps) * len(cfg.seeds), progress and main)
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 
@@ -169,13 +222,13 @@ def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: St
                 done = path / "results" / f"{tag}.json"
                 if _agreed(done.is_file()):  # resuming: this run finished before
                     results.append(json.loads(done.read_text()) if main else {})
-                    bar.update(steps_per_run)
+                    bar.update(steps[i])
                     continue
                 metrics = path / "metrics" / f"{tag}.jsonl"
                 if main and not kind.resumable and metrics.exists():
                     metrics.unlink()  # a partial run from an interrupted attempt: it starts again
                 t_run = time.perf_counter()
-                r = kind.run_one(cfg, i, seed, metrics, bar.update)
+                r = kind.run_one(cfgs[i], i, seed, metrics, bar.update)
                 results.append(r)
                 if main and not (progress and bar.bar is not None):  # no bar: a line per run, so logs show life
                     how = (f"diverged at step {r['diverged_at']}" if r.get("diverged_at") is not None
@@ -190,6 +243,9 @@ def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: St
         bar.close()
     if main:
         atomic_write_json(path / "summary.json", summary(True))
+        from poise.runs.report import write_summaries
+
+        write_summaries(path)
     if report and main:
         from poise.runs.report import build_report
 
@@ -246,9 +302,10 @@ def summarize_results(kind: StudyKind, config: dict[str, Any], results: list[dic
 
 
 def run(cfg: Any, run_dir: str | Path | None = None, progress: bool | None = None, report: bool = True,
-        resume: bool = False) -> Path:
-    """Run a study of any kind (the kind is ``cfg.kind``); write the run directory; return its path."""
-    return execute(cfg, run_dir, progress, report, resume=resume)
+        resume: bool = False, allow_large: bool = False) -> Path:
+    """Run a study of any kind (the kind is ``cfg.kind``); write the run directory; return its path.
+    See :func:`execute`."""
+    return execute(cfg, run_dir, progress, report, resume=resume, allow_large=allow_large)
 
 
 def _agreed(flag: bool) -> bool:

@@ -17,7 +17,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_report"]
+__all__ = ["build_report", "run_rows", "write_summaries"]
 
 _TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>poise · {{ study }}</title>
@@ -64,6 +64,22 @@ wall time {{ wall }} · poise {{ version }}, torch {{ torch }}, Python {{ python
 {% for title, img in images %}<h3>{{ title }}</h3><img src="data:image/png;base64,{{ img }}" alt="{{ title }}">
 {% endfor %}
 
+{% if per_seed_rows %}<h2>Every run</h2>
+<details><summary>{{ per_seed_rows|length }} runs, one row per variant and seed (the values behind every mean;
+also in runs.csv)</summary>
+<div class="scroll"><table><tr>{% for h in per_seed_heads %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in per_seed_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}
+</table></div></details>{% endif %}
+
+<h2>Reproduce</h2>
+<p class="note">Run this study again exactly as it ran (its resolved config), into a new folder:</p>
+<pre>{{ reproduce }}</pre>
+{% if command %}<p class="note">It was started as:</p><pre>{{ command }}</pre>{% endif %}
+<p class="note">Raw files: {% for name in files %}<a href="{{ name }}">{{ name }}</a>{% if not loop.last %} ·
+{% endif %}{% endfor %}</p>
+{% if run_files %}<details><summary>per-run files ({{ run_files|length }})</summary><p class="note">
+{% for name in run_files %}<a href="{{ name }}">{{ name }}</a><br>{% endfor %}</p></details>{% endif %}
+
 <h2>Resolved config</h2>
 <details><summary>config.json ({{ config_lines }} lines): the recipe after defaults and overrides</summary>
 <pre>{{ config }}</pre></details>
@@ -108,6 +124,108 @@ def _plt() -> Any:
     return plt
 
 
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def run_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """One row per run (variant, seed, then every scalar the run reported, its ``metrics`` table
+    flattened in): the per-seed view behind every mean. Returns ``(columns, rows)``."""
+    cols: dict[str, None] = {"variant": None, "seed": None, "diverged_at": None}
+    flat = []
+    for r in results:
+        row = {k: v for k, v in r.items() if _scalar(v)}
+        if isinstance(r.get("metrics"), dict):
+            row.update({k: v for k, v in r["metrics"].items() if _scalar(v)})
+        cols.update(dict.fromkeys(row))
+        flat.append(row)
+    names = list(cols)
+    return names, [[row.get(c) for c in names] for row in flat]
+
+
+def _plain(cell: Any) -> str:
+    """A table cell of the HTML report as plain text (tags dropped, entities decoded)."""
+    import re
+
+    return html.unescape(re.sub(r"<[^>]+>", "", str(cell).replace("<sup>", "^")))
+
+
+def write_summaries(run_dir: str | Path) -> list[Path]:
+    """Write ``summary.csv`` (one row per variant: mean, std and n of every metric), ``runs.csv``
+    (one row per run and seed) and ``summary.md`` (the report's claims and tables in Markdown)
+    beside ``summary.json``. Needs no extra; ``poise run`` writes them at the end of a study and
+    ``poise report`` rewrites them."""
+    import csv
+
+    from poise.runs.kinds import kind_of
+    from poise.runs.store import atomic_write_text
+
+    run_dir = Path(run_dir)
+    config, summary, results = _load(run_dir)
+    kind = kind_of(config)
+    out = []
+    rows = summary.get("variants", {})
+    metrics = list(dict.fromkeys(k for row in rows.values() for k, v in row.items()
+                                 if isinstance(v, dict) and "mean" in v))
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["variant", *[f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")], "diverged", "runs"])
+    for v, row in rows.items():
+        d = row.get("diverged", {})
+        w.writerow([v, *[_csv(_stat(row.get(m), s)) for m in metrics for s in ("mean", "std", "n")],
+                    d.get("count", 0), d.get("runs", "")])
+    out.append(run_dir / "summary.csv")
+    atomic_write_text(out[-1], buf.getvalue())
+    cols, per_run = run_rows(results)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    w.writerows([[_csv(c) for c in r] for r in per_run])
+    out.append(run_dir / "runs.csv")
+    atomic_write_text(out[-1], buf.getvalue())
+    md = [f"# {config['name']}", "", config.get("description", ""), ""]
+    if summary.get("quick") or config.get("quick"):
+        md += ["**Smoke run (--quick): not for conclusions.**", ""]
+    for c in summary.get("claims") or []:
+        ci = c.get("interval")
+        md += [f"- **{c['verdict']}**: {c['text']} ({c['paper']}); estimate "
+               f"{'–' if c.get('estimate') is None else format(c['estimate'], '.4g')}, 95% interval "
+               f"{'–' if not ci else f'[{ci[0]:.4g}, {ci[1]:.4g}]'} over {c.get('n')} seeds"]
+    ok = [r for r in results if r.get("diverged_at") is None]
+    for r in results:
+        if r.get("diverged_at") is not None:
+            md.append(f"- diverged: {r['variant']} seed {r['seed']} at step {r['diverged_at']} (left out of means)")
+    for t in kind.tables(config, ok) if ok else []:
+        md += ["", f"## {_plain(t['title'])}", "", _plain(t.get("note", "")), "",
+               "| variant | " + " | ".join(_plain(h) for h in t["heads"]) + " |",
+               "|---" * (len(t["heads"]) + 1) + "|"]
+        md += ["| " + " | ".join(_plain(c).replace("|", "\\|") for c in row) + " |" for row in t["rows"]]
+    out.append(run_dir / "summary.md")
+    atomic_write_text(out[-1], "\n".join(md) + "\n")
+    return out
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def _stat(st: dict[str, Any] | None, part: str) -> Any:
+    st = st or {}
+    if part == "std" and (st.get("n") or 0) < 2:  # one seed has no spread: blank, never 0
+        return None
+    return st.get(part)
+
+
+def _csv(v: Any) -> Any:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write the plots and ``report.html`` of ``run_dir``; return the report's path."""
     try:
@@ -121,6 +239,7 @@ def build_report(run_dir: str | Path) -> Path:
     config, summary, results = _load(run_dir)
     if not results:
         raise FileNotFoundError(f"{run_dir} has no finished runs yet (results/ is empty)")
+    write_summaries(run_dir)
     from poise.runs.kinds import kind_of
 
     kind = kind_of(config)
@@ -130,10 +249,23 @@ def build_report(run_dir: str | Path) -> Path:
     diverged = [f"{html.escape(str(r['variant']))} (seed {r['seed']}): diverged at step {r['diverged_at']}"
                 for r in results if r.get("diverged_at") is not None]
     claims = summary.get("claims") or []
+    import shlex
+    from urllib.parse import quote
+
     import torch
 
     import poise
 
+    run_json = {}
+    try:
+        run_json = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        pass
+    heads, per_seed = run_rows(results)
+    files = [n for n in ("config.json", "run.json", "summary.json", "summary.csv", "runs.csv", "summary.md")
+             if (run_dir / n).is_file()]
+    run_files = sorted(str(p.relative_to(run_dir)) for sub in ("results", "metrics") if (run_dir / sub).is_dir()
+                       for p in (run_dir / sub).iterdir() if p.is_file())
     env = jinja2.Environment(autoescape=False)
     page = env.from_string(_TEMPLATE).render(
         study=html.escape(config["name"]),
@@ -151,6 +283,11 @@ def build_report(run_dir: str | Path) -> Path:
                  "ci": "–" if not c.get("interval") else f"[{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]"}
                 for c in claims],
         images=[(html.escape(t), base64.b64encode(p.read_bytes()).decode()) for t, p in images],
+        per_seed_heads=[html.escape(h) for h in heads],
+        per_seed_rows=[[html.escape(_cell(c)) for c in row] for row in per_seed],
+        reproduce=html.escape(f"poise run {shlex.quote(str(run_dir / 'config.json'))} --run-dir NEW_DIR"),
+        command=html.escape(run_json.get("command") or ""),
+        files=[html.escape(quote(n)) for n in files], run_files=[html.escape(quote(n)) for n in run_files],
         config=html.escape(json.dumps(config, indent=2)), config_lines=len(json.dumps(config, indent=2).splitlines()),
     )
     out = run_dir / "report.html"

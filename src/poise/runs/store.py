@@ -7,11 +7,40 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["JsonlWriter", "atomic_write_json", "new_run_dir", "read_jsonl", "truncate_jsonl"]
+__all__ = ["JsonlWriter", "atomic_write_json", "atomic_write_text", "check_inside", "new_run_dir", "read_jsonl",
+           "truncate_jsonl", "writing_into"]
+
+# The run directory a study writes into (set by the engine for the study's duration): every file the
+# store and the checkpoints write is checked to lie inside it, so no name or path can write elsewhere.
+_ROOT: ContextVar[Path | None] = ContextVar("poise_run_root", default=None)
+
+
+@contextmanager
+def writing_into(root: str | Path) -> Iterator[None]:
+    """Within this block, :func:`check_inside` refuses any path outside ``root``."""
+    token = _ROOT.set(Path(root).resolve())
+    try:
+        yield
+    finally:
+        _ROOT.reset(token)
+
+
+def check_inside(path: str | Path) -> Path:
+    """``path``, after checking it lies inside the current run directory (when a study is running);
+    a path outside it (through ``..``, an absolute name or a symlink) raises ``PermissionError``."""
+    path = Path(path)
+    root = _ROOT.get()
+    if root is not None:
+        real = path.resolve()
+        if real != root and root not in real.parents:
+            raise PermissionError(f"refusing to write {path}: it is outside the run directory {root}")
+    return path
 
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
@@ -49,14 +78,20 @@ def _clean(obj: Any) -> Any:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``:
-    a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
+    a reader sees the old file or the new one, never half of one (NaN and infinities as null)."""
+    atomic_write_text(path, json.dumps(_clean(obj), indent=2))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically (temporary file in the same folder, fsync, rename); a failure
+    (a full disk) removes the temporary file and raises ``OSError`` naming ``path``."""
+    path = check_inside(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _MODE)  # mkstemp makes 0600; the run directory's files are as readable as its other files
         with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=2)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -73,7 +108,7 @@ class JsonlWriter:
     line being written."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = check_inside(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f: TextIO = open(self.path, "a")  # noqa: SIM115 - closed in close()
 
@@ -111,7 +146,7 @@ def truncate_jsonl(path: str | Path, max_step: int,
     """Keep only the complete lines with ``step <= max_step`` (resuming from a checkpoint
     taken at ``max_step``: later lines would be written again), less the lines at ``max_step``
     for which ``drop_at_max`` is true (written after the checkpoint). Atomic."""
-    path = Path(path)
+    path = check_inside(path)
     if not path.exists():
         return
     keep = [json.dumps(r) for r in read_jsonl(path)

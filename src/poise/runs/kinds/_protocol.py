@@ -34,6 +34,9 @@ class StudyKind:
       optimizer class, which parameters were projected); written to ``config.json`` under
       ``"resolved"`` (derived, never read back as input).
     * ``resumable``: ``run_one`` resumes from its own checkpoints (``poise run --resume``).
+    * ``large``: a study with more progress steps than this (over all variants and seeds) runs only with
+      ``poise run --allow-large`` (``run(..., allow_large=True)``): a typo such as ``steps=10**9`` is caught
+      before hours of work.
     """
 
     name: str
@@ -50,4 +53,5 @@ class StudyKind:
     columns: tuple[tuple[str, str], ...]
     quick: tuple[str, ...] = ()
     resumable: bool = False
+    large: int = 250_000
     resolve: Callable[[Any], dict[str, Any]] | None = None

@@ -36,6 +36,7 @@ from poise.runs.config import (
     _help,
     claims_field,
     quick_field,
+    sweep_field,
     tracking_field,
 )
 from poise.runs.engine import _stats, execute
@@ -124,6 +125,7 @@ class StudyConfig:
     claims: list[ClaimConfig] = claims_field()
     quick: bool = quick_field()
     tracking: list[str] = tracking_field()
+    sweep: dict[str, dict[str, Any]] = sweep_field()
     kind: str = _help("'continual' (the default kind): update rules compared on a stream of tasks",
                       default="continual")
 
@@ -357,10 +359,18 @@ class _DivergenceWatch:
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``fit_stream``'s state, written atomically (a crash mid-write keeps the previous one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from poise.runs.store import check_inside
+
+    check_inside(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk (torch raises RuntimeError), a kill: no half-written file stays
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise OSError(getattr(e, "errno", None) or 28, f"checkpoint write failed ({e})", str(path)) from e
+        raise
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -415,6 +425,21 @@ def _curve_mean(results: list[dict[str, Any]], col: int | None) -> tuple[np.ndar
         return grid, np.nanmean(ys, 0), np.nanstd(ys, 0)
 
 
+def _accuracy_matrix(result: dict[str, Any]) -> np.ndarray:
+    """``R[i, j]``: accuracy on task j at the last evaluation at or before the end of task i (NaN where
+    never evaluated), from one run's curves."""
+    steps = np.array(result["curves"]["steps"], dtype=float)
+    acc = np.array([[np.nan if a is None else a for a in row] for row in result["curves"]["acc"]], dtype=float)
+    b = result["boundaries"]
+    n = acc.shape[1] if acc.ndim == 2 else len(b)
+    mat = np.full((len(b), n), np.nan)
+    for i, end in enumerate(b):
+        idx = np.flatnonzero(steps <= end)
+        if idx.size:
+            mat[i] = acc[idx[-1]]
+    return mat
+
+
 def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[str, Path]]:
     results = [r for r in results if r.get("diverged_at") is None]  # flagged in the report's notice instead
     if not results:
@@ -458,6 +483,10 @@ def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]])
             acc = np.array([np.nan if row[0] is None else row[0] for row in r["curves"]["acc"]], dtype=float)
             az.plot(steps, acc, color=colors(i % 10), lw=0.6, alpha=0.5)
             if window is not None:
+                after = (steps > boundaries[0]) & (steps <= window[1]) & np.isfinite(acc)
+                if after.any():  # each seed's own minimum after the switch: the depth a mean would hide
+                    j = np.flatnonzero(after)[np.argmin(acc[after])]
+                    az.plot(steps[j], acc[j], marker="v", ms=6, color=colors(i % 10), ls="none")
                 inside = acc[(steps >= window[0]) & (steps <= window[1])]
                 # a variant that forgets everything (fine-tuning) would flatten the zoom: it stays in view
                 # on the left panel, the zoom's y range follows the others
@@ -470,7 +499,7 @@ def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]])
     if window is not None:
         az.set_xlim(*window)
     az.set(xlabel="optimizer step", ylim=(max(-0.02, lo_y - 0.08), 1.02),
-           title="Zoom on the first switch (thin: each seed)")
+           title="Zoom on the first switch (thin: seeds; ▼ minima)")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     p = run_dir / "task0_accuracy.png"
@@ -501,6 +530,32 @@ def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]])
     fig.savefig(p, dpi=100)
     plt.close(fig)
     out.append(("Every task's accuracy, per variant (mean over seeds)", p))
+
+    # 2b. the accuracy matrix: accuracy on task j (column) at the end of task i (row), mean over seeds
+    if n_tasks > 1:
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+        for k, v in enumerate(variants):
+            ax = axes[k // cols][k % cols]
+            mat = np.nanmean(np.stack([_accuracy_matrix(r) for r in by_v[v]]), axis=0) \
+                if by_v[v] else np.full((n_tasks, n_tasks), np.nan)
+            ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+            for (a, b), val in np.ndenumerate(mat):
+                if np.isfinite(val):
+                    ax.text(b, a, f"{val:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if val < 0.5 else "black")
+            ax.set(title=v, xticks=range(n_tasks), yticks=range(n_tasks))
+            if k % cols == 0:
+                ax.set_ylabel("after training task")
+            if k // cols == rows - 1:
+                ax.set_xlabel("accuracy on task")
+        for k in range(len(variants), rows * cols):
+            axes[k // cols][k % cols].axis("off")
+        fig.tight_layout()
+        p = run_dir / "accuracy_matrix.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        out.append(("Accuracy matrix: row i, column j = accuracy on task j at the end of task i (mean over seeds; "
+                    "below the diagonal: what is kept; blank: a task not yet seen)", p))
 
     # 3. average accuracy over seen tasks
     fig, ax = plt.subplots(figsize=(13, 3.8))
@@ -542,7 +597,8 @@ def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]])
 
 
 METRICS_NOTE = (
-    "Mean ± sample std over seeds. ACC: final average accuracy; FORG: forgetting; min-ACC: mean over earlier "
+    "Mean ± sample std over seeds; ↑ higher is better, ↓ lower is better. ACC: final average accuracy; "
+    "FORG: forgetting; min-ACC: mean over earlier "
     "tasks of their worst accuracy after being learned; WC-ACC: worst-case accuracy; WF<sup>w</sup>: windowed "
     "forgetting over w evaluations; gap depth: accuracy of a task at the switch minus its minimum during the next "
     "task, averaged over switches; recovery: steps after the switch until accuracy is back within ε of its switch "
@@ -556,10 +612,10 @@ def _continual_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> 
     table = summarize(results, windows)
     metric_keys = ["acc", "forgetting", "bwt", "min_acc", "wc_acc", *[f"wf{w}" for w in windows],
                    "gap_depth", "gap_recovery"]
-    metric_heads = ["ACC", "FORG", "BWT", "min-ACC", "WC-ACC", *[f"WF<sup>{w}</sup>" for w in windows],
-                    "gap depth", "recovery (steps)"]
+    metric_heads = ["ACC ↑", "FORG ↓", "BWT ↑", "min-ACC ↑", "WC-ACC ↑", *[f"WF<sup>{w}</sup> ↓" for w in windows],
+                    "gap depth ↓", "recovery (steps) ↓"]
     gap_keys = ["task0_acc_at_end", "task0_min_after", "task0_acc_final", "task0_gap_depth", "task0_gap_recovery"]
-    gap_heads = ["acc at end of task 0", "min after", "final", "gap depth", "recovery (steps)"]
+    gap_heads = ["acc at end of task 0 ↑", "min after ↑", "final ↑", "gap depth ↓", "recovery (steps) ↓"]
     return [
         {"title": "Metrics per variant", "note": METRICS_NOTE, "heads": metric_heads,
          "rows": [[html.escape(v)] + [_fmt(row[k]) for k in metric_keys] for v, row in table.items()]},

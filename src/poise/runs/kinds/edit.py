@@ -39,7 +39,15 @@ from poise.distributed import is_main
 from poise.edit.editors import editor_params, make_editor
 from poise.edit.targets import edit_targets, keys_at
 from poise.edit.unlearn import grad_ascent_loss, grad_diff_loss, npo_loss
-from poise.runs.config import ConfigError, _check_variants, _help, claims_field, quick_field
+from poise.runs.config import (
+    ConfigError,
+    _check_variants,
+    _help,
+    claims_field,
+    quick_field,
+    sweep_field,
+    tracking_field,
+)
 from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
@@ -120,6 +128,8 @@ class EditStudyConfig:
     variants: list[EditVariantConfig] = _help("the editors compared ([[variants]] tables)", default_factory=list)
     claims: list[ClaimConfig] = claims_field()
     quick: bool = quick_field()
+    tracking: list[str] = tracking_field()
+    sweep: dict[str, dict[str, Any]] = sweep_field()
 
 
 SPHERE_KEYS = ("beta", "alpha")  # the sphere wrapper's arguments in a variant's params

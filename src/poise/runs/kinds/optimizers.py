@@ -30,7 +30,15 @@ from poise.models import GPT, GPTConfig
 from poise.models.quant import QUANT_PRESETS, fake_quantize_linears, quant_spec
 from poise.optim import NonFiniteGradientError
 from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
-from poise.runs.config import ConfigError, _check_variants, _help, claims_field, quick_field, tracking_field
+from poise.runs.config import (
+    ConfigError,
+    _check_variants,
+    _help,
+    claims_field,
+    quick_field,
+    sweep_field,
+    tracking_field,
+)
 from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
@@ -93,6 +101,7 @@ class OptimStudyConfig:
     claims: list[ClaimConfig] = claims_field()
     quick: bool = quick_field()
     tracking: list[str] = tracking_field()
+    sweep: dict[str, dict[str, Any]] = sweep_field()
 
 
 def validate_optim(cfg: OptimStudyConfig) -> OptimStudyConfig:

@@ -28,7 +28,15 @@ from poise.continual import IgnoreK
 from poise.distributed import is_main
 from poise.measure.priming import keyword_logprob, memorization_score, priming_score
 from poise.runs.components import OptimizerSpec, build_optimizer
-from poise.runs.config import ConfigError, _check_variants, _help, claims_field, quick_field, tracking_field
+from poise.runs.config import (
+    ConfigError,
+    _check_variants,
+    _help,
+    claims_field,
+    quick_field,
+    sweep_field,
+    tracking_field,
+)
 from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.kinds.edit import FactLMConfig, _check_lm, fact_lm
@@ -76,6 +84,7 @@ class PrimingStudyConfig:
     claims: list[ClaimConfig] = claims_field()
     quick: bool = quick_field()
     tracking: list[str] = tracking_field()
+    sweep: dict[str, dict[str, Any]] = sweep_field()
 
 
 def validate_priming(cfg: PrimingStudyConfig) -> PrimingStudyConfig:
