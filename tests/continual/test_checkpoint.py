@@ -26,6 +26,10 @@ KWARGS = {
     "ogpsa": {"per_task": 5, "ref_size": 6, "refresh_every": 4, "rank": 2},
     "ema": {"decay": 0.9},
     "ignore_k": {"k": 0.25},
+    "mbc": {"mem_size": 10, "batch_size": 4, "num_codes": 8, "code_dim": 2},
+    "faulty_replay": {"mem_size": 10, "batch_size": 4, "fault_rate": 0.3},
+    "stable_eviction": {"mem_size": 10, "batch_size": 4, "fault_rate": 0.3},
+    "intact": {"lam_drift": 10.0},
 }
 # mid task 0, the last step of task 0 (before its end), mid task 1, mid task 2
 RESUME_AT = (3, 6, 8, 14)

@@ -35,6 +35,8 @@ def test_every_strategy_on_a_hugging_face_model(name):
     kw = {"per_task": 8} if name in ("agem", "ogpsa") else {"fisher_samples": 8} if name == "ewc" else {}
     if name == "ogd":
         kw = {"samples_per_task": 4}
+    if name == "intact":  # GPT-2's blocks are Conv1D, not nn.Linear: name the layer to protect
+        kw = {"layers": ["score"]}
     strategy = _registry.get("strategy", name)(**kw)
     ev = ContinualEvaluator({t.id: (t.x_test, t.y_test) for t in tasks})
     res = fit_stream(model, tasks, strategy, torch.optim.SGD(model.parameters(), lr=0.05), ev,

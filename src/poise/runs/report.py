@@ -136,7 +136,11 @@ def run_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]
     for r in results:
         row = {k: v for k, v in r.items() if _scalar(v)}
         if isinstance(r.get("metrics"), dict):
-            row.update({k: v for k, v in r["metrics"].items() if _scalar(v)})
+            for k, v in r["metrics"].items():
+                if _scalar(v):
+                    row[k] = v
+                elif isinstance(v, dict):  # one level of nesting, dotted (strategy.compression)
+                    row.update({f"{k}.{k2}": v2 for k2, v2 in v.items() if _scalar(v2)})
         cols.update(dict.fromkeys(row))
         flat.append(row)
     names = list(cols)

@@ -314,6 +314,8 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
         if ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
             ckpt.parent.rmdir()
     steps, acc = evaluator.curves()
+    if watch.strategy and diverged_at is None:  # e.g. MBC's compression, eviction's counts: claims may name them
+        metrics = {**metrics, "strategy": dict(watch.strategy)}
     return {
         "variant": v.name, "strategy": v.strategy, "seed": seed, "diverged_at": diverged_at,
         "wall_seconds": time.perf_counter() - t0,
@@ -337,9 +339,11 @@ class _DivergenceWatch:
     def __init__(self, factor: float, write: Any, nonfinite_ok: bool = False):
         self.factor, self.write, self.first, self.last_step = factor, write, None, 0
         self.nonfinite_ok = nonfinite_ok
+        self.strategy: dict[str, float] = {}  # the last value of each strategy metric (``step/<name>``)
 
     def __call__(self, rec: dict[str, Any]) -> None:
         self.last_step = int(rec.get("step", self.last_step))
+        self.strategy.update({k[5:]: v for k, v in rec.items() if k.startswith("step/")})
         loss = rec.get("loss")
         bad = False
         if isinstance(loss, float):
@@ -394,6 +398,8 @@ def summarize(results: list[dict[str, Any]], windows: list[int]) -> dict[str, An
         t0 = [r["metrics"]["per_task"].get("0", {}) for r in rs]
         for k in ("acc_at_end", "min_after", "acc_final", "gap_depth", "gap_recovery"):
             row[f"task0_{k}"] = _stats([t.get(k) for t in t0])
+        for k in sorted({k for r in rs for k in r["metrics"].get("strategy", {})}):  # the strategy's own figures
+            row[f"strategy.{k}"] = _stats([r["metrics"].get("strategy", {}).get(k) for r in rs])
         row["seeds"] = [r["seed"] for r in rs]
         row["wall_seconds"] = _stats([r["wall_seconds"] for r in rs])
         out[variant] = row
