@@ -27,9 +27,12 @@ from poise.edit.linear import (
     sphere_project,
 )
 from poise.edit.targets import edit_targets, keys_at
-from poise.edit.unlearn import AnalyticClassifier, grad_ascent_loss, grad_diff_loss, npo_loss
+from poise.edit.unlearn import AnalyticClassifier, grad_ascent_loss, grad_diff_loss, npo_loss, relearn_attack
+from poise.edit.unlearn_fit import FIT, importance_score, layer_attribution, redundancy_filter, select_algorithm
+from poise.edit.unlearn_stableun import project_conflict, stableun_backward
 
 __all__ = [
+    "FIT",
     "MEMIT",
     "ROME",
     "AlphaEdit",
@@ -51,12 +54,19 @@ __all__ = [
     "evaluate_requests",
     "grad_ascent_loss",
     "grad_diff_loss",
+    "importance_score",
     "keys_at",
+    "layer_attribution",
     "make_editor",
     "memit",
     "mlp_out_module",
     "npo_loss",
     "nullspace_projector",
+    "project_conflict",
+    "redundancy_filter",
+    "relearn_attack",
     "rome",
+    "select_algorithm",
     "sphere_project",
+    "stableun_backward",
 ]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["AnalyticClassifier", "grad_ascent_loss", "grad_diff_loss", "npo_loss"]
+__all__ = ["AnalyticClassifier", "grad_ascent_loss", "grad_diff_loss", "npo_loss", "relearn_attack"]
 
 
 def _row_keys(X: Tensor, Y: Tensor) -> list[str]:
@@ -93,3 +94,30 @@ def npo_loss(forget_logp: Tensor, ref_forget_logp: Tensor, beta: float = 0.1, re
     (open-unlearning ``NPO``, beta 0.1)."""
     loss = -(2.0 / beta) * F.logsigmoid(-beta * (forget_logp - ref_forget_logp)).mean()
     return loss if retain_nll is None else loss + alpha * retain_nll
+
+
+def relearn_attack(model: nn.Module, x: Tensor, y: Tensor, steps: int = 10, lr: float = 0.01,
+                   optimizer: str = "adam") -> nn.Module:
+    """Relearning attack (Hu et al., arXiv 2406.13356; the attack of StableUN arXiv 2509.20230 and FIT
+    arXiv 2601.21682): fine-tune a copy of an unlearned classifier on a few forgotten samples
+    ``(x, y)`` for ``steps`` full-batch steps of cross-entropy (``optimizer`` ``"adam"`` or ``"sgd"``,
+    learning rate ``lr``). Returns the attacked copy; ``model`` is not changed. Forget quality before
+    and after the attack, measured on forgotten data the attack did not see, tells how much of the
+    forgetting was only a sharp, easily undone minimum."""
+    if len(x) == 0:
+        raise ValueError("relearn_attack needs at least one sample")
+    if steps < 0 or lr <= 0:
+        raise ValueError(f"steps={steps} must be >= 0 and lr={lr} > 0")
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer={optimizer!r}; valid choices: adam, sgd")
+    attacked = copy.deepcopy(model).train()
+    for p in attacked.parameters():
+        p.requires_grad_(True)
+    opt_cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    opt = opt_cls(attacked.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = F.cross_entropy(attacked(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return attacked.eval()
