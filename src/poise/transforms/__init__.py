@@ -11,6 +11,7 @@ from poise.transforms._adam import (
     scale_by_bias_correction,
     scale_by_learning_rate,
 )
+from poise.transforms._apg import MomentumBuffer, apg_guidance, apg_project, scale_by_apg
 from poise.transforms._base import (
     REQUIRED,
     Read,
@@ -43,6 +44,10 @@ from poise.transforms._spam import spam, spam_warmup_scale
 from poise.transforms._sparse import ignore_top_k, scale_by_classp
 
 __all__ = [
+    "MomentumBuffer",
+    "apg_guidance",
+    "apg_project",
+    "scale_by_apg",
     "REQUIRED",
     "Read",
     "Transform",
