@@ -47,7 +47,7 @@ HOMES: dict[str, str] = {
     "metric": "poise.measure",
     "stream": "poise.tasks.digits",
     "model": "poise.models",
-    "rl_task": "poise.tasks.reasoning",
+    "rl_task": "poise.tasks.paraphrase",  # imports poise.tasks.reasoning: both register
     "editor": "poise.edit.editors",
 }
 

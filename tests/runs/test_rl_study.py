@@ -261,3 +261,112 @@ def test_ray_actor_generation_stays_within_eta(tmp_path):
     gaps = [row["staleness/version_gap"] for row in read_jsonl(path)]
     assert gaps == [0, 1, 1, 1]  # batches 0 and 1 from the start weights, then always one version behind
     assert len(r["curves"]["reward"]) == 4
+
+
+# -- issue 17: FP16 sampling, Routing Replay, AceReason sampling, PS-GRPO ------------------------------------
+TINY17 = ["seeds=[0]", "train.steps=2", "train.prompts=4", "train.group_size=2", "train.sft_steps=5",
+          "train.eval_problems=8", "train.eval_every=2", "train.n_embd=16", "train.checkpoint_every=0"]
+
+
+@pytest.mark.parametrize("recipe, names", [
+    ("rl-precision", ["bf16_sampler", "fp16_sampler", "bf16_both", "fp16_both", "fp32_sampler"]),
+    ("rl-routing-replay", ["no_replay", "R3", "no_replay_stale4", "R2_stale4", "R3_stale4"]),
+    ("rl-acereason", ["grpo_on_policy", "length_curriculum", "overlong_filter", "acereason"]),
+    ("rl-paraphrase", ["grpo_task", "ps_grpo", "ps_grpo_task", "ps_grpo_task_approx"]),
+])
+def test_issue17_recipes_validate(recipe, names):
+    cfg = load_recipe(recipe)
+    assert [v.name for v in cfg.variants] == names
+
+
+@pytest.mark.parametrize("override, message", [
+    ("variants.bf16_sampler.sampler_precision=fp8", "sampler_precision: 'fp8'; valid choices: '', float32, bfloat16"),
+    ("variants.bf16_sampler.trainer_precision=half", "trainer_precision: 'half'; valid choices: float32"),
+    ("variants.bf16_sampler.routing_replay=R3", "routing_replay='R3' needs a routed policy: train.model='moe'"),
+    ("variants.bf16_sampler.routing_replay=R1", "routing_replay: 'R1'; valid choices: none, R2, R3"),
+    ("variants.bf16_sampler.length_stages=[3,2]", "length_stages=[3, 2]: a length curriculum does not shrink"),
+    ("variants.bf16_sampler.length_stages=[0]", "length_stages[0]=0"),
+    ("variants.bf16_sampler.ps_grpo=similarity", "ps_grpo='similarity' needs paraphrased prompts"),
+    ("variants.bf16_sampler.ps_grpo=vote", "ps_grpo: 'vote'; valid choices: none, similarity, similarity+task"),
+    ("variants.bf16_sampler.ps_grpo_samples=-1", "ps_grpo_samples=-1: 0 (exact) or an integer >= 1"),
+    ("train.sampler_dtype=float16", "FP16 sampling: a variant's sampler_precision='float16'"),
+])
+def test_bad_issue17_options(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_recipe("rl-precision", [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("recipe, override, message", [
+    ("rl-acereason", "variants.acereason.minibatches=2", "strict_on_policy: one gradient step per rollout batch"),
+    ("rl-paraphrase", "task.paraphrases=1", "n_paraphrases=1: a paraphrase set needs 2..6"),
+    ("rl-paraphrase", "variants.ps_grpo.sampling=dynamic", "sampling must be 'uniform'"),
+    ("rl-routing-replay", "train.moe_top_k=5", "train.moe_top_k=5 must be <= train.moe_experts=4"),
+    ("rl-routing-replay", "train.async_eta=1", "records the sampler's routing synchronously"),
+])
+def test_bad_issue17_recipes(recipe, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(recipe, [override])
+    assert message in str(e.value)
+
+
+def _run(recipe, tmp_path, *extra):
+    run_dir = tmp_path / recipe
+    assert main(["run", recipe, "--run-dir", str(run_dir), "--no-progress", *TINY17, *extra]) == 0
+    return run_dir, json.loads((run_dir / "summary.json").read_text())
+
+
+def test_precision_study_measures_the_mismatch(tmp_path):
+    run_dir, summary = _run("rl-precision", tmp_path, "variants=[{name='bf16',loss='ppo_clip',sampler_precision="
+                            "'bfloat16'},{name='fp16',loss='ppo_clip',sampler_precision='float16'},{name='both',"
+                            "loss='ppo_clip',sampler_precision='float16',trainer_precision='float16'}]")
+    v = summary["variants"]
+    assert 0 < v["fp16"]["mismatch_abs"]["mean"] < v["bf16"]["mismatch_abs"]["mean"]
+    assert v["fp16"]["mismatch_k3_kl"]["n"] == 1
+    assert "Train-inference mismatch" in (run_dir / "report.html").read_text()
+
+
+def test_routing_replay_study_records_and_replays(tmp_path):
+    run_dir, summary = _run("rl-routing-replay", tmp_path, "train.n_head=2", "train.sampler_bits=2",
+                            "variants=[{name='none',loss='ppo_clip'},{name='R3',loss='ppo_clip',routing_replay='R3'},"
+                            "{name='R2s',loss='ppo_clip',routing_replay='R2',minibatches=2}]")
+    rows = {n: read_jsonl(run_dir / "metrics" / f"{n}-s0.jsonl") for n in ("none", "R3", "R2s")}
+    for rs in rows.values():
+        assert all(0 <= r["routing/mismatch"] <= 1 for r in rs)
+    # step 1: the same model and samples in every variant (same seed); without replay the trainer's
+    # mismatch is the unreplayed one, with R3 it is the replayed one
+    n1, r1 = rows["none"][0], rows["R3"][0]
+    assert n1["mismatch/abs_log_ratio"] == pytest.approx(n1["routing/abs_log_ratio_unreplayed"], rel=1e-5)
+    assert r1["routing/abs_log_ratio_unreplayed"] == pytest.approx(n1["routing/abs_log_ratio_unreplayed"], rel=1e-5)
+    if r1["routing/mismatch"] > 0:
+        assert r1["mismatch/abs_log_ratio"] != pytest.approx(r1["routing/abs_log_ratio_unreplayed"], rel=1e-6)
+    assert summary["variants"]["R3"]["routing_mismatch"]["n"] == 1
+    for rs in rows.values():  # without R3 the trained-on log-probs route as the trainer does
+        assert all(r["routing/abs_log_ratio_trained"] >= 0 for r in rs)
+    assert n1["routing/abs_log_ratio_trained"] == pytest.approx(n1["routing/abs_log_ratio_unreplayed"], rel=1e-5)
+    assert rows["R2s"][0]["routing/abs_log_ratio_trained"] == pytest.approx(
+        rows["R2s"][0]["routing/abs_log_ratio_unreplayed"], rel=1e-5)  # R2: pi_old routes as the trainer
+
+
+def test_overlong_filter_masks_truncated_completions(tmp_path):
+    """With a limit of one token, a completion finishes only by emitting EOS first; the rest are
+    masked out of the loss, so the truncated share is logged and a fully truncated batch trains on nothing."""
+    run_dir, _ = _run("rl-acereason", tmp_path, "task.level=1", "variants=[{name='f',loss='ppo_clip',"
+                      "overlong_filter=true,length_stages=[1]},{name='c',loss='ppo_clip',length_stages=[1,5]}]")
+    for r in read_jsonl(run_dir / "metrics" / "f-s0.jsonl"):
+        assert 0 <= r["overlong/truncated_frac"] <= 1
+        if r["overlong/truncated_frac"] == 1:
+            assert r["loss"] == 0 and r["grad_norm"] == 0
+    rows = read_jsonl(run_dir / "metrics" / "c-s0.jsonl")
+    assert rows[0]["overlong/truncated_frac"] > 0.5  # stage 1 (1 token) cuts the answers "d\n"
+
+
+def test_ps_grpo_rewards_agreement_across_paraphrases(tmp_path):
+    run_dir, summary = _run("rl-paraphrase", tmp_path, "variants=[{name='ps',loss='ppo_clip',ps_grpo='similarity'},"
+                            "{name='task',loss='ppo_clip'}]")
+    rows = read_jsonl(run_dir / "metrics" / "ps-s0.jsonl")
+    assert all(0 <= r["ps_grpo/similarity_reward"] <= 1 and 0 <= r["consistency/train"] <= 1 for r in rows)
+    assert "ps_grpo/similarity_reward" not in read_jsonl(run_dir / "metrics" / "task-s0.jsonl")[0]
+    for v in ("ps", "task"):
+        assert summary["variants"][v]["late_consistency"]["n"] == 1
+        assert 0 <= summary["variants"][v]["start_consistency"]["mean"] <= 1

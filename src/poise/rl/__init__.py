@@ -23,6 +23,7 @@ from poise.rl._common import (
     masked_sum,
     masked_whiten,
 )
+from poise.rl.acereason import length_stage, overlong_filter, truncated_rows, validate_stages
 from poise.rl.advantages import (
     batch_normalized_advantage,
     dr_grpo_advantage,
@@ -43,6 +44,13 @@ from poise.rl.advantages_more import (
     token_whiten,
 )
 from poise.rl.batch import PolicyBatch, batch_inputs, call_loss, loss_options, policy_losses
+from poise.rl.consistency import (
+    SIMILARITIES,
+    exact_match,
+    group_similarity_reward,
+    paraphrase_consistency,
+    token_f1,
+)
 from poise.rl.correction import (
     ISWeights,
     decompose_ratio,
@@ -73,6 +81,7 @@ from poise.rl.losses_more import (
     vespo_loss,
 )
 from poise.rl.objective import PolicyObjective, is_placement, policy_objective
+from poise.rl.precision import PRECISIONS, engine_dtypes, unit_roundoff
 from poise.rl.rollout import (
     AsyncSampler,
     Collected,
@@ -94,6 +103,7 @@ from poise.rl.rollout_correction import (
     rejection_mask,
     rollout_correction,
 )
+from poise.rl.routing import ROUTING_REPLAYS, record_routing, routed_logprobs, routing_mismatch
 from poise.rl.sampling import AdaSampler, StalenessBuffer, dynamic_sampling_keep, overlong_penalty
 from poise.rl.tokens import (
     bapo_bounds,
@@ -119,6 +129,23 @@ def names() -> list[str]:
 
 
 __all__ = [
+    # issue 17: PS-GRPO, Routing Replay, AceReason sampling, engine precision
+    "PRECISIONS",
+    "ROUTING_REPLAYS",
+    "SIMILARITIES",
+    "engine_dtypes",
+    "exact_match",
+    "group_similarity_reward",
+    "length_stage",
+    "overlong_filter",
+    "paraphrase_consistency",
+    "record_routing",
+    "routed_logprobs",
+    "routing_mismatch",
+    "token_f1",
+    "truncated_rows",
+    "unit_roundoff",
+    "validate_stages",
     "quantise_weights",
     "quantised_copy",
     "AGG_MODES",

@@ -47,18 +47,35 @@ from poise.rl import (
     sft_warmup,
     trainer_logprobs,
 )
+from poise.rl.acereason import length_stage, overlong_filter, truncated_rows, validate_stages
+from poise.rl.consistency import SIMILARITIES, group_similarity_reward, paraphrase_consistency
 from poise.rl.correction import MODES as IS_MODES
 from poise.rl.objective import ADAPTIVE_CLIPS, IS_DENOMINATORS, IS_LEVELS, TOKEN_SELECTS, TOKEN_WEIGHTS, is_placement
+from poise.rl.precision import PRECISIONS, autocast
 from poise.rl.rollout import SAMPLING_MODES
+from poise.rl.routing import ROUTING_REPLAYS, record_routing, routed_logprobs, routing_mismatch
 from poise.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
-from poise.runs.config import ConfigError, _check_variants, _choices, _help, claims_field, quick_field, tracking_field
+from poise.runs.config import (
+    ConfigError,
+    _check_variants,
+    _choices,
+    _help,
+    claims_field,
+    quick_field,
+    sweep_field,
+    tracking_field,
+)
 from poise.runs.engine import _stats, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter, truncate_jsonl
 from poise.runs.verdict import ClaimConfig
+from poise.tasks import paraphrase as _paraphrase  # noqa: F401 - registers the rl_task 'paraphrase'
+from poise.tasks.reasoning import EOS
 from poise.tasks.text import CharTokenizer
+
+PS_GRPO_MODES = ("none", "similarity", "similarity+task")
 
 __all__ = ["KIND", "RLStudyConfig", "RLTaskConfig", "RLTrainConfig", "RLVariantConfig", "build_policy", "run_one_rl",
            "late_accuracy", "run_rl_study", "summarize_rl", "validate_rl", "variant_objective"]
@@ -67,15 +84,24 @@ __all__ = ["KIND", "RLStudyConfig", "RLTaskConfig", "RLTrainConfig", "RLVariantC
 # -- config --------------------------------------------------------------------------------
 @dataclass
 class RLTaskConfig:
-    name: str = _help("task with verifiable rewards: 'arithmetic' or 'countdown'", default="arithmetic")
+    name: str = _help("task with verifiable rewards: 'arithmetic', 'countdown' or 'paraphrase' (arithmetic asked in "
+                      "several surface forms, poise.tasks.paraphrase)", default="arithmetic")
     level: int = _help("difficulty: arithmetic digits (1-4), countdown numbers (2-4)", default=1)
     ops: str = _help("arithmetic operators, a subset of '+-*'", default="+")
+    paraphrases: int = _help("paraphrase task: surface forms per problem, 2-6 (one paraphrase set = one problem "
+                             "in this many forms)", default=4)
 
 
 @dataclass
 class RLTrainConfig:
-    model: str = _help("policy: 'gpt' (poise's own) or a Hugging Face model built from a config, 'llama' or "
+    model: str = _help("policy: 'gpt' (poise's own), 'moe' (poise's GPT with top-k mixture-of-experts MLPs, "
+                       "poise.models.moe; for Routing Replay) or a Hugging Face model built from a config, 'llama' or "
                        "'qwen2' (needs transformers)", default="gpt")
+    moe_experts: int = _help("model='moe': experts per layer", default=4)
+    moe_top_k: int = _help("model='moe': experts chosen per token (1 to moe_experts)", default=2)
+    moe_norm_topk_prob: bool = _help("model='moe': renormalise the gates over the chosen experts (Mixtral, "
+                                     "Qwen3-MoE); false keeps the router's full softmax on them (Switch, Qwen2-MoE)",
+                                     default=True)
     n_layer: int = _help("GPT layers", default=1)
     n_head: int = _help("GPT heads", default=2)
     n_embd: int = _help("GPT width", default=48)
@@ -147,6 +173,29 @@ class RLVariantConfig:
     max_gen_batches: int = _help("dynamic sampling: generation batches per step at most", default=3)
     ada_rounds: int = _help("Reinforce-Ada: sampling rounds per step at most", default=4)
     params: dict[str, Any] = _help("keyword arguments of the loss (eps_low, eps_high, ...)", default_factory=dict)
+    sampler_precision: str = _help("this variant's sampler autocast precision, overriding train.sampler_dtype: "
+                                   "'float16' (FP16 sampling, arXiv 2510.26788), 'bfloat16' or 'float32'; '' = "
+                                   "train.sampler_dtype", default="")
+    trainer_precision: str = _help("the trainer's forward autocast precision: 'float32' (default), 'bfloat16' or "
+                                   "'float16' (with a gradient scaler, as the paper's verl patch); weights and "
+                                   "optimizer stay float32. FP16 on both engines is the paper's setting",
+                                   default="float32")
+    routing_replay: str = _help("Routing Replay for train.model='moe' (arXiv 2512.01374): 'none', 'R2' (gradient "
+                                "steps replay the trainer's routing at pi_old) or 'R3' (every trainer forward "
+                                "replays the sampler's routing)", default="none")
+    length_stages: list[int] = _help("AceReason's length curriculum (arXiv 2505.16400): the completion limit of "
+                                     "each stage, e.g. [2, 3, 5], the RL steps split into equal stages; [] = "
+                                     "train.max_new_tokens throughout", default_factory=list)
+    overlong_filter: bool = _help("AceReason: mask completions cut at the length limit (no EOS) out of the loss; "
+                                  "their rewards still enter the group baseline", default=False)
+    strict_on_policy: bool = _help("AceReason: one gradient step per rollout batch, synchronous sampling (refuses "
+                                   "minibatches > 1 and train.async_eta > 0)", default=False)
+    ps_grpo: str = _help("PS-GRPO (arXiv 2510.04392), task 'paraphrase' only: 'none', 'similarity' (the reward is "
+                         "the group similarity across paraphrases, no ground truth) or 'similarity+task' (plus the "
+                         "task's reward); advantages over the whole paraphrase set", default="none")
+    ps_grpo_similarity: str = _help("PS-GRPO's similarity of two outputs: 'exact' or 'token_f1'", default="exact")
+    ps_grpo_samples: int = _help("PS-GRPO: compare each output with this many outputs of other paraphrases, drawn "
+                                 "at random (the paper's approximation); 0 = all (exact)", default=0)
 
 
 @dataclass
@@ -163,17 +212,27 @@ class RLStudyConfig:
     claims: list[ClaimConfig] = claims_field()
     quick: bool = quick_field()
     tracking: list[str] = tracking_field()
+    sweep: dict[str, dict[str, Any]] = sweep_field()
 
 
 def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
     _choices("rl_task", cfg.task.name, "task.name")
     t = cfg.train
-    if t.model not in ("gpt", "llama", "qwen2"):
-        raise ConfigError(f"train.model: {t.model!r}; valid choices: gpt, llama, qwen2")
+    if t.model not in ("gpt", "moe", "llama", "qwen2"):
+        raise ConfigError(f"train.model: {t.model!r}; valid choices: gpt, moe, llama, qwen2")
+    for key in ("moe_experts", "moe_top_k"):
+        x = getattr(t, key)
+        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+            raise ConfigError(f"train.{key}={x!r} must be an integer >= 1")
+    if not isinstance(t.moe_norm_topk_prob, bool):
+        raise ConfigError(f"train.moe_norm_topk_prob={t.moe_norm_topk_prob!r} must be true or false")
+    if t.moe_top_k > t.moe_experts:
+        raise ConfigError(f"train.moe_top_k={t.moe_top_k} must be <= train.moe_experts={t.moe_experts}")
     if t.n_embd % t.n_head:
         raise ConfigError(f"train.n_embd={t.n_embd} must be a multiple of train.n_head={t.n_head}")
     if t.sampler_dtype not in ("bfloat16", "float32"):
-        raise ConfigError(f"train.sampler_dtype: {t.sampler_dtype!r}; valid choices: bfloat16, float32")
+        raise ConfigError(f"train.sampler_dtype: {t.sampler_dtype!r}; valid choices: bfloat16, float32 (FP16 "
+                          "sampling: a variant's sampler_precision='float16')")
     if isinstance(t.sampler_bits, bool) or not isinstance(t.sampler_bits, int) or not (
             t.sampler_bits == 0 or 2 <= t.sampler_bits <= 16):
         raise ConfigError(f"train.sampler_bits={t.sampler_bits!r}: 0 (the trainer's weights) or an integer 2-16")
@@ -197,8 +256,7 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
     if t.group_size < 2:
         raise ConfigError(f"train.group_size={t.group_size} must be >= 2 (group-relative advantages)")
     try:
-        _registry.get("rl_task", cfg.task.name)(level=cfg.task.level, **({"ops": cfg.task.ops}
-                                                                        if cfg.task.name == "arithmetic" else {}))
+        _registry.get("rl_task", cfg.task.name)(level=cfg.task.level, **_task_kwargs(cfg))
     except ValueError as e:
         raise ConfigError(f"task: {e}") from None
     losses = policy_losses()
@@ -228,7 +286,49 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
             if p not in options:
                 raise ConfigError(f"{key}.params.{p}: unknown argument of loss {v.loss!r}; "
                                   f"valid: {', '.join(options) or '(none)'}")
+        _validate_variant_extras(cfg, v, key)
     return cfg
+
+
+def _validate_variant_extras(cfg: RLStudyConfig, v: RLVariantConfig, key: str) -> None:
+    """The options of issue 17: precision, Routing Replay, AceReason sampling, PS-GRPO."""
+    t = cfg.train
+    for fld, ok in (("sampler_precision", ("", *PRECISIONS)), ("trainer_precision", tuple(PRECISIONS)),
+                    ("routing_replay", ROUTING_REPLAYS), ("ps_grpo", PS_GRPO_MODES),
+                    ("ps_grpo_similarity", tuple(SIMILARITIES))):
+        if getattr(v, fld) not in ok:
+            raise ConfigError(f"{key}.{fld}: {getattr(v, fld)!r}; valid choices: "
+                              f"{', '.join(repr(x) if x == '' else x for x in ok)}")
+    if v.routing_replay != "none" and t.model != "moe":
+        raise ConfigError(f"{key}.routing_replay={v.routing_replay!r} needs a routed policy: train.model='moe' "
+                          f"(it is {t.model!r})")
+    if (v.routing_replay != "none" or t.model == "moe") and t.async_eta:
+        raise ConfigError(f"train.async_eta={t.async_eta}: the 'moe' policy records the sampler's routing "
+                          "synchronously; use async_eta=0")
+    try:
+        validate_stages(v.length_stages, f"{key}.length_stages")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if v.length_stages and t.async_eta:
+        raise ConfigError(f"{key}.length_stages needs synchronous sampling (train.async_eta={t.async_eta}; use 0)")
+    if v.length_stages and len(v.length_stages) > t.steps:
+        raise ConfigError(f"{key}.length_stages has {len(v.length_stages)} stages for train.steps={t.steps}")
+    if not isinstance(v.overlong_filter, bool) or not isinstance(v.strict_on_policy, bool):
+        raise ConfigError(f"{key}.overlong_filter / strict_on_policy must be true or false")
+    if v.strict_on_policy:
+        steps = v.minibatches or t.minibatches
+        if steps != 1 or t.async_eta:
+            raise ConfigError(f"{key}.strict_on_policy: one gradient step per rollout batch, synchronous; got "
+                              f"minibatches={steps}, train.async_eta={t.async_eta} (need 1 and 0)")
+    if isinstance(v.ps_grpo_samples, bool) or not isinstance(v.ps_grpo_samples, int) or v.ps_grpo_samples < 0:
+        raise ConfigError(f"{key}.ps_grpo_samples={v.ps_grpo_samples!r}: 0 (exact) or an integer >= 1")
+    if v.ps_grpo != "none":
+        if cfg.task.name != "paraphrase":
+            raise ConfigError(f"{key}.ps_grpo={v.ps_grpo!r} needs paraphrased prompts: task.name='paraphrase' "
+                              f"(it is {cfg.task.name!r})")
+        if v.sampling != "uniform":
+            raise ConfigError(f"{key}.ps_grpo={v.ps_grpo!r} groups rollouts by paraphrase set; sampling must be "
+                              f"'uniform' (it is {v.sampling!r})")
 
 
 
@@ -246,10 +346,18 @@ def resolve(cfg: RLStudyConfig) -> dict[str, Any]:
     return {"optimizer": describe_optimizer(_optimizer(cfg.train, model), model)}
 
 
+def _task_kwargs(cfg: RLStudyConfig) -> dict[str, Any]:
+    """The task's keyword arguments besides level and seed."""
+    if cfg.task.name == "arithmetic":
+        return {"ops": cfg.task.ops}
+    if cfg.task.name == "paraphrase":
+        return {"ops": cfg.task.ops, "n_paraphrases": cfg.task.paraphrases}
+    return {}
+
+
 def _task(cfg: RLStudyConfig, seed: int) -> Any:
     cls = _registry.get("rl_task", cfg.task.name)
-    kw = {"ops": cfg.task.ops} if cfg.task.name == "arithmetic" else {}
-    return cls(level=cfg.task.level, seed=seed, **kw)
+    return cls(level=cfg.task.level, seed=seed, **_task_kwargs(cfg))
 
 
 def _any_rank(flag: bool, world: int) -> bool:
@@ -287,8 +395,16 @@ def _in_sync(model: torch.nn.Module, world: int) -> bool:
 
 
 def build_policy(t: Any, vocab_size: int) -> torch.nn.Module:
-    """The policy from the config: poise's GPT, or a Hugging Face Llama / Qwen2 causal LM built
+    """The policy from the config: poise's GPT, its mixture-of-experts form (``model="moe"``,
+    :class:`poise.models.moe.MoEGPT`), or a Hugging Face Llama / Qwen2 causal LM built
     from a config (random weights, no download): :func:`poise.models.build_lm`."""
+    if t.model == "moe":
+        from poise.models.moe import MoEConfig, MoEGPT
+
+        return MoEGPT(MoEConfig(vocab_size=vocab_size, block_size=t.block_size, n_layer=t.n_layer, n_head=t.n_head,
+                                n_embd=t.n_embd, n_experts=getattr(t, "moe_experts", 4),
+                                top_k=getattr(t, "moe_top_k", 2),
+                                norm_topk_prob=getattr(t, "moe_norm_topk_prob", True)))
     return build_lm(t.model, vocab_size=vocab_size, n_layer=t.n_layer, n_head=t.n_head, n_embd=t.n_embd,
                     block_size=t.block_size)
 
@@ -307,14 +423,52 @@ def _collect_kwargs(v: RLVariantConfig, t: RLTrainConfig) -> dict[str, Any]:
     """The variant's sample stage as :func:`poise.rl.collect` arguments."""
     return dict(num_prompts=t.prompts, group_size=t.group_size, max_new_tokens=t.max_new_tokens,
                 sampling=v.sampling, advantage=v.advantage, max_gen_batches=v.max_gen_batches,
-                ada_rounds=v.ada_rounds, temperature=t.temperature,
-                dtype=torch.bfloat16 if t.sampler_dtype == "bfloat16" else None,
+                ada_rounds=v.ada_rounds, temperature=t.temperature, dtype=_sampler_dtype(v, t),
                 weight_bits=t.sampler_bits or None)
 
 
+def _sampler_dtype(v: RLVariantConfig, t: RLTrainConfig) -> torch.dtype | None:
+    """The sampler's autocast dtype: the variant's ``sampler_precision`` or else ``train.sampler_dtype``."""
+    if getattr(v, "sampler_precision", ""):
+        return PRECISIONS[v.sampler_precision]
+    return torch.bfloat16 if t.sampler_dtype == "bfloat16" else None
+
+
+def _forward_logprobs(model: torch.nn.Module, rollouts: list, routed: bool, replay: list | None,
+                      dtype: torch.dtype | None, with_entropy: bool = False) -> tuple[Any, Any, list | None]:
+    """The trainer's ``(logp, entropy or None, routing used or None)`` in ``dtype`` autocast; a routed
+    (MoE) policy goes through :func:`poise.rl.routing.routed_logprobs` with ``replay`` replayed."""
+    with autocast(dtype):
+        if not routed:
+            out = trainer_logprobs(model, rollouts, with_entropy=with_entropy)
+            return (*out, None) if with_entropy else (out, None, None)
+        return routed_logprobs(model, rollouts, replay, with_entropy=with_entropy)
+
+
+def _context_routing_mismatch(sampler: list, trainer: list) -> float:
+    """:func:`poise.rl.routing.routing_mismatch` over every position whose hidden state feeds a
+    completion log-prob (all but each sequence's last token), every layer."""
+    a = torch.cat([x[:, :-1].reshape(-1, x.shape[-1]) for x in sampler])
+    b = torch.cat([x[:, :-1].reshape(-1, x.shape[-1]) for x in trainer])
+    return float(routing_mismatch(a, b))
+
+
+def _paraphrase_ids(rollouts: list) -> tuple[torch.Tensor, list[int]]:
+    """Contiguous paraphrase-set ids ``[N]`` and each rollout's form."""
+    remap: dict[int, int] = {}
+    sets = [remap.setdefault(r.problem.set_id, len(remap)) for r in rollouts]
+    return torch.tensor(sets), [r.problem.paraphrase for r in rollouts]
+
+
 def _held_out_accuracy(model: torch.nn.Module, tok: CharTokenizer, task: Any, problems: list,
-                       max_new_tokens: int, failures: list[dict[str, str]] | None = None) -> float:
+                       max_new_tokens: int, failures: list[dict[str, str]] | None = None,
+                       consistency: list[float] | None = None) -> float:
+    """Greedy held-out accuracy; with ``consistency`` (a list) and paraphrased problems, also appends
+    the greedy outputs' consistency across paraphrases (:func:`poise.rl.consistency.paraphrase_consistency`)."""
     rollouts = generate(model, tok, problems, group_size=1, max_new_tokens=max_new_tokens, greedy=True)
+    if consistency is not None and rollouts and hasattr(rollouts[0].problem, "set_id"):
+        sets, forms = _paraphrase_ids(rollouts)
+        consistency.append(paraphrase_consistency([r.text for r in rollouts], sets, forms))
     kept, bad = score_rollouts(task, rollouts)
     if failures is not None:
         failures.extend(bad)
@@ -367,6 +521,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
         start, curve = st["step"] + 1, st["curves"]
         eval_steps, eval_acc, eval_samples = st["eval_steps"], st["eval_acc"], st["eval_samples"]
         eval_pass1 = st.get("eval_pass1", [])
+        eval_consistency = st.get("eval_consistency", [])
         collapsed_at, bad_rewards, generated_total = st["collapsed_at"], st["bad_rewards"], st["generated_total"]
         examples.extend(st["bad_reward_examples"])
         if metrics_path is not None:
@@ -379,7 +534,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
         start = 1
         curve = {k: [] for k in ("reward", "entropy", "mismatch_abs", "grad_norm", "clip_frac", "chi2_token")}
         eval_failures: list[dict[str, str]] = []
-        eval_steps, eval_acc = [0], [_held_out_accuracy(model, tok, task, held, t.max_new_tokens, eval_failures)]
+        eval_consistency: list[float] = []
+        eval_steps, eval_acc = [0], [_held_out_accuracy(model, tok, task, held, t.max_new_tokens, eval_failures,
+                                                        eval_consistency)]
         eval_pass1 = [_held_out_pass1(model, tok, task, held, t, seed, 0)]
         record(eval_failures)
         eval_samples = [0]
@@ -399,12 +556,18 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
     elif t.async_eta:
         sampler = AsyncSampler(model, t.async_eta, t.steps - start + 1,
                                lambda m: collect(m, tok, task, generator=gen, **kw), start_version=start - 1)
+    routed = t.model == "moe"
+    trainer_dtype = PRECISIONS[v.trainer_precision]
+    scaler = torch.amp.GradScaler("cpu", growth_interval=400) if v.trainer_precision == "float16" else None
+    eos_id = int(tok.encode(EOS)[0])
     t0 = time.perf_counter()
     try:
         for step in range(start, t.steps + 1):
             version_gap = 0
             if sampler is None:
-                rollouts, rewards_t, adv, n_generated, bad = collect(model, tok, task, generator=gen, **kw)
+                kw_step = kw if not v.length_stages else {
+                    **kw, "max_new_tokens": length_stage(step, t.steps, v.length_stages)}
+                rollouts, rewards_t, adv, n_generated, bad = collect(model, tok, task, generator=gen, **kw_step)
             else:
                 (rollouts, rewards_t, adv, n_generated, bad), used = sampler.get()
                 version_gap = (step - 1) - used
@@ -420,31 +583,74 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                     progress(1)
                 continue
             behav, mask = completion_batch(rollouts)
+            extra: dict[str, float] = {}
+            if hasattr(rollouts[0].problem, "set_id"):  # paraphrased prompts
+                sets, forms = _paraphrase_ids(rollouts)
+                texts = [r.text for r in rollouts]
+                extra["consistency/train"] = paraphrase_consistency(texts, sets, forms)
+                if v.ps_grpo != "none":  # PS-GRPO: the group similarity reward, the paraphrase set as the group
+                    sim = group_similarity_reward(texts, sets, forms, similarity=v.ps_grpo_similarity,
+                                                  num_samples=v.ps_grpo_samples or None, generator=gen)
+                    extra["ps_grpo/similarity_reward"] = float(sim.mean())
+                    score = sim + rewards_t if v.ps_grpo == "similarity+task" else sim
+                    adv = _registry.get("advantage", v.advantage)(score, sets)
+            train_mask = mask
+            if v.overlong_filter or v.length_stages:
+                truncated = truncated_rows([r.completion_ids for r in rollouts], eos_id)
+                extra["overlong/truncated_frac"] = float(truncated.float().mean())
+                if v.overlong_filter:
+                    train_mask = overlong_filter(mask, truncated)
+            replay = None
+            if routed:  # the sampler's routing, the trainer's own at pi_old, and how often they differ
+                record_routing(model, rollouts, dtype=kw["dtype"], weight_bits=kw["weight_bits"])
+                sampler_routing = [r.extra.pop("routing") for r in rollouts]
+                with torch.no_grad():
+                    live_logp, _, live_routing = _forward_logprobs(model, rollouts, True, None, trainer_dtype)
+                extra["routing/mismatch"] = _context_routing_mismatch(sampler_routing, live_routing)
+                # |log pi - log mu| with the trainer's own routing, on the same batch as the replayed one
+                T_ = live_logp.shape[1]
+                extra["routing/abs_log_ratio_unreplayed"] = float(
+                    ((live_logp - behav[:, :T_]).abs() * mask[:, :T_]).sum() / mask[:, :T_].sum().clamp_min(1))
+                replay = {"none": None, "R2": live_routing, "R3": sampler_routing}[v.routing_replay]
             chunks = np.array_split(np.arange(len(rollouts)), v.minibatches or t.minibatches)
             if len(chunks) > 1:  # pi_old: the trainer's log-probs before this batch's first update
-                with torch.no_grad():
-                    old = trainer_logprobs(model, rollouts)
+                if routed and v.routing_replay != "R3":
+                    old = live_logp
+                else:
+                    with torch.no_grad():
+                        old = _forward_logprobs(model, rollouts, routed, replay, trainer_dtype)[0]
             else:  # on-policy: pi_old is the current policy; its log-probs come with the forward below
                 old = None
             rec: dict[str, Any] = {"step": step, "reward": _mean_over_ranks(float(rewards_t.mean()), world),
                                    "samples_generated": generated_total, "bad_rewards": bad_rewards,
-                                   "staleness/version_gap": version_gap}
+                                   "staleness/version_gap": version_gap, **extra}
             for c in chunks:
                 sub = [rollouts[i] for i in c]
                 idx = torch.as_tensor(c)
-                logp, ent = trainer_logprobs(trainer, sub, with_entropy=True)
+                logp, ent, _ = _forward_logprobs(trainer, sub, routed, None if replay is None else
+                                                 [replay[i] for i in c], trainer_dtype, with_entropy=True)
                 m = mask[idx][:, : logp.shape[1]]
                 old_c = logp.detach() if old is None else old[idx][:, : logp.shape[1]]
                 values, agg_mask, metrics = variant_objective(
-                    v, PolicyBatch(logp, old_c, behav[idx][:, : logp.shape[1]], adv[idx], m), ent)
+                    v, PolicyBatch(logp, old_c, behav[idx][:, : logp.shape[1]], adv[idx],
+                                   train_mask[idx][:, : logp.shape[1]]), ent)
                 loss = aggregate(values, agg_mask, v.aggregation)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if scaler is None:
+                    loss.backward()
+                else:  # float16 trainer: scaled loss, unscaled gradients (the paper's verl patch)
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
                 gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-                if _any_rank(not math.isfinite(float(loss.detach())) or not math.isfinite(gn), world):
+                if _any_rank(not math.isfinite(float(loss.detach())) or (scaler is None and not math.isfinite(gn)),
+                             world):
                     diverged_at = step
                     break
-                opt.step()
+                if scaler is None:
+                    opt.step()
+                else:  # a non-finite gradient skips the step and lowers the scale
+                    scaler.step(opt)
+                    scaler.update()
             if sampler is not None:
                 sampler.publish(model)
             if diverged_at:
@@ -453,6 +659,10 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             tr = old if old is not None else old_c  # the trainer's log-probs at the step's start, every row
             rec.update({k: float(x) for k, x in
                         rollout_diagnostics(tr, behav[:, : tr.shape[1]], mask[:, : tr.shape[1]]).items()})
+            if routed:  # the same batch's |log pi - log mu| as trained on (replayed or not), every row
+                mt = mask[:, : tr.shape[1]]
+                rec["routing/abs_log_ratio_trained"] = float(
+                    ((tr.detach() - behav[:, : tr.shape[1]]).abs() * mt).sum() / mt.sum().clamp_min(1))
             rec.update({k: float(x) for k, x in metrics.items()})
             rec.update(loss=float(loss.detach()), grad_norm=gn)
             curve["reward"].append(rec["reward"])
@@ -461,9 +671,17 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             curve["grad_norm"].append(gn)
             curve["clip_frac"].append(rec.get("clip_frac/region", 0.0))
             curve.setdefault("chi2_token", []).append(rec["rollout_corr/chi2_token"])
+            curve.setdefault("k3_kl", []).append(rec["rollout_corr/k3_kl"])
+            for key, name in (("routing/mismatch", "routing_mismatch"), ("overlong/truncated_frac", "truncated_frac"),
+                              ("routing/abs_log_ratio_unreplayed", "mismatch_abs_unreplayed"),
+                              ("routing/abs_log_ratio_trained", "mismatch_abs_trained"),
+                              ("consistency/train", "consistency_train"),
+                              ("ps_grpo/similarity_reward", "similarity_reward")):
+                if key in rec:
+                    curve.setdefault(name, []).append(rec[key])
             if step % t.eval_every == 0 or step == t.steps:
                 eval_failures = []
-                acc = _held_out_accuracy(model, tok, task, held, t.max_new_tokens, eval_failures)
+                acc = _held_out_accuracy(model, tok, task, held, t.max_new_tokens, eval_failures, eval_consistency)
                 record(eval_failures)
                 eval_steps.append(step)
                 eval_acc.append(acc)
@@ -472,6 +690,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 rec["held_out_acc"] = acc
                 if eval_pass1[-1] is not None:
                     rec["held_out_pass1"] = eval_pass1[-1]
+                if eval_consistency:
+                    rec["held_out_consistency"] = eval_consistency[-1]
                 if collapsed_at is None and max(eval_acc) >= 2 * t.collapse_reward and acc < t.collapse_reward:
                     collapsed_at = step
             if writer:
@@ -480,6 +700,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 save_checkpoint(ckpt_dir, step, model, opt, gen, {
                     "task_rng": task.rng.getstate(), "curves": curve, "eval_steps": eval_steps,
                     "eval_acc": eval_acc, "eval_pass1": eval_pass1, "eval_samples": eval_samples,
+                    "eval_consistency": eval_consistency,
                     "collapsed_at": collapsed_at,
                     "bad_rewards": bad_rewards, "generated_total": generated_total,
                     "bad_reward_examples": examples})
@@ -500,6 +721,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
             "late_acc": late_accuracy(eval_steps, eval_acc, t.steps),
             **({"eval_pass1": eval_pass1, "start_pass1": eval_pass1[0], "final_pass1": eval_pass1[-1],
                 "late_pass1": late_accuracy(eval_steps, eval_pass1, t.steps)} if t.eval_pass1_samples else {}),
+            **({"eval_consistency": eval_consistency, "start_consistency": eval_consistency[0],
+                "late_consistency": late_accuracy(eval_steps, eval_consistency, t.steps)}
+               if len(eval_consistency) == len(eval_steps) else {}),
             "samples_generated": generated_total,
             "collapsed_at": collapsed_at, "diverged_at": diverged_at, "bad_rewards": bad_rewards,
             "bad_reward_examples": examples,
@@ -540,6 +764,14 @@ def summarize_rl(results: list[dict[str, Any]]) -> dict[str, Any]:
             "mismatch_abs": _stats([float(np.mean(r["curves"]["mismatch_abs"])) for r in rs]),
             "chi2_token": _stats([float(np.mean(r["curves"]["chi2_token"])) if r["curves"].get("chi2_token")
                                   else None for r in rs]),
+            # issue 17's measurements; n = 0 where a run does not have them
+            **{key: _stats([float(np.mean(r["curves"][curve])) if r["curves"].get(curve) else None for r in rs])
+               for key, curve in (("mismatch_k3_kl", "k3_kl"), ("routing_mismatch", "routing_mismatch"),
+                                  ("mismatch_abs_unreplayed", "mismatch_abs_unreplayed"),
+                                  ("mismatch_abs_trained", "mismatch_abs_trained"),
+                                  ("truncated_frac", "truncated_frac"), ("train_consistency", "consistency_train"))},
+            "start_consistency": _stats([r.get("start_consistency") for r in rs]),
+            "late_consistency": _stats([r.get("late_consistency") for r in rs]),
             "samples_generated": _stats([float(r["samples_generated"]) for r in rs]),
             "acc_gain_per_1k_samples": _stats([1000 * (r["final_acc"] - r["eval_acc"][0])
                                                / max(1, r["samples_generated"]) for r in rs]),
@@ -581,7 +813,56 @@ def _rl_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[di
              f"{r['collapsed']['count']} / {r['collapsed']['runs']}", _fmt(r["samples_generated"], 0),
              _fmt(r["acc_gain_per_1k_samples"], 3), _fmt(r["seconds_per_step"], 2)]
             for v, r in table.items()]
-    return [{"title": "Objectives", "note": note, "heads": heads, "rows": rows}]
+    tables = [{"title": "Objectives", "note": note, "heads": heads, "rows": rows}]
+    extra = [(k, head, digits) for k, head, digits in (
+        ("mismatch_abs", "|Δlogp| (mean ± std [95% CI])", 5), ("mismatch_k3_kl", "KL(μ‖π) k3", 6),
+        ("routing_mismatch", "routing mismatch", 4),
+        ("mismatch_abs_unreplayed", "|Δlogp| trainer's own routing", 5),
+        ("mismatch_abs_trained", "|Δlogp| as trained (replayed)", 5), ("truncated_frac", "truncated share", 3),
+        ("train_consistency", "consistency (train)", 3), ("start_consistency", "consistency held-out (start)", 3),
+        ("late_consistency", "consistency held-out (late)", 3))
+        if k in ("mismatch_abs", "mismatch_k3_kl") or any(r[k]["n"] for r in table.values())]
+    variants = {v["name"]: v for v in config.get("variants", [])}
+    if len(extra) > 2 or any(v.get("sampler_precision") or v.get("trainer_precision", "float32") != "float32"
+                             for v in variants.values()):
+        note2 = ("Per-token train-inference mismatch between the sampler μ and the trainer π on the sampled tokens, "
+                 "mean over steps, then mean ± sample std over seeds with a 95% t-interval: |Δlogp| = |log π − log μ|, "
+                 "KL(μ‖π) by the k3 estimator. Routing mismatch: share of (token, layer) whose top-k expert set "
+                 "differs between the sampler's routing and the trainer's own (before any replay); |Δlogp| with the "
+                 "trainer's own routing: the batch's mismatch had the trainer not replayed; as trained: with the "
+                 "routing the update used (both over every row of the batch, at the step's start). Truncated share: "
+                 "completions cut at the length limit. Consistency: share of output pairs from different paraphrases "
+                 "of one problem that agree (greedy on held-out sets; sampled outputs during training).")
+        heads2 = ["variant", "sampler", "trainer", "replay", *[h for _, h, _ in extra]]
+        rows2 = []
+        for name, r in table.items():
+            v = variants.get(name, {})
+            sampler = v.get("sampler_precision") or config["train"].get("sampler_dtype", "bfloat16")
+            rows2.append([html.escape(name), sampler, v.get("trainer_precision", "float32"),
+                          v.get("routing_replay", "none"),
+                          *[_fmt_ci(r[k], d) if k.startswith("mismatch") else _fmt(r[k], d)
+                            for k, _, d in extra]])
+        tables.append({"title": "Train-inference mismatch, routing, length and consistency", "note": note2,
+                       "heads": heads2, "rows": rows2})
+    return tables
+
+
+def _t95(n: int) -> float:
+    """Two-sided 95% Student-t quantile for ``n - 1`` degrees of freedom (normal beyond 30)."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+             10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+    df = n - 1
+    return 1.96 if df > 30 else table[max(k for k in table if k <= df)]  # the smaller df: a wider interval
+
+
+def _fmt_ci(s: dict[str, Any], digits: int) -> str:
+    """``mean ± std [lo, hi]`` with a 95% t-interval over seeds (no interval for one seed)."""
+    if not s["n"]:
+        return "–"
+    if s["n"] < 2:
+        return f"{s['mean']:.{digits}f}"
+    h = _t95(s["n"]) * s["std"] / math.sqrt(s["n"])
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{s['mean'] - h:.{digits}f}, {s['mean'] + h:.{digits}f}]"
 
 
 def _sampler_words(train: dict[str, Any]) -> str:
@@ -703,5 +984,6 @@ KIND = StudyKind(
              ("seconds_per_step", "s/step")),
     quick=("seeds=[0]", "train.steps=10", "train.eval_problems=50"),
     resumable=True,
+    large=25_000,
     resolve=resolve,
 )
