@@ -69,3 +69,21 @@ def test_the_users_skip_guard_stops_the_study_with_exit_3(tmp_path, monkeypatch,
                  "--no-report"]) == 3
     err = capsys.readouterr().err
     assert "training stopped" in err and "max_consecutive_skips=3" in err and "net." in err
+
+
+def test_the_users_skip_guard_stops_an_optimizers_study_too(monkeypatch):
+    """In the optimizers study a non-finite gradient under nonfinite='raise' is a diverged run, but the
+    guard giving up under nonfinite='skip' (ConsecutiveSkipsError) stops the study: never a diverged row."""
+    import pytest
+
+    from poise.optim import AdamW, ConsecutiveSkipsError
+    from poise.runs.config import load_recipe
+    from poise.runs.kinds import optimizers
+
+    def gives_up(self, closure=None):
+        raise ConsecutiveSkipsError("3 consecutive steps skipped (max_consecutive_skips=3)")
+
+    monkeypatch.setattr(AdamW, "step", gives_up)
+    cfg = load_recipe("optimizers", ["seeds=[0]", "lm.steps=3", "variants=[{optimizer='adamw'}]"])
+    with pytest.raises(ConsecutiveSkipsError):
+        optimizers.KIND.run_one(cfg, 0, 0)

@@ -467,9 +467,9 @@ def _edit_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[
             "whose prediction did not move; general loss: next-token loss on held-out theme sentences (before: "
             f"{_fmt(_stats(list({r['seed']: r['metrics']['base_general_loss'] for r in results}.values())))}); "
             "forget accuracy: forgotten facts "
-            "still answered (lower is better). Mean ± std over seeds.")
-    heads = ["base acc", "write", "efficacy", "paraphrase", "early retention", "locality", "locality acc",
-             "general loss", "forget acc", "|ΔW|/|W|", "editor s"]
+            "still answered (lower is better). ↑ higher is better, ↓ lower is better. Mean ± std over seeds.")
+    heads = ["base acc ↑", "write ↑", "efficacy ↑", "paraphrase ↑", "early retention ↑", "locality ↑",
+             "locality acc ↑", "general loss ↓", "forget acc ↓", "|ΔW|/|W|", "editor s ↓"]
     rows = [[html.escape(v), *(_fmt(r.get(k)) for k in ("base_acc", "write_efficacy", "efficacy", "paraphrase",
                                                         "retention_early", "locality", "locality_acc",
                                                         "general_loss", "forget_acc", "weight_change")),

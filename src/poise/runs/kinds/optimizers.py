@@ -28,7 +28,7 @@ from torch import nn
 from poise.distributed import is_main
 from poise.models import GPT, GPTConfig
 from poise.models.quant import QUANT_PRESETS, fake_quantize_linears, quant_spec
-from poise.optim import NonFiniteGradientError
+from poise.optim import ConsecutiveSkipsError, NonFiniteGradientError
 from poise.runs.components import OptimizerSpec, build_optimizer, describe_optimizer
 from poise.runs.config import (
     ConfigError,
@@ -223,7 +223,9 @@ def run_one_optim(cfg: OptimStudyConfig, variant_index: int, seed: int, metrics_
             if not bad:
                 try:
                     opt.step()
-                except NonFiniteGradientError:
+                except ConsecutiveSkipsError:  # the user's guard (nonfinite="skip") gave up: the study stops, exit 3
+                    raise
+                except NonFiniteGradientError:  # nonfinite="raise": this run diverged (a result, flagged)
                     bad = True
             if bad:
                 diverged_at = step
@@ -302,14 +304,15 @@ def run_optim_study(cfg: OptimStudyConfig, run_dir: str | Path | None = None, pr
 # -- report --------------------------------------------------------------------------------
 def _optim_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = summarize_optim(results)
-    note = (f"Mean ± sample std over seeds; [a, b]: 95% t interval of the mean (two or more seeds). Precision: "
+    note = ("↓ lower is better. "
+            f"Mean ± sample std over seeds; [a, b]: 95% t interval of the mean (two or more seeds). Precision: "
             "float32, or fake-quantised INT8/INT4 weights and activations of the attention/MLP linear layers "
             f"(poise.models.quant). A loss spike: a step whose training loss is above {config['spike_factor']}x the "
             "EMA (decay 0.9) of the training losses before it. Diverged: loss non-finite or above "
             f"{config['divergence_factor']}x its initial value; the run stops there and has no final validation "
             "loss.")
-    heads = ["precision", "final val loss", "95% interval", "min train loss", "loss spikes", "95% interval",
-             "diverged", "ms / step"]
+    heads = ["precision", "final val loss ↓", "95% interval", "min train loss ↓", "loss spikes ↓", "95% interval",
+             "diverged ↓", "ms / step ↓"]
     rows = []
 
     def ci(x: list[float] | None, digits: int) -> str:

@@ -213,7 +213,8 @@ def _priming_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> li
     note = ("Per learned fact, log priming = log of the mean over the theme's unrelated contexts of "
             "P_after(keyword) / P_before(keyword); log memorisation = the same in the fact's own context; "
             "predictor = log P_before(keyword | own context). ρ: Spearman correlation of the predictor with log "
-            "priming over the facts (the paper reports a negative one). Mean ± std over seeds.")
+            "priming over the facts (the paper reports a negative one). These are measurements of how a fact spreads, "
+            "with no better direction. Mean ± std over seeds.")
     heads = ["log priming", "log memorisation", "predictor (mean)", "ρ(predictor, priming)",
              "ρ(context prob, priming)"]
     rows = [[html.escape(v), *(_fmt(r[k]) for k in ("log_priming", "log_memorization", "keyword_before",

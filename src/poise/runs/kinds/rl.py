@@ -799,14 +799,15 @@ def _rl_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[di
         "log-ratio between the trainer and the sampler on sampled tokens, the train-inference mismatch "
         f"({_sampler_words(config['train'])}); χ²: mean over steps of the token χ²(π‖μ) = E[ρ²] − 1. Late: the "
         "mean over the evaluations of the second half of RL. Collapsed: held-out accuracy fell below "
-        f"{config['train']['collapse_reward']} after having reached twice that, or the loss diverged.")
+        f"{config['train']['collapse_reward']} after having reached twice that, or the loss diverged. "
+        "↑ higher is better, ↓ lower is better.")
     pass1 = any(r["late_pass1"]["n"] for r in table.values())
     if pass1:
         note += (f" Pass@1: mean reward of {config['train'].get('eval_pass1_samples')} completions per held-out "
                  "problem sampled from the trainer's float32 weights at the training temperature.")
-    heads = ["held-out acc (end)", "held-out acc (start)", "held-out acc (late)",
-             *(["pass@1 (start)", "pass@1 (late)"] if pass1 else []), "reward", "entropy", "|log ρ|", "χ²",
-             "collapsed", "samples generated", "acc gain / 1k samples", "s / step"]
+    heads = ["held-out acc (end) ↑", "held-out acc (start)", "held-out acc (late) ↑",
+             *(["pass@1 (start)", "pass@1 (late) ↑"] if pass1 else []), "reward ↑", "entropy", "|log ρ| ↓", "χ² ↓",
+             "collapsed ↓", "samples generated", "acc gain / 1k samples ↑", "s / step ↓"]
     rows = [[html.escape(v), _fmt(r["final_acc"]), _fmt(r["start_acc"]), _fmt(r["late_acc"]),
              *([_fmt(r["start_pass1"]), _fmt(r["late_pass1"])] if pass1 else []), _fmt(r["final_reward"]),
              _fmt(r["final_entropy"]), _fmt(r["mismatch_abs"], 4), _fmt(r["chi2_token"], 4),
@@ -833,7 +834,7 @@ def _rl_tables(config: dict[str, Any], results: list[dict[str, Any]]) -> list[di
                  "routing the update used (both over every row of the batch, at the step's start). Truncated share: "
                  "completions cut at the length limit. Consistency: share of output pairs from different paraphrases "
                  "of one problem that agree (greedy on held-out sets; sampled outputs during training).")
-        heads2 = ["variant", "sampler", "trainer", "replay", *[h for _, h, _ in extra]]
+        heads2 = ["sampler", "trainer", "replay", *[h for _, h, _ in extra]]  # the page adds the variant column
         rows2 = []
         for name, r in table.items():
             v = variants.get(name, {})
