@@ -45,7 +45,7 @@ HOMES: dict[str, str] = {
     "loss": "poise.rl",  # the package: its __init__ imports every module that registers a loss
     "advantage": "poise.rl",
     "metric": "poise.measure",
-    "stream": "poise.tasks.digits",
+    "stream": "poise.tasks",  # digits, fscil and drift streams
     "model": "poise.models",
     "rl_task": "poise.tasks.paraphrase",  # imports poise.tasks.reasoning: both register
     "editor": "poise.edit.editors",

@@ -30,6 +30,8 @@ KWARGS = {
     "faulty_replay": {"mem_size": 10, "batch_size": 4, "fault_rate": 0.3},
     "stable_eviction": {"mem_size": 10, "batch_size": 4, "fault_rate": 0.3},
     "intact": {"lam_drift": 10.0},
+    "fscil_tricks": {"supcon": 0.5, "augment": 1.0, "adapt": "calibrate"},
+    "reloop": {"capacity": 10, "k": 3},
 }
 # mid task 0, the last step of task 0 (before its end), mid task 1, mid task 2
 RESUME_AT = (3, 6, 8, 14)

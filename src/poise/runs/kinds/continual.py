@@ -59,6 +59,9 @@ class WorkloadConfig:
     model: str = _help("classifier (registry 'model')", default="mlp")
     hidden: int = _help("hidden width of the model", default=256)
     depth: int = _help("hidden layers of the MLP", default=2)
+    stream_params: dict[str, Any] = _help("further keyword arguments of the stream (fscil-digits: shots, ways; "
+                                          "drift-digits: kind, swaps, angle; `poise list streams`)",
+                                          default_factory=dict)
 
 
 @dataclass
@@ -185,9 +188,15 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             raise ConfigError(f"variants[{i}].params: {v.strategy}: {e}") from None
     # the stream's own checks (scenario, n_tasks) run when it is built: build it now
     try:
-        stream = _registry.get("stream", cfg.workload.stream)(n_tasks=cfg.workload.n_tasks,
-                                                              scenario=cfg.workload.scenario)
-    except ValueError as e:
+        from poise.runs.config import check_kwargs
+
+        make = _registry.get("stream", cfg.workload.stream)
+        check_kwargs(make, cfg.workload.stream_params, "workload.stream_params", f"stream {cfg.workload.stream!r}",
+                     skip=("n_tasks", "scenario"))
+        stream = make(n_tasks=cfg.workload.n_tasks, scenario=cfg.workload.scenario, **cfg.workload.stream_params)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"workload: {e}") from None
     # every variant's optimizer is built once on the study's model, so its own checks run now
     model = _model(cfg, stream)
@@ -220,7 +229,7 @@ def _model(cfg: StudyConfig, stream: Any) -> torch.nn.Module:
 def resolve(cfg: StudyConfig) -> dict[str, Any]:
     """What each variant's optimizer was built as (class, groups, projected matrices)."""
     w = cfg.workload
-    stream = _registry.get("stream", w.stream)(n_tasks=w.n_tasks, scenario=w.scenario)
+    stream = _registry.get("stream", w.stream)(n_tasks=w.n_tasks, scenario=w.scenario, **w.stream_params)
     model = _model(cfg, stream)
     return {"optimizers": {v.name: describe_optimizer(_optimizer(cfg, i, model), model)
                            for i, v in enumerate(cfg.variants)}}
@@ -245,7 +254,7 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
             progress: Any = None) -> dict[str, Any]:
     """Train one variant with one seed; returns metrics and curves."""
     w = cfg.workload
-    stream = _registry.get("stream", w.stream)(n_tasks=w.n_tasks, scenario=w.scenario)
+    stream = _registry.get("stream", w.stream)(n_tasks=w.n_tasks, scenario=w.scenario, **w.stream_params)
     v = cfg.variants[variant_index]
     torch.manual_seed(seed)
     model = _model(cfg, stream)
