@@ -930,6 +930,34 @@ def _rl_plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any
         plt.close(fig)
         out.append(("Each objective on-policy and stale: the end point of every run, and how many collapsed", p))
 
+    if stale:  # 1b. small multiples: one panel per staleness, one line per objective, band and thin seeds
+        ticks = sorted({k for m in families.values() for k, _ in m})
+        fig, axes = plt.subplots(1, len(ticks), figsize=(4.4 * len(ticks), 3.6), squeeze=False, sharey=True)
+        for ax, k in zip(axes[0], ticks, strict=True):
+            for i, (label, members) in enumerate(families.items()):
+                name = dict(members).get(k)
+                rs = [r for r in results if r["variant"] == name and r.get("eval_acc")]
+                if not rs:
+                    continue
+                n = min(len(r["eval_acc"]) for r in rs)
+                x = np.array(rs[0]["eval_steps"][:n], dtype=float)
+                ys = np.array([[np.nan if a is None else a for a in r["eval_acc"][:n]] for r in rs], dtype=float)
+                m = np.nanmean(ys, axis=0)
+                ax.plot(x, m, lw=1.6, label=label, **style(i))
+                if len(rs) > 1:
+                    ax.fill_between(x, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=cmap(i % 10), alpha=0.12)
+                    for y in ys:
+                        ax.plot(x, y, lw=0.5, alpha=0.5, color=cmap(i % 10))
+            ax.set(title=f"staleness {k}", xlabel="RL step", ylim=(-0.02, 1.02))
+        axes[0][0].set_ylabel("held-out accuracy")
+        axes[0][0].legend(fontsize=8, loc="upper left")
+        fig.tight_layout()
+        p = run_dir / "rl_by_staleness.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        out.append(("Held-out accuracy during RL, one panel per staleness, one line per objective (mean; band: "
+                    "range over seeds; thin: each seed)", p))
+
     # 2. curves: one line per objective (its least stale member) so the panels stay readable
     shown = [(label, members[0][1]) for label, members in families.items() if members[0][1] in present]
     shown += [(v, v) for v in dict.fromkeys(r["variant"] for r in results) if v not in {n for _, n in shown}
