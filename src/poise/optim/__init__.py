@@ -7,6 +7,7 @@ from poise.optim.classp import CLASSP
 from poise.optim.eggroll import EGGROLL, zscore_fitness
 from poise.optim.frugal import FRUGAL
 from poise.optim.galore import GaLoreAdamW
+from poise.optim.muon import Muon
 from poise.optim.qgalore import QGaLoreAdamW
 from poise.optim.soap import SOAP
 from poise.optim.spam import SPAM
@@ -14,6 +15,7 @@ from poise.optim.sso import SSO, sso_step
 from poise.optim.stable_spam import StableSPAM
 
 __all__ = [
+    "Muon",
     "EGGROLL",
     "SSO",
     "sso_step",
