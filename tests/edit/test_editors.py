@@ -266,3 +266,131 @@ def test_make_editor_checks_names_and_arguments():
         make_editor("rlsedit", W0, K0)  # the default lam = 0 and 5 anchor keys in 8 dims
     s = make_editor("rlsedit", W0, K0, sphere={"alpha": 1.0}, lam=0.5)
     assert isinstance(s, Sphere) and isinstance(s.editor, RLSEdit) and (s.beta, s.alpha) == (0.5, 1.0)
+
+
+# --- refusals leave the editor bit-identical (issue 19) --------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _snapshot(ed):
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in ed.state_dict().items()}
+
+
+def _same(ed, snap):
+    st = ed.state_dict()
+    assert set(st) == set(snap)
+    for k, v in st.items():
+        assert torch.equal(v, snap[k]) if isinstance(v, torch.Tensor) else v == snap[k], k
+
+
+def _editor(name, sphere=False):
+    W0, K0, reqs = _data(n0=12 if name == "rlsedit" else 5)
+    C0 = K0 @ K0.T + torch.eye(8, dtype=D)
+    ed = make_editor(name, W0, K0, C0, sphere=sphere)
+    ed.edit(*reqs[0])  # some state to keep (AlphaEdit's K_prev, RLSEdit's C and n_edits)
+    return ed, reqs
+
+
+@pytest.mark.parametrize("sphere", [False, True])
+@pytest.mark.parametrize("name", [n for n in _registry.names("editor") if n != "sphere"])
+def test_a_non_finite_key_value_or_shift_is_refused_and_changes_nothing(name, sphere):
+    ed, reqs = _editor(name, sphere)
+    K, V = (x.clone() for x in reqs[1])
+    snap = _snapshot(ed)
+    K[4, 1] = NAN  # before: ROME and AlphaEdit wrote NaN into W (and AlphaEdit kept the key)
+    with pytest.raises(ValueError, match=r"K has 1 non-finite entry \(the first at index \(4, 1\): nan\)"):
+        ed.edit(K, V)
+    _same(ed, snap)
+    with pytest.raises(ValueError, match="V has 12 non-finite entries"):
+        ed.edit(reqs[1][0], reqs[1][1] * INF)  # V is 6 x 2, no entry 0: every one inf
+    _same(ed, snap)
+    bad = torch.zeros(6, 8, dtype=D)
+    bad[0, 0] = NAN
+    with pytest.raises(ValueError, match="delta has 1 non-finite entry"):
+        ed.shift(bad)
+    _same(ed, snap)
+    ed.edit(*reqs[1])  # and it still works
+
+
+@pytest.mark.parametrize("name", [n for n in _registry.names("editor") if editor_params(n)])
+def test_every_hyperparameter_must_be_finite_and_in_range(name):
+    W0, K0, _ = _data(n0=12)
+    C0 = K0 @ K0.T + torch.eye(8, dtype=D)
+    for param in editor_params(name):
+        for bad in (NAN, INF, -1.0):
+            kw = {param: bad}
+            with pytest.raises(ValueError, match=rf"{param}={bad!r} must be .*finite"):
+                if name == "sphere":
+                    make_editor("memit", W0, K0, C0, sphere=kw)
+                else:
+                    make_editor(name, W0, K0, C0, **kw)
+        with pytest.raises(TypeError, match=rf"{param}='1' must be a real number"):
+            if name == "sphere":
+                make_editor("memit", W0, K0, C0, sphere={param: "1"})
+            else:
+                make_editor(name, W0, K0, C0, **{param: "1"})
+
+
+def test_non_finite_construction_tensors_are_refused():
+    W0, K0, _ = _data(n0=12)
+    with pytest.raises(ValueError, match="W0 has 1 non-finite entry"):
+        MEMIT(W0.index_put((torch.tensor([1]), torch.tensor([2])), torch.tensor(INF, dtype=D)), torch.eye(8, dtype=D))
+    with pytest.raises(ValueError, match="K0 has 96 non-finite entries"):
+        make_editor("memit", W0, K0 * NAN)  # before C0 = K0 K0^T is formed from it
+    with pytest.raises(ValueError, match="C0 has 64 non-finite entries"):
+        ROME(W0, torch.eye(8, dtype=D) * NAN)
+    with pytest.raises(ValueError, match="K0 has 96 non-finite entries"):
+        RLSEdit(W0, K0 * NAN)  # before: torch.linalg.eigh's "failed to converge"
+    with pytest.raises(ValueError, match=r"lam=1e\+200: lam\^2 overflows float64"):
+        RLSEdit(W0, K0, lam=1e200)  # before: OverflowError from lam**2
+
+
+def test_rome_batch_is_all_or_nothing():
+    # column 0 is a fine edit, column 1 a zero key: before, column 0 was written and then the error came
+    ed = ROME(torch.zeros(2, 2, dtype=D))
+    snap = _snapshot(ed)
+    K = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=D)
+    with pytest.raises(ValueError, match="k is the zero vector"):
+        ed.edit(K, torch.ones(2, 2, dtype=D))
+    _same(ed, snap)
+    with pytest.raises(ValueError, match=r"C is singular \(numerical rank 1 of d_k=2\)"):
+        ROME(torch.zeros(2, 2, dtype=D), torch.diag(torch.tensor([1.0, 0.0], dtype=D)), lam=0.0).edit(
+            torch.tensor([0.0, 1.0], dtype=D), torch.ones(2, dtype=D))
+
+
+def test_singular_memit_and_alphaedit_are_refused_with_the_weight_unchanged():
+    W0, K0, reqs = _data()
+    m = MEMIT(W0, K0 @ K0.T, lam=0.0)  # lam = 0: A = K K^T, 2 keys in 8 dimensions (before: a raw Cholesky error)
+    snap = _snapshot(m)
+    with pytest.raises(ValueError, match=r"lam=0.0; numerical rank 2 of d_k=8; 2 keys\): give lam > 0"):
+        m.edit(*reqs[0])
+    _same(m, snap)
+    with pytest.raises(ValueError, match=r"l2=0.0 makes M P \+ l2 I singular \(P projects onto 3 of d_k=8"):
+        AlphaEdit(W0, K0, threshold=1e-8, l2=0.0)  # refused at construction: no editor to leave half-made
+    with pytest.warns(UserWarning, match="null space of K0 K0\\^T empty"):
+        AlphaEdit(W0, torch.eye(8, dtype=D), threshold=0.5)  # every eigenvalue is 1: every edit would be zero
+
+
+def test_rlsedit_refusals_keep_W_C_and_n_edits():
+    W0, K0, _ = _data(n0=5)
+    with pytest.raises(ValueError, match=r"numerically singular \(lam=1e-200, lam\^2 = 0;"):
+        RLSEdit(W0, K0, lam=1e-200)  # lam^2 underflows: A = K0 K0^T of rank 5 (before: NaN edits later)
+    for dt, big in ((torch.float32, 1e20), (D, 1e160)):
+        ed = RLSEdit(torch.zeros(2, 2, dtype=dt), lam=1.0)
+        ed.edit(E1.to(dt), torch.tensor([1.0, 2.0], dtype=dt))
+        snap = _snapshot(ed)
+        # K^T C K overflows: before, S = inf gave G = F / inf = 0, a silent non-edit that still counted
+        with pytest.raises(ValueError, match=r"RLSEdit step \(C K or K\^T C K\) would overflow"):
+            ed.edit(torch.tensor([big, 0.0], dtype=dt), torch.tensor([1.0, 2.0], dtype=dt))
+        _same(ed, snap)
+        assert ed.n_edits == 1
+        # lam = 1e-3: C = 1e6 I along e2, so K = 1e-3 e2 gives F = 1e3 e2, S = 2, G = 500 e2 and the change
+        # (V - W K) G^T = 500 * max / 10 = 50 max: finite inputs, an overflowing step
+        ed = RLSEdit(torch.zeros(2, 2, dtype=dt), lam=1e-3)
+        ed.edit(E1.to(dt), torch.tensor([1.0, 2.0], dtype=dt))
+        snap = _snapshot(ed)
+        with pytest.raises(ValueError, match="RLSEdit step would overflow"):
+            ed.edit(torch.tensor([0.0, 1e-3], dtype=dt), torch.tensor([torch.finfo(dt).max / 10, 0.0], dtype=dt))
+        _same(ed, snap)
+        ed.edit(torch.tensor([0.0, 1e-3], dtype=dt), torch.tensor([1.0, 0.0], dtype=dt))  # a sane one still works

@@ -2,6 +2,7 @@
 (Conv1D MLP) built from a config and trained for a few seconds on a word-level fact corpus."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -220,3 +221,85 @@ def test_bad_input_errors_name_the_problem(trained):
 
     with pytest.raises(ValueError, match="does not extend the tokens"):
         HFEditor(copy.deepcopy(model), Merging(), "rome", 1).edit([EditRequest("the capital of {}", "france", "rome")])
+
+
+# --- refusals (issue 19): finite settings, all-or-nothing edits, no score from NaN logits -----------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kw,msg", [({"lr": NAN}, r"lr=nan must be > 0 and finite"),
+                                    ({"clamp": INF}, r"clamp=inf must be > 0 and finite"),
+                                    ({"weight_decay": -1.0}, r"weight_decay=-1.0 must be >= 0 and finite"),
+                                    ({"ridge": NAN}, r"ridge=nan must be >= 0 and finite"),
+                                    ({"steps": 1.5}, r"steps=1.5 must be an integer"),
+                                    ({"batch": 0}, r"batch=0 >= 1")])
+def test_search_settings_must_be_finite_and_in_range(trained, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        HFEditor(trained["llama"], TOK, "rome", 1, **kw)
+
+
+def _states(ed):
+    return [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in e.state_dict().items()} for e in ed.editors]
+
+
+def _assert_same(model, ed, state, eds):
+    for k, v in model.state_dict().items():  # bit for bit, a NaN planted by the test equal to itself
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0, equal_nan=True)
+    for got, want in zip(_states(ed), eds, strict=True):
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) if isinstance(want[k], torch.Tensor) else got[k] == want[k]
+                   for k in want)
+
+
+def test_an_editor_refusing_at_a_later_layer_restores_every_layer(trained):
+    model = copy.deepcopy(trained["llama"])
+    ed = HFEditor(model, TOK, "rlsedit", [0, 1], preserve=PRESERVE, editor_params={"lam": 1.0})
+    ed.edit(REQUESTS[:1], measure=False)  # editor state to keep: C and n_edits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    eds = _states(ed)
+    first, second = ed.editors
+    wrote = []
+
+    class Recording:  # layer 0 edits for real (and is written into the model) ...
+        def __getattr__(self, name):
+            return getattr(first, name)
+
+        def edit(self, K, V):
+            wrote.append(True)
+            return first.edit(K, V)
+
+    class Refusing:  # ... then layer 1's editor refuses, as a singular system would
+        def __getattr__(self, name):
+            return getattr(second, name)
+
+        def edit(self, K, V):
+            raise ValueError("lam * C0 + K K^T is singular (a stand-in)")
+
+    ed.editors = [Recording(), Refusing()]
+    with pytest.raises(ValueError, match=r"layer 1 \(model.layers.1.mlp.down_proj\): lam \* C0 .* left as they were"):
+        ed.edit(REQUESTS[1:], measure=False)
+    assert wrote  # layer 0 was changed before the refusal: the restore is what keeps the model the same
+    _assert_same(model, ed, state, eds)
+
+
+def test_a_model_with_nan_outputs_is_neither_scored_nor_edited(trained):
+    model = copy.deepcopy(trained["llama"])
+    with torch.no_grad():
+        model.model.embed_tokens.weight[TOK.stoi["france"]] = NAN  # request 0's prompt reads it
+    reqs = [EditRequest.from_record(r) if isinstance(r, dict) else r for r in REQUESTS]
+    got = evaluate_requests(model, TOK, reqs)
+    # before: the argmax of NaN logits is token 0, scored as a prediction (efficacy 0.0, a number)
+    assert got["nonfinite_requests"] == [0] and math.isnan(got["efficacy"]) and math.isnan(got["paraphrase"])
+    assert math.isnan(got["per_request"][0]["efficacy"]) and got["per_request"][1]["efficacy"] == 0.0
+    ed = HFEditor(model, TOK, "rome", 1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    eds = _states(ed)
+    with pytest.raises(ValueError, match=r"requests \[0\]: the hidden state of layer 1 .* not finite"):
+        ed.edit(reqs, measure=False)
+    _assert_same(model, ed, state, eds)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = INF
+    with pytest.raises(ValueError, match=r"layer 1: the weight of model.layers.1.mlp.down_proj has 1 non-finite"):
+        ed.edit(reqs[1:], measure=False)
+    assert evaluate_requests(model, TOK, reqs[1:])["nonfinite_requests"] == [0]

@@ -116,3 +116,100 @@ def test_collect_keys_values_and_rome_on_a_hugging_face_mlp():
     apply_delta(layer, rome(layer.weight.detach(), K[:, 3], target))
     K2, V2 = collect_keys_values(model, layer, ids)
     torch.testing.assert_close(V2[:, 3], target, atol=1e-10, rtol=0)
+
+
+# --- finiteness and singular systems (issue 19): ValueError naming the argument, its value, what is valid ---
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_non_finite_tensors_are_refused_by_every_function():
+    W, K, V, K0 = _data()
+    C = K0 @ K0.T + torch.eye(8, dtype=D)
+    k_nan = K[:, 0].clone()
+    k_nan[3] = NAN
+    V_inf = V.clone()
+    V_inf[1, 2] = INF
+    cases = [
+        (lambda: rome(W, k_nan, V[:, 0]), r"k has 1 non-finite entry \(the first at index \(3, 0\): nan\)"),  # was NaN
+        (lambda: rome(W, K[:, 0], V[:, 0], C * INF), "C has 64 non-finite entries"),
+        (lambda: memit(W, K, V_inf, C), r"V has 1 non-finite entry \(the first at index \(1, 2\): inf\)"),
+        (lambda: memit(W * NAN, K, V, C), "W has 48 non-finite entries"),
+        (lambda: alphaedit(W, K, V, K0 * NAN, threshold=1e-8), "K0 has 40 non-finite entries"),
+        (lambda: alphaedit(W, K, V, K0, K_prev=k_nan[:, None], threshold=1e-8), "K_prev has 1 non-finite entry"),
+        (lambda: nullspace_projector(K0 * INF), "K0 has 40 non-finite entries"),
+        (lambda: sphere_project(W, W * NAN), "delta has 48 non-finite entries"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda W, K, V, K0: alphaedit(W, K, V, K0, threshold=NAN), r"threshold=nan must be >= 0 and finite"),
+    (lambda W, K, V, K0: alphaedit(W, K, V, K0, threshold=-1.0), r"threshold=-1.0 must be >= 0 and finite"),
+    (lambda W, K, V, K0: alphaedit(W, K, V, K0, threshold=1e-8, l2=INF), r"l2=inf must be >= 0 and finite"),
+    (lambda W, K, V, K0: memit(W, K, V, K0 @ K0.T, lam=NAN), r"lam=nan must be >= 0 and finite"),
+    (lambda W, K, V, K0: nullspace_projector(K0, NAN), r"threshold=nan must be >= 0"),
+    (lambda W, K, V, K0: sphere_project(W, W, beta=1.5), r"beta=1.5 must be in \[0, 1\] and finite"),
+    (lambda W, K, V, K0: sphere_project(W, W, alpha=INF), r"alpha=inf must be >= 0 and finite"),
+])
+def test_non_finite_or_out_of_range_hyperparameters_are_refused(call, msg):
+    # before: alphaedit(threshold=nan) kept no eigenvector (evals < nan is False) and returned a zero update
+    with pytest.raises(ValueError, match=msg):
+        call(*_data())
+
+
+def test_three_singular_systems_raise_value_errors_not_linalg_errors():
+    W, K, V, K0 = _data()
+    # 1. ROME, a zero key: (W + Delta) 0 = v has no solution
+    with pytest.raises(ValueError, match="k is the zero vector"):
+        rome(W, torch.zeros(8, dtype=D), V[:, 0])
+    # ROME, a singular C (before: torch.linalg.solve's _LinAlgError)
+    with pytest.raises(ValueError, match=r"C is singular \(numerical rank 7 of d_k=8\): give a positive definite C"):
+        rome(W, K[:, 0], V[:, 0], torch.diag(torch.tensor([1.0] * 7 + [0.0], dtype=D)))
+    # ROME, C^-1 k orthogonal to k: C = diag(1, -1, 1, ...), k = e1 + e2: C^-1 k = e1 - e2, (C^-1 k)^T k = 0
+    C = torch.diag(torch.tensor([1.0, -1.0] + [1.0] * 6, dtype=D))
+    k = torch.zeros(8, dtype=D)
+    k[:2] = 1.0
+    with pytest.raises(ValueError, match=r"\(C\^-1 k\)\^T k = 0: C\^-1 k is orthogonal to k"):
+        rome(W, k, V[:, 0], C)
+    # 2. MEMIT, lam = 0 and 3 keys in 8 dimensions: lam C0 + K K^T has rank 3
+    with pytest.raises(ValueError, match=r"\(lam=0.0; numerical rank 3 of d_k=8; 3 keys\): give lam > 0"):
+        memit(W, K, V, K0 @ K0.T, lam=0.0)
+    # 3. AlphaEdit, l2 = 0 with a 3-dimensional null space (5 preserved keys in 8 dims): M P has rank <= 3
+    with pytest.raises(ValueError, match=r"l2=0.0 makes M P \+ l2 I singular \(P projects onto 3 of d_k=8"):
+        alphaedit(W, K, V, K0, threshold=1e-8, l2=0.0)
+    # l2 = 0 is fine when the null space is everything (no preserved keys): then A = M, and M = K K^T + ...
+    assert torch.isfinite(alphaedit(W, K, V, K0[:, :0], K_prev=torch.eye(8, dtype=D), l2=0.0)).all()
+
+
+def test_alphaedit_with_an_empty_null_space_warns_and_writes_nothing():
+    W, K, V, _ = _data()
+    K0 = torch.randn(8, 20, generator=torch.Generator().manual_seed(1), dtype=D)  # 20 keys span the 8-d key space
+    with pytest.warns(UserWarning, match=r"threshold=1e-08 leaves the null space of K0 K0\^T empty"):
+        d = alphaedit(W, K, V, K0, threshold=1e-8)
+    assert torch.equal(d, torch.zeros_like(W))
+
+
+def test_overflowing_updates_are_refused():
+    W, K, V, K0 = _data()
+    huge = K[:, 0] * 1e200  # finite, but k^T k overflows
+    with pytest.raises(ValueError, match=r"\(C\^-1 k\)\^T k overflows torch.float64"):
+        rome(W, huge, V[:, 0])  # before: Delta = r k^T / inf = 0, a silent non-edit
+    with pytest.raises(ValueError, match="lam \\* C0 \\+ K K\\^T overflows"):
+        memit(W, K * 1e200, V, K0 @ K0.T)
+
+
+def test_apply_delta_refuses_non_finite_changes_and_leaves_the_layer_bit_identical():
+    layer = torch.nn.Linear(8, 6, bias=False).double()
+    with torch.no_grad():
+        layer.weight[0, 0] = torch.finfo(D).max / 2
+    before = layer.weight.detach().clone()
+    bad = torch.zeros(6, 8, dtype=D)
+    bad[2, 3] = NAN
+    with pytest.raises(ValueError, match=r"delta has 1 non-finite entry \(the first at index \(2, 3\): nan\)"):
+        apply_delta(layer, bad)
+    with pytest.raises(ValueError, match="weight \\+ delta is not finite in torch.float64"):
+        apply_delta(layer, torch.full((6, 8), torch.finfo(D).max, dtype=D))  # finite, but max/2 + max overflows
+    assert torch.equal(layer.weight, before)

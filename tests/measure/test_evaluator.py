@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,123 @@ def test_state_dict_round_trip_mid_task_gives_the_same_curves_and_metrics():
         run(fresh, range(4, 6))
     with pytest.raises(ValueError, match=r"evaluator state is for tasks \[0, 1\], this evaluator has \[0, 1, 2\]"):
         ContinualEvaluator(_sets(3)).load_state_dict(first.state_dict())
+
+
+# --- non-finite evaluation is reported as such, never as an accuracy (issue 19) --------------------------
+
+
+class Poisoned(nn.Module):
+    """Right on every sample (logits favour label 0) until ``poison`` is set: then the logits of the samples
+    of the tasks in ``poison`` are ``value`` (NaN, +inf, ...) in column ``col`` (None: every column)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.poison, self.value, self.col = set(), math.nan, None
+
+    def forward(self, x):
+        out = torch.tensor([[1.0, 0.0, -1.0]]).repeat(len(x), 1)
+        rows = torch.tensor([int(t) in self.poison for t in x[:, 0].tolist()])
+        if self.col is None:
+            out[rows] = self.value
+        else:
+            out[rows, self.col] = self.value
+        return out
+
+
+def _sets3(n_tasks, n=10):
+    return {t: (torch.full((n, 1), float(t)), torch.zeros(n, dtype=torch.long)) for t in range(n_tasks)}
+
+
+def test_a_nan_model_scores_nan_not_chance_and_is_counted():
+    # before: argmax of a NaN row is 0 in torch, so with labels 0 a NaN model "scored" 1.0 here (0.2 with 5 classes)
+    m = Poisoned()
+    ev = ContinualEvaluator(_sets3(2), schedule=EvalSchedule(dense_steps=0, every=1))
+    ev.begin_task(0)
+    assert ev.maybe_eval(m) == {0: 1.0}
+    ev.end_task(m)
+    ev.begin_task(1)
+    m.poison = {0}  # the model's output on task 0 turns NaN; task 1 stays finite
+    accs = ev.maybe_eval(m)
+    assert math.isnan(accs[0]) and accs[1] == 1.0
+    assert ev.records[-1].nonfinite == [0] and ev.nonfinite_evals == 1
+    m.poison = {0, 1}
+    assert all(math.isnan(a) for a in ev.maybe_eval(m).values())
+    ev.end_task(m)  # the boundary evaluation is step 3's: counted once
+    assert ev.nonfinite_evals == 3
+    res = ev.metrics()
+    assert res["nonfinite_evals"] == 3 and res["nonfinite_tasks"] == ["0", "1"]
+    assert res["first_nonfinite_step"] == 2
+    for k in ("acc", "forgetting", "bwt", "min_acc", "wc_acc", "wf10", "wp10", "gap_depth"):
+        assert math.isnan(res[k]), k  # never a number computed around the NaN
+    assert all(math.isnan(v) for v in res["per_task"]["0"].values())
+    steps, acc = ev.curves()
+    assert np.isnan(acc[1:, 0]).all() and acc[0, 0] == 1.0
+
+
+def test_finite_runs_carry_zero_flags_and_unchanged_metrics():
+    m = Poisoned()
+    ev = ContinualEvaluator(_sets3(1), schedule=EvalSchedule(dense_steps=0, every=1))
+    ev.begin_task(0)
+    ev.maybe_eval(m)
+    ev.end_task(m)
+    res = ev.metrics()
+    assert (res["nonfinite_evals"], res["nonfinite_tasks"], res["first_nonfinite_step"]) == (0, [], None)
+    assert res["acc"] == 1.0 and res["min_acc"] != res["min_acc"]  # one task: min-ACC has nothing to cover (NaN)
+
+
+@pytest.mark.parametrize("value,col,nonfinite", [(math.nan, 2, True), (math.inf, 1, True), (-math.inf, None, True),
+                                                 (-math.inf, 2, False), (1e30, 1, False)])
+def test_what_counts_as_non_finite_output(value, col, nonfinite):
+    # NaN or +inf in any column, or every column -inf: no prediction. A -inf column is a mask ("impossible
+    # class") and a huge finite logit is a prediction: those keep their accuracy (1e30 in column 1 wins: 0.0)
+    m = Poisoned()
+    m.poison, m.value, m.col = {0}, value, col
+    got = ContinualEvaluator(_sets3(1)).evaluate(m)[0]
+    if nonfinite:
+        assert math.isnan(got)
+    else:
+        assert got == (0.0 if value == 1e30 else 1.0)
+
+
+def test_restricted_classes_ignore_a_nan_outside_them():
+    # task-incremental: the task is scored on classes [0, 1]; a NaN in class 2 is not part of its prediction
+    m = Poisoned()
+    m.poison, m.value, m.col = {0}, math.nan, 2
+    x, y = torch.zeros(4, 1), torch.zeros(4, dtype=torch.long)
+    assert ContinualEvaluator({0: EvalSet(x, y, classes=[0, 1])}).evaluate(m)[0] == 1.0  # before: argmax -> 2, 0.0
+    m.col = 1
+    assert math.isnan(ContinualEvaluator({0: EvalSet(x, y, classes=[0, 1])}).evaluate(m)[0])
+
+
+def test_a_custom_predict_returning_nan_is_flagged():
+    ev = ContinualEvaluator(_sets3(1), predict=lambda model, x, classes: torch.full((len(x),), math.nan))
+    assert math.isnan(ev.evaluate(nn.Linear(1, 1))[0])
+
+
+def test_an_empty_evaluation_set_is_refused_naming_the_task():
+    # before: 0 / max(1, 0) = 0.0, an accuracy of 0 that lowered every average
+    sets = {**_sets3(2), "late": (torch.zeros(0, 1), torch.zeros(0, dtype=torch.long))}
+    with pytest.raises(ValueError, match=r"task 'late': the evaluation set is empty \(0 samples\)"):
+        ContinualEvaluator(sets)
+    with pytest.raises(ValueError, match=r"task 3: the evaluation set is empty"):
+        ContinualEvaluator({3: EvalSet(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))})
+
+
+def test_nonfinite_flags_survive_a_state_dict_round_trip():
+    import io
+
+    m = Poisoned()
+    ev = ContinualEvaluator(_sets3(1), schedule=EvalSchedule(dense_steps=0, every=1))
+    ev.begin_task(0)
+    ev.maybe_eval(m)
+    m.poison = {0}
+    ev.maybe_eval(m)
+    buf = io.BytesIO()
+    torch.save(ev.state_dict(), buf)
+    buf.seek(0)
+    back = ContinualEvaluator(_sets3(1), schedule=EvalSchedule(dense_steps=0, every=1))
+    back.load_state_dict(torch.load(buf, weights_only=True))
+    assert back.nonfinite_evals == 1 and back.records[-1].nonfinite == [0]
+    back.end_task(m)
+    assert back.metrics()["first_nonfinite_step"] == 2

@@ -214,3 +214,50 @@ def _save(obj):
 
 def test_eval_set_len():
     assert len(EvalSet(torch.zeros(3, 2), torch.zeros(3))) == 3
+
+
+# --- non-finite evaluation (issue 19) --------------------------------------------------------------------
+
+
+def test_lm_sums_are_nan_when_a_scored_position_has_non_finite_logits():
+    from poise.measure import lm_sums, lm_values
+
+    # one row [a, b, c], labels score positions 1 and 2 (predicted from the logits at 0 and 1)
+    labels = torch.tensor([[-100, 1, 2]])
+    logits = torch.zeros(1, 3, 3)
+    logits[0, 0, 1] = logits[0, 1, 2] = 1.0  # both right: correct 2, nll 2 * (log(e + 2) - 1)
+    torch.testing.assert_close(lm_sums(logits, labels),
+                               torch.tensor([2.0, 2 * (math.log(math.e + 2) - 1), 2.0], dtype=torch.float64))
+    logits[0, 2] = math.nan  # position 2's logits predict nothing scored: still finite
+    assert torch.isfinite(lm_sums(logits, labels)).all()
+    for bad in (math.nan, math.inf):
+        broken = logits.clone()
+        broken[0, 1, 0] = bad  # a scored position
+        s = lm_sums(broken, labels)
+        assert math.isnan(s[0]) and math.isnan(s[1]) and s[2] == 2.0
+        assert all(math.isnan(v) for v in lm_values(s).values())  # before: token_acc from an argmax of NaN
+    masked = logits.clone()
+    masked[0, 1, 0] = -math.inf  # an impossible token: a mask, still a prediction
+    assert torch.isfinite(lm_sums(masked, labels)).all()
+    masked[0, 1] = -math.inf  # every token impossible: no prediction
+    assert math.isnan(lm_sums(masked, labels)[0])
+
+
+def test_an_lm_evaluator_flags_a_nan_model_and_refuses_an_empty_set():
+    m = _ScriptedLM()
+    sets = {t: LMEvalSet(torch.tensor([[t, 1], [t, 1]])) for t in (0, 2)}
+    ev = ContinualEvaluator(sets, schedule=EvalSchedule(dense_steps=0, every=1), metric="loss")
+    ev.begin_task(0)
+    m.loss = {0: 0.5}
+    assert ev.maybe_eval(m)[0] == pytest.approx(0.5)
+    ev.end_task(m)
+    ev.begin_task(2)
+    m.loss = {0: math.nan, 2: 0.5}  # p = NaN: task 0's logits turn NaN
+    got = ev.maybe_eval(m)
+    assert math.isnan(got[0]) and got[2] == pytest.approx(0.5)
+    assert all(math.isnan(ev.last_scores()[k][0]) for k in ("token_acc", "loss", "ppl"))
+    ev.end_task(m)
+    res = ev.metrics()
+    assert res["nonfinite_evals"] == 1 and res["nonfinite_tasks"] == ["0"] and math.isnan(res["acc"])
+    with pytest.raises(ValueError, match=r"task 'x': the LMEvalSet is empty \(0 sequences\)"):
+        ContinualEvaluator({"x": LMEvalSet(torch.zeros(0, 3, dtype=torch.long))})

@@ -87,3 +87,30 @@ def test_the_users_skip_guard_stops_an_optimizers_study_too(monkeypatch):
     cfg = load_recipe("optimizers", ["seeds=[0]", "lm.steps=3", "variants=[{optimizer='adamw'}]"])
     with pytest.raises(ConsecutiveSkipsError):
         optimizers.KIND.run_one(cfg, 0, 0)
+
+
+def test_a_model_that_evaluates_to_nan_is_a_diverged_run_not_an_accuracy(monkeypatch):
+    """nonfinite='skip' lets a NaN loss pass (the optimizer skips the step), but weights that became NaN are
+    evaluated as NaN: the run is flagged diverged at that evaluation, never averaged as an accuracy."""
+    from poise.runs.config import load_recipe
+    from poise.runs.engine import summarize_results
+    from poise.runs.kinds import continual
+
+    real = continual.fit_stream
+
+    def nan_at_3(model, *a, log=None, **k):
+        def poisoned(rec):
+            log(rec)
+            if rec.get("step") == 3 and not rec.get("boundary"):
+                for p in model.parameters():
+                    p.data.fill_(float("nan"))
+        return real(model, *a, log=poisoned, **k)
+
+    monkeypatch.setattr(continual, "fit_stream", nan_at_3)
+    cfg = load_recipe("tiny", ["seeds=[0]", "train.optimizer=adamw", "train.lr=0.001", "train.steps_per_task=8",
+                               "train.optimizer_params={nonfinite='skip'}", "variants=[{strategy='finetune'}]",
+                               "eval.every=1"])
+    r = continual.run_one(cfg, 0, 0)
+    assert r["diverged_at"] == 4  # the first evaluation of the NaN weights
+    summary = summarize_results(continual.KIND, {"eval": {"windows": [10]}}, [r], [])
+    assert summary["variants"]["finetune"]["diverged"]["count"] == 1

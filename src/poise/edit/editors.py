@@ -14,11 +14,20 @@ first arguments are the tensors, always named ``W0`` (the weight before any edit
 keys as columns) and ``C0`` (their second moment ``K0 K0^T``); :data:`TENSOR_ARGS` lists these names.
 ``Sphere(editor, beta, alpha)`` wraps any editor. :func:`make_editor` builds one by registry name
 (kind ``"editor"``) with its arguments checked against the constructor's signature.
+
+Refusals. Every tensor (``W0``, ``K0``, ``C0``, the keys and values of an edit, a ``shift``) must be
+finite and every hyperparameter a finite number in its range; a system that cannot be solved (ROME
+with a zero key or a singular ``C``, MEMIT's ``lam C0 + K K^T`` singular, AlphaEdit with ``l2 = 0`` and
+a partial null space, RLSEdit's anchor matrix singular) and an update that would overflow raise
+``ValueError`` naming the argument, its value and what is valid. A refused ``edit`` or ``shift``
+leaves the editor exactly as it was (weight and state bit for bit); a refused constructor builds
+nothing. (AlphaEdit with an empty null space is not singular but makes every edit zero: it warns.)
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -27,7 +36,17 @@ from torch import Tensor
 
 from poise import _registry
 from poise._registry import register
-from poise.edit.linear import _check, alphaedit, memit, rome, sphere_project
+from poise.edit.linear import (
+    _check,
+    _finite,
+    _null_basis,
+    _number,
+    _square,
+    alphaedit,
+    memit,
+    rome,
+    sphere_project,
+)
 
 __all__ = ["AlphaEdit", "Editor", "LinearEditor", "MEMIT", "NoEdit", "RLSEdit", "RLSEditor", "ROME", "Sphere",
            "TENSOR_ARGS", "editor_params", "make_editor"]
@@ -64,9 +83,20 @@ def _columns(K: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _nonneg(**values: float) -> None:
+    """Each value a finite real ``>= 0``, else ``ValueError`` naming it (``TypeError`` for a non-number)."""
     for k, x in values.items():
-        if not x >= 0:
-            raise ValueError(f"{k}={x!r} must be >= 0")
+        _number(k, x)
+
+
+def _fits(W: Tensor, delta: Tensor) -> bool:
+    """Whether ``W + delta`` cannot overflow: ``max|W| + max|delta|`` below half the dtype's largest value."""
+    big = torch.finfo(W.dtype).max / 2
+    return float(torch.linalg.vector_norm(W, math.inf)) + float(torch.linalg.vector_norm(delta, math.inf)) < big
+
+
+def _overflow(what: str, dtype: torch.dtype) -> ValueError:
+    return ValueError(f"{what} would overflow {dtype} (finite inputs, but a near-singular system or very large keys): "
+                      "nothing was changed; regularise more or rescale the keys")
 
 
 class LinearEditor:
@@ -83,6 +113,7 @@ class LinearEditor:
     def __init__(self, W0: Tensor):
         if W0.dim() != 2 or not W0.is_floating_point():
             raise ValueError(f"W0 must be a 2-D floating tensor [d_v, d_k], got {tuple(W0.shape)} {W0.dtype}")
+        _finite(W0, "W0")
         self.W = W0.detach().clone()
 
     @property
@@ -93,7 +124,8 @@ class LinearEditor:
     def edit(self, K: Tensor, V: Tensor, *, project: Project | None = None) -> Tensor:
         """Apply the edits (``K [d_k, n]``, ``V [d_v, n]``, or one key ``[d_k]`` and value ``[d_v]``);
         return the change added to :attr:`weight`. ``project(W, delta)`` maps each update before
-        it is added (what :class:`Sphere` passes); bad shapes or dtypes raise ``ValueError``."""
+        it is added (what :class:`Sphere` passes). Bad shapes or dtypes, non-finite keys or values, a
+        singular system or an overflowing update raise ``ValueError`` and leave the editor unchanged."""
         K, V = _columns(K, V)
         _check(self.W, K, V)
         return self._edit(K, V, project)
@@ -101,17 +133,30 @@ class LinearEditor:
     def _edit(self, K: Tensor, V: Tensor, project: Project | None) -> Tensor:
         raise NotImplementedError
 
-    def _apply(self, delta: Tensor, project: Project | None) -> Tensor:
+    def _apply(self, delta: Tensor, project: Project | None, W: Tensor | None = None) -> Tensor:
+        """``W += project(W, delta)`` (``W``: this editor's weight unless given) after checking the result
+        stays finite; returns the projected update."""
+        W = self.W if W is None else W
         if project is not None:
-            delta = project(self.W, delta)
-        self.W += delta
+            delta = project(W, delta)
+            if delta.shape != W.shape:
+                raise ValueError(f"project returned shape {tuple(delta.shape)}; the weight is {tuple(W.shape)}")
+            _finite(delta, "the projected update")
+        if not _fits(W, delta):
+            raise _overflow(f"the {type(self).__name__} update", W.dtype)
+        W += delta
         return delta
 
     def shift(self, delta: Tensor) -> None:
-        """``W <- W + delta`` for a change made outside the editor (the editor's other state is kept)."""
+        """``W <- W + delta`` for a change made outside the editor (the editor's other state is kept).
+        A non-finite ``delta`` (or one that would overflow ``W``) raises ``ValueError``, ``W`` unchanged."""
         if delta.shape != self.W.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)}; the weight is {tuple(self.W.shape)}")
-        self.W += delta.to(self.W.dtype)
+        delta = delta.to(self.W.dtype)
+        _finite(delta, "delta")
+        if not _fits(self.W, delta):
+            raise _overflow("W + delta", self.W.dtype)
+        self.W += delta
 
     def state_dict(self) -> dict[str, Any]:
         """The weight and the state that edits change (tensors cloned)."""
@@ -155,6 +200,8 @@ class ROME(LinearEditor):
     For each column ``(k, v)`` in turn: ``W <- W + (v - W k)(C^{-1} k)^T / ((C^{-1} k)^T k)`` with
     ``C = C0 + lam I`` (:func:`~poise.edit.linear.rome`); ``C0`` the preserved keys' second moment
     (None: ``C`` is the identity, the minimum Frobenius-norm edit), ``lam`` keeps ``C`` invertible.
+    A batch is all or nothing: a zero key, a singular ``C`` (``lam = 0`` with a singular ``C0``) or
+    an overflow in any column raises ``ValueError`` before the weight changes.
     """
 
     def __init__(self, W0: Tensor, C0: Tensor | None = None, lam: float = 1e-3):
@@ -164,14 +211,16 @@ class ROME(LinearEditor):
         if C0 is None:
             self.C = None
         else:
-            if C0.shape != (d_k, d_k):
-                raise ValueError(f"C0 must be [d_k, d_k] = {(d_k, d_k)}, got {tuple(C0.shape)}")
+            _square(C0, self.W, "C0")
             self.C = C0 + lam * torch.eye(d_k, dtype=C0.dtype, device=C0.device)
+            _finite(self.C, "C0 + lam I")
 
     def _edit(self, K: Tensor, V: Tensor, project: Project | None) -> Tensor:
+        W = self.W.clone()  # each column edits this copy; the editor's weight changes only if every column succeeds
         total = torch.zeros_like(self.W)
         for i in range(K.shape[1]):
-            total += self._apply(rome(self.W, K[:, i], V[:, i], self.C), project)
+            total += self._apply(rome(W, K[:, i], V[:, i], self.C), project, W)
+        self.W.copy_(W)
         return total
 
 
@@ -180,12 +229,14 @@ class MEMIT(LinearEditor):
     r"""MEMIT: one least-squares update per batch, kept small on the preserved keys (arXiv 2210.07229, eq. 14).
 
     ``Delta = R K^T (lam C0 + K K^T)^{-1}``, ``R = V - W K`` (:func:`~poise.edit.linear.memit`);
-    ``lam`` is the authors' ``mom2_update_weight``.
+    ``lam`` is the authors' ``mom2_update_weight``. ``lam C0 + K K^T`` must be positive definite
+    (``lam > 0`` with ``C0`` positive definite always is): otherwise ``ValueError``, weight unchanged.
     """
 
     def __init__(self, W0: Tensor, C0: Tensor, lam: float = 1.0):
         super().__init__(W0)
         _nonneg(lam=lam)
+        _square(C0, self.W, "C0")
         self.C0, self.lam = C0, lam
 
     def _edit(self, K: Tensor, V: Tensor, project: Project | None) -> Tensor:
@@ -198,7 +249,10 @@ class AlphaEdit(LinearEditor):
 
     ``Delta = R K^T P (M P + l2 I)^{-1}``, ``M = K K^T + K_p K_p^T`` over the keys of every earlier
     edit of this editor (``K_prev``, kept here), ``P`` the projector onto the eigenvectors of
-    ``K0 K0^T`` below ``threshold`` (:func:`~poise.edit.linear.alphaedit`).
+    ``K0 K0^T`` below ``threshold`` (:func:`~poise.edit.linear.alphaedit`). The constructor refuses
+    (``ValueError``) ``l2 = 0`` with a null space smaller than the key space (singular), and warns
+    (``UserWarning``) when the null space is empty (every eigenvalue of ``K0 K0^T`` at or above
+    ``threshold``): every edit is then zero.
     """
 
     _state = ("K_prev",)
@@ -207,6 +261,7 @@ class AlphaEdit(LinearEditor):
         super().__init__(W0)
         _nonneg(threshold=threshold, l2=l2)
         _check(self.W, K0, name="K0")
+        _null_basis(K0, threshold, l2)  # l2 = 0 with a partial null space: refused now; an empty one: a warning
         self.K0, self.threshold, self.l2 = K0, threshold, l2
         self._K_prev: list[Tensor] = []
 
@@ -221,8 +276,9 @@ class AlphaEdit(LinearEditor):
 
     def _edit(self, K: Tensor, V: Tensor, project: Project | None) -> Tensor:
         delta = alphaedit(self.W, K, V, self.K0, K_prev=self.K_prev, threshold=self.threshold, l2=self.l2)
-        self._K_prev.append(K)
-        return self._apply(delta, project)
+        out = self._apply(delta, project)
+        self._K_prev.append(K)  # only once the edit is made
+        return out
 
 
 def _anchor_inverse(K0: Tensor | None, mu: float, d_k: int) -> Tensor:
@@ -242,8 +298,37 @@ def _anchor_inverse(K0: Tensor | None, mu: float, d_k: int) -> Tensor:
         raise ValueError(f"RLSEdit with lam=0 needs K0 K0^T positive definite, but it has rank {rank} of d_k={d_k} "
                          f"({K0.shape[1]} anchor keys; smallest eigenvalue {float(evals[0]):.3g}, largest "
                          f"{float(evals[-1]):.3g}): give at least d_k anchor keys that span the key space, or lam > 0")
-    L = torch.linalg.cholesky(mu**2 * M)
-    return torch.cholesky_inverse(L)
+    A = mu**2 * M
+    _finite(A, f"mu^2 K0 K0^T (mu={mu!r})")
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        raise ValueError(f"RLSEdit with lam=0: mu^2 K0 K0^T (mu={mu!r}) is not positive definite in {A.dtype}: "
+                         "give lam > 0, or better-conditioned anchor keys")
+    return _finite_inverse(torch.cholesky_inverse(L), 0.0, mu)
+
+
+def _ridge_inverse(K0: Tensor | None, lam: float, mu: float, W0: Tensor) -> Tensor:
+    """``(lam^2 I + mu^2 K0 K0^T)^{-1}`` for ``lam > 0``, or a ``ValueError`` when it is not finite or is
+    numerically singular (its smallest eigenvalue at or below ``d_k eps`` times its largest)."""
+    d_k = W0.shape[1]
+    A = lam**2 * torch.eye(d_k, dtype=W0.dtype, device=W0.device)
+    if K0 is not None:
+        A = A + mu**2 * (K0 @ K0.T)
+    _finite(A, f"A = lam^2 I + mu^2 K0 K0^T (lam={lam!r}, mu={mu!r})")
+    evals = torch.linalg.eigvalsh(A)
+    if not float(evals[0]) > d_k * torch.finfo(A.dtype).eps * float(evals[-1]):
+        raise ValueError(f"RLSEdit: A = lam^2 I + mu^2 K0 K0^T is numerically singular (lam={lam!r}, lam^2 = "
+                         f"{lam * lam:.3g}; smallest eigenvalue {float(evals[0]):.3g}, largest "
+                         f"{float(evals[-1]):.3g}): "
+                         "give a larger lam (or a smaller mu), or anchor keys that span the key space")
+    return _finite_inverse(torch.linalg.inv(A), lam, mu)
+
+
+def _finite_inverse(C: Tensor, lam: float, mu: float) -> Tensor:
+    if not bool(torch.isfinite(C).all()):
+        raise ValueError(f"RLSEdit: C = A^-1 is not finite in {C.dtype} (lam={lam!r}, mu={mu!r}): give a larger lam "
+                         "or rescale the anchor keys")
+    return C
 
 
 @register("editor", "rlsedit")
@@ -263,7 +348,10 @@ class RLSEdit(LinearEditor):
     equals MEMIT's with ``lam = mu^2`` (``mu^2`` plays MEMIT's ``mom2_update_weight`` when ``K0 K0^T``
     is the keys' mean second moment). ``lam = 0`` needs ``K0 K0^T`` positive definite (at least
     ``d_k`` anchor keys spanning the key space); otherwise ``ValueError`` says so: give more anchor
-    keys or ``lam > 0``.
+    keys or ``lam > 0``. A ``lam > 0`` so small that ``A`` is numerically singular (``lam^2`` at or
+    below ``d_k eps`` times its largest eigenvalue) is refused the same way. An edit that cannot be
+    made (``I + K^T C K`` not positive definite, an overflowing step) raises ``ValueError`` before
+    ``W``, ``C`` or ``n_edits`` change.
     """
 
     _state = ("C", "n_edits")
@@ -272,14 +360,14 @@ class RLSEdit(LinearEditor):
     def __init__(self, W0: Tensor, K0: Tensor | None = None, lam: float = 0.0, mu: float = 1.0):
         super().__init__(W0)
         _nonneg(lam=lam, mu=mu)
+        for name, x in (("lam", lam), ("mu", mu)):
+            if float(x) >= 1e154:  # x^2 would overflow float64
+                raise ValueError(f"{name}={x!r}: {name}^2 overflows float64; give {name} < 1e154")
         d_k = W0.shape[1]
         if K0 is not None:
             _check(W0, K0, name="K0")
         if lam > 0:
-            A = lam**2 * torch.eye(d_k, dtype=W0.dtype, device=W0.device)
-            if K0 is not None:
-                A = A + mu**2 * (K0 @ K0.T)
-            self.C = torch.linalg.inv(A)
+            self.C = _ridge_inverse(K0, lam, mu, W0)
         else:
             self.C = _anchor_inverse(K0, mu, d_k)
         self.n_edits = 0
@@ -287,17 +375,33 @@ class RLSEdit(LinearEditor):
     def _edit(self, K: Tensor, V: Tensor, project: Project | None) -> Tensor:
         F = self.C @ K
         S = torch.eye(K.shape[1], dtype=K.dtype, device=K.device) + K.T @ F
-        try:
-            L = torch.linalg.cholesky(S)
-        except RuntimeError:
-            raise ValueError("I + K^T C K is not positive definite (non-finite keys?)") from None
+        if not (bool(torch.isfinite(F).all()) and bool(torch.isfinite(S).all())):
+            raise _overflow("the RLSEdit step (C K or K^T C K)", K.dtype)
+        L, info = torch.linalg.cholesky_ex(S)
+        if int(info) != 0:
+            raise ValueError(f"RLSEdit: I + K^T C K is not positive definite (after {self.n_edits} edits; C has lost "
+                             "definiteness to rounding or overflow): give a larger lam or rescale the keys")
         G = torch.cholesky_solve(F.T, L).T  # F S^{-1}, which is also the new C K
+        # nothing changes unless the whole step stays finite: |W + R G^T| <= max|W| + max_i ||R_i|| max_j ||G_j||
+        # (Cauchy-Schwarz, every partial sum too), and the same for C - G F^T
+        R = V - self.W @ K
+        if not (bool(torch.isfinite(G).all()) and bool(torch.isfinite(R).all())):
+            raise _overflow("the RLSEdit step", K.dtype)
+        big = torch.finfo(K.dtype).max  # C gets a quarter of it: C + C^T is formed when re-symmetrising
+
+        def rowmax(X: Tensor) -> float:
+            return float(torch.linalg.vector_norm(X, dim=1).max()) if X.numel() else 0.0
+
+        inf = math.inf
+        if (float(torch.linalg.vector_norm(self.W, inf)) + rowmax(R) * rowmax(G) >= 0.99 * big
+                or float(torch.linalg.vector_norm(self.C, inf)) + rowmax(G) * rowmax(F) >= big / 4):
+            raise _overflow("the RLSEdit step", K.dtype)
         if project is None:
             before = self.W.clone() if self._return_delta else None  # one copy of W: the change to return
-            self.W.addmm_(V - self.W @ K, G.T)  # in place: W is this editor's own copy
+            self.W.addmm_(R, G.T)  # in place: W is this editor's own copy
             delta = self.W if before is None else self.W - before
         else:
-            delta = self._apply((V - self.W @ K) @ G.T, project)
+            delta = self._apply(R @ G.T, project)
         self.C.addmm_(G, F.T, alpha=-1.0)  # C <- C - F S^{-1} F^T, in place
         self.n_edits += K.shape[1]
         if self.n_edits % 1000 < K.shape[1]:  # re-symmetrise now and then against rounding drift
@@ -332,7 +436,8 @@ class Sphere:
     wrapper: ClassVar[bool] = True
 
     def __init__(self, editor: Editor, beta: float = 0.5, alpha: float = 0.5):
-        _nonneg(beta=beta, alpha=alpha)
+        _number("beta", beta, hi=1.0)
+        _nonneg(alpha=alpha)
         self.editor, self.beta, self.alpha = editor, beta, alpha
 
     def _project(self, W: Tensor, delta: Tensor) -> Tensor:
@@ -409,6 +514,8 @@ def make_editor(name: str, W0: Tensor, K0: Tensor | None = None, C0: Tensor | No
     _check_params(name, cls, params)
     sig = inspect.signature(cls).parameters
     given = {"W0": W0, "K0": K0, "C0": C0}
+    if K0 is not None:
+        _finite(K0, "K0")
     if "C0" in sig and C0 is None and K0 is not None:
         given["C0"] = K0 @ K0.T
     kw: dict[str, Any] = {}

@@ -39,6 +39,7 @@ tokenizer) or a callable ``text -> ids``; prompts and targets are joined with on
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 
 from poise._nn import logits_of
 from poise.edit.editors import Editor, make_editor
+from poise.edit.linear import _number
 
 __all__ = ["MLP_OUT_TEMPLATES", "EditRequest", "HFEditor", "edit_hf_model", "evaluate_requests", "mlp_out_module"]
 
@@ -287,30 +289,43 @@ def _capture(model: nn.Module, x: Tensor, am: Tensor, rows: Tensor, pos: Tensor,
 
 
 # -- measurement -------------------------------------------------------------------------------------
+def _scorable(logits: Tensor) -> Tensor:
+    """Per position: no NaN or +inf among the logits and at least one finite one (``-inf`` masks are fine)."""
+    return ~(torch.isnan(logits) | (logits == math.inf)).any(-1) & torch.isfinite(logits).any(-1)
+
+
 @torch.no_grad()
 def _target_accuracy(model: nn.Module, tok: Tokenizer, pairs: Sequence[tuple[str, str]], batch: int) -> list[float]:
-    """Teacher-forced token accuracy of each ``target`` after its ``prompt``."""
+    """Teacher-forced token accuracy of each ``target`` after its ``prompt``; NaN where the logits scored
+    are not finite (an argmax of NaN logits is no prediction)."""
     out: list[float] = []
     dev = _device(model)
     for s in range(0, len(pairs), batch):
         chunk = [_split(tok, p, t) for p, t in pairs[s : s + batch]]
         x, am = _pad([p + t for p, t in chunk], dev)
-        pred = _logits(model, x, am).argmax(-1)
+        logits = _logits(model, x, am)
+        pred, ok = logits.argmax(-1), _scorable(logits)
         for i, (p, t) in enumerate(chunk):
-            got = pred[i, len(p) - 1 : len(p) - 1 + len(t)].tolist()
+            span = slice(len(p) - 1, len(p) - 1 + len(t))
+            if not bool(ok[i, span].all()):
+                out.append(math.nan)
+                continue
+            got = pred[i, span].tolist()
             out.append(sum(int(a == b) for a, b in zip(got, t, strict=True)) / len(t))
     return out
 
 
 @torch.no_grad()
-def _next_tokens(model: nn.Module, tok: Tokenizer, prompts: Sequence[str], batch: int) -> list[int]:
-    out: list[int] = []
+def _next_tokens(model: nn.Module, tok: Tokenizer, prompts: Sequence[str], batch: int) -> list[int | None]:
+    """The argmax next token after each prompt; None where those logits are not finite."""
+    out: list[int | None] = []
     dev = _device(model)
     for s in range(0, len(prompts), batch):
         ids = [_encode(tok, p) for p in prompts[s : s + batch]]
         x, am = _pad(ids, dev)
-        pred = _logits(model, x, am).argmax(-1)
-        out.extend(int(pred[i, len(r) - 1]) for i, r in enumerate(ids))
+        logits = _logits(model, x, am)
+        pred, ok = logits.argmax(-1), _scorable(logits)
+        out.extend(int(pred[i, len(r) - 1]) if bool(ok[i, len(r) - 1]) else None for i, r in enumerate(ids))
     return out
 
 
@@ -319,36 +334,61 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def evaluate_requests(model: nn.Module, tok: Tokenizer, requests: Sequence[EditRequest],
-                      reference: Sequence[Sequence[int]] | None = None, batch: int = 64) -> dict[str, Any]:
+                      reference: Sequence[Sequence[int | None]] | None = None, batch: int = 64) -> dict[str, Any]:
     """``efficacy``, ``paraphrase`` and (given ``reference``, the next-token predictions on each
     request's neighbourhood prompts before the edit, from :meth:`HFEditor.reference`) ``locality``,
     each averaged over requests, and ``per_request`` (the three per request; NaN where a request
-    has no paraphrase or neighbourhood prompt)."""
+    has no paraphrase or neighbourhood prompt).
+
+    A model whose logits are NaN or ``+inf`` (or all ``-inf``) where a request is scored gets no score:
+    that request's values are NaN, its index is listed in ``nonfinite_requests``, and the three averages
+    are NaN (never an argmax of NaN logits counted as a prediction)."""
     with _Frozen(model):
         eff = _target_accuracy(model, tok, [(r.text, r.target_new) for r in requests], batch)
         para_flat = _target_accuracy(model, tok, [(p, r.target_new) for r in requests for p in r.paraphrase_prompts],
                                      batch)
         now = _next_tokens(model, tok, [p for r in requests for p in r.neighborhood_prompts], batch)
     per, i, j = [], 0, 0
+    nonfinite: list[int] = []
     for k, r in enumerate(requests):
         para = para_flat[i : i + len(r.paraphrase_prompts)]
         i += len(r.paraphrase_prompts)
         cur = now[j : j + len(r.neighborhood_prompts)]
         j += len(r.neighborhood_prompts)
         loc = math.nan
+        bad = math.isnan(eff[k]) or any(math.isnan(x) for x in para) or None in cur
         if reference is not None and cur:
             ref = list(reference[k])
             if len(ref) != len(cur):
                 raise ValueError(f"reference for request {k} has {len(ref)} predictions; it has {len(cur)} "
                                  "neighbourhood prompts")
-            loc = _mean([float(a == b) for a, b in zip(cur, ref, strict=True)])
+            bad = bad or None in ref  # the reference model's logits were not finite there
+            loc = math.nan if bad else _mean([float(a == b) for a, b in zip(cur, ref, strict=True)])
+        if bad:
+            nonfinite.append(k)
         per.append({"efficacy": eff[k], "paraphrase": _mean(para), "locality": loc})
+    if nonfinite:
+        return {"efficacy": math.nan, "paraphrase": math.nan, "locality": math.nan, "per_request": per,
+                "nonfinite_requests": nonfinite}
     return {
         "efficacy": _mean(eff),
         "paraphrase": _mean([p["paraphrase"] for p in per if not math.isnan(p["paraphrase"])]),
         "locality": _mean([p["locality"] for p in per if not math.isnan(p["locality"])]),
         "per_request": per,
+        "nonfinite_requests": nonfinite,
     }
+
+
+def _check_search(steps: object, lr: object, clamp: object, weight_decay: object, batch: object) -> None:
+    """The target search's settings: ``ValueError`` naming the first out of range or not finite."""
+    for name, x in (("steps", steps), ("batch", batch)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise ValueError(f"{name}={x!r} must be an integer")
+    if steps < 0 or batch < 1:  # type: ignore[operator]
+        raise ValueError(f"steps={steps} must be >= 0 and batch={batch} >= 1")
+    _number("lr", lr, lo_open=True)
+    _number("clamp", clamp, lo_open=True)
+    _number("weight_decay", weight_decay)
 
 
 # -- the editor -----------------------------------------------------------------------------------------
@@ -374,6 +414,13 @@ class HFEditor:
         ridge: added to the diagonal of ``C0 = K0 K0^T`` (a few preserved keys do not span the key
             space; MEMIT's ``lam C0 + K K^T`` must be invertible).
         batch: requests per forward pass.
+
+    Refusals: a hyperparameter out of range or not finite (``steps`` an integer ``>= 0``, ``lr`` and
+    ``clamp`` ``> 0``, ``weight_decay`` and ``ridge`` ``>= 0``, ``batch`` an integer ``>= 1``) raises
+    ``ValueError`` naming it; non-finite preserved keys (a model whose outputs are NaN/inf) raise it
+    from the editor's constructor. :meth:`edit` is all or nothing: a non-finite key, target or weight,
+    or an editor's ``ValueError`` (a singular system, an overflow) at any layer restores every edited
+    weight and every editor's state bit for bit before the error propagates.
     """
 
     def __init__(self, model: nn.Module, tok: Tokenizer, editor: str, layers: int | Sequence[int], *,
@@ -385,8 +432,7 @@ class HFEditor:
         self.layers = [layers] if isinstance(layers, int) else list(layers)
         if not self.layers or sorted(set(self.layers)) != self.layers:
             raise ValueError(f"layers={layers!r}: give one index or increasing distinct indices")
-        if steps < 0 or batch < 1:
-            raise ValueError(f"steps={steps} must be >= 0 and batch={batch} >= 1")
+        _check_search(steps, lr, clamp, weight_decay, batch)
         self.steps, self.lr, self.clamp, self.weight_decay, self.batch = steps, lr, clamp, weight_decay, batch
         found = [mlp_out_module(model, layer, module) for layer in self.layers]
         self.template = found[0][1]
@@ -396,8 +442,7 @@ class HFEditor:
         if block.format(self.layers[-1]) not in mods:
             raise ValueError(f"no block {block.format(self.layers[-1])!r} above {self.template!r}")
         self.block = mods[block.format(self.layers[-1])]
-        if not ridge >= 0:
-            raise ValueError(f"ridge={ridge} must be >= 0")
+        _number("ridge", ridge)
         K0s: list[Tensor | None] = [None] * len(self.layers)
         if preserve:
             K0s = [k.T.contiguous() for k in self._keys_everywhere(list(preserve))]
@@ -429,9 +474,9 @@ class HFEditor:
                     out[li].append(k.double())
         return [torch.cat(k) for k in out]  # [m, d_k] per layer
 
-    def reference(self, requests: Sequence[EditRequest]) -> list[list[int]]:
+    def reference(self, requests: Sequence[EditRequest]) -> list[list[int | None]]:
         """The model's next-token predictions on each request's neighbourhood prompts now (the
-        reference the locality score compares with after an edit)."""
+        reference the locality score compares with after an edit; None where the logits are not finite)."""
         with _Frozen(self.model):
             flat = _next_tokens(self.model, self.tok, [p for r in requests for p in r.neighborhood_prompts],
                                 self.batch)
@@ -463,9 +508,14 @@ class HFEditor:
         return [k.double().T.contiguous() for k in keys]
 
     def _sync(self) -> None:
-        """Carry a weight change made outside the editors (fine-tuning) into their state."""
-        for m, ed in zip(self.modules, self.editors, strict=True):
-            W = _weight(m).detach().double()
+        """Carry a weight change made outside the editors (fine-tuning) into their state; a non-finite
+        weight raises ``ValueError`` naming the layer before any editor changes."""
+        Ws = [_weight(m).detach().double() for m in self.modules]
+        for layer, W in zip(self.layers, Ws, strict=True):
+            if not bool(torch.isfinite(W).all()):
+                raise ValueError(f"layer {layer}: the weight of {self.template.format(layer)} has "
+                                 f"{int((~torch.isfinite(W)).sum())} non-finite entries: nothing can be edited")
+        for W, ed in zip(Ws, self.editors, strict=True):
             if not torch.equal(W, ed.weight.to(W.device)):
                 ed.shift((W - ed.weight.to(W.device)).to(ed.weight.device))
 
@@ -473,6 +523,8 @@ class HFEditor:
         with torch.no_grad():
             W = _weight(m)
             W.add_(delta.to(device=W.device, dtype=W.dtype))  # a view: Conv1D's weight changes transposed
+            if not bool(torch.isfinite(W).all()):  # overflow in a low-precision weight: edit() restores it
+                raise ValueError(f"the edit overflows the model's {W.dtype} weight {tuple(W.shape)}")
 
     def _targets(self, x: Tensor, am: Tensor, tgt: Tensor, rows: Tensor, pos: Tensor, h: Tensor) -> Tensor:
         """The ``delta`` per request at the last layer's projection output (Adam on the target NLL),
@@ -518,19 +570,47 @@ class HFEditor:
         edits; the model's weights change in place. Returns the scores after the edit
         (:func:`evaluate_requests`: ``efficacy``, ``paraphrase``, ``locality``, ``per_request``) and
         ``efficacy_before`` / ``paraphrase_before``, plus ``delta_norms`` (the Frobenius norm of each
-        layer's change); ``measure=False`` returns only ``delta_norms``."""
+        layer's change); ``measure=False`` returns only ``delta_norms``. All or nothing: on a
+        ``ValueError`` (a non-finite weight, hidden state or target; an editor's refusal at any layer)
+        every edited weight and editor state is restored bit for bit; scores of a model with non-finite
+        logits are NaN with ``nonfinite_requests`` listed (:func:`evaluate_requests`)."""
         reqs = [r if isinstance(r, EditRequest) else EditRequest.from_record(r) for r in requests]
         if not reqs:
             raise ValueError("no request given")
         before = evaluate_requests(self.model, self.tok, reqs, batch=self.batch) if measure else None
         ref = self.reference(reqs) if measure else None
-        self._sync()
+        # all or nothing: on any error the edited weights and the editors' states go back to these
+        saved = ([_weight(m).detach().clone() for m in self.modules], [ed.state_dict() for ed in self.editors])
+        try:
+            self._sync()
+            norms = self._edit_all(reqs)
+        except BaseException:
+            with torch.no_grad():
+                for m, W in zip(self.modules, saved[0], strict=True):
+                    _weight(m).copy_(W)
+            for ed, st in zip(self.editors, saved[1], strict=True):
+                ed.load_state_dict(st)
+            raise
+        out: dict[str, Any] = {"delta_norms": [math.sqrt(n) for n in norms]}
+        if measure:
+            out.update(evaluate_requests(self.model, self.tok, reqs, reference=ref, batch=self.batch))
+            out["efficacy_before"] = before["efficacy"]  # type: ignore[index]
+            out["paraphrase_before"] = before["paraphrase"]  # type: ignore[index]
+        return out
+
+    def _edit_all(self, reqs: Sequence[EditRequest]) -> list[float]:
+        """Every batch of requests, layer by layer; returns each layer's squared change norm."""
         norms = [0.0] * len(self.layers)
         with _Frozen(self.model):
             for s in range(0, len(reqs), self.batch):
                 x, am, tgt, rows, pos = self._layout(reqs[s : s + self.batch])
                 _, (h_L,) = _capture(self.model, x, am, rows, pos, outputs_of=[self.block])
                 dz = self._targets(x, am, tgt, rows, pos, h_L)
+                bad = (~torch.isfinite(h_L.double()).all(1) | ~torch.isfinite(dz).all(1)).nonzero().flatten().tolist()
+                if bad:
+                    raise ValueError(f"requests {[s + i for i in bad]}: the hidden state of layer {self.layers[-1]} "
+                                     "or the target found for it is not finite (the model's outputs are NaN/inf, or "
+                                     "lr is too large): nothing was written")
                 stuck = (dz.abs().sum(1) == 0).nonzero().flatten().tolist()
                 if stuck and self.steps > 0:
                     warnings.warn(f"requests {[s + i for i in stuck]}: the target does not depend on layer "
@@ -541,15 +621,14 @@ class HFEditor:
                     (k,), (cur,) = _capture(self.model, x, am, rows, pos, inputs_of=[m], outputs_of=[self.block])
                     K = k.double().T.to(ed.weight.device)
                     r = ((z - cur.double()) / (len(self.layers) - li)).T.to(ed.weight.device)
-                    d = ed.edit(K, ed.weight @ K + r)
+                    try:
+                        d = ed.edit(K, ed.weight @ K + r)
+                    except ValueError as e:
+                        raise ValueError(f"layer {self.layers[li]} ({self.template.format(self.layers[li])}): {e}; "
+                                         "the model and the editors are left as they were") from None
                     self._write(m, d)
                     norms[li] += float(d.norm()) ** 2
-        out: dict[str, Any] = {"delta_norms": [math.sqrt(n) for n in norms]}
-        if measure:
-            out.update(evaluate_requests(self.model, self.tok, reqs, reference=ref, batch=self.batch))
-            out["efficacy_before"] = before["efficacy"]  # type: ignore[index]
-            out["paraphrase_before"] = before["paraphrase"]  # type: ignore[index]
-        return out
+        return norms
 
 
 def edit_hf_model(model: nn.Module, tok: Tokenizer, requests: Sequence[EditRequest | Mapping[str, Any]],

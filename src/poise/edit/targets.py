@@ -9,15 +9,37 @@ prompts are scored as ``"\\n" + prompt``, as every line of the fact LM starts af
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from poise.edit.linear import _number
 from poise.tasks.factlm import WordTokenizer, pad_right
 
 __all__ = ["edit_targets", "keys_at"]
+
+
+def _lengths(prompts: Sequence[str], positions: Sequence[int], batch: object, **more: Sequence[str]) -> None:
+    lens = {"prompts": len(prompts), "positions": len(positions), **{k: len(v) for k, v in more.items()}}
+    if len(set(lens.values())) != 1:
+        raise ValueError(f"one position{' and keyword' if more else ''} per prompt: got " +
+                         ", ".join(f"{n} {k}" for k, n in lens.items()))
+    if not prompts:
+        raise ValueError("no prompt given")
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+        raise ValueError(f"batch={batch!r} must be an integer >= 1")
+
+
+def _finite_columns(X: Tensor, what: str) -> None:
+    """``ValueError`` listing the prompts (columns) whose ``what`` are not finite."""
+    bad = (~torch.isfinite(X).all(0)).nonzero().flatten().tolist()
+    if bad:
+        more = " ..." if len(bad) > 10 else ""
+        raise ValueError(f"the {what} of prompts {bad[:10]}{more} are not finite ({len(bad)} of {X.shape[1]}): the "
+                         "model's outputs are NaN/inf there (or lr is too large); no edit can be computed from them")
 
 
 def _value_search(model: nn.Module, layer: nn.Linear, x: Tensor, tgt: Tensor, pos: Tensor, steps: int, lr: float,
@@ -67,7 +89,17 @@ def edit_targets(model: nn.Module, tok: WordTokenizer, layer: nn.Linear, prompts
     The facts are independent, so one batched optimisation finds all of them. Returns keys
     ``K [d_k, n]`` (the layer's inputs there) and target values ``V [d_v, n]`` (bias
     excluded), both float64, in the ``v = W k`` convention of :mod:`poise.edit.linear`.
-    ``steps=0`` returns the unedited values."""
+    ``steps=0`` returns the unedited values.
+
+    ``ValueError`` for: lengths that differ, ``steps`` not an integer ``>= 0``, ``lr`` or ``clamp``
+    not finite and ``> 0``, ``weight_decay`` not finite and ``>= 0``, ``batch < 1``; and keys or values
+    that come out non-finite (naming the prompts), instead of handing NaN to an editor."""
+    _lengths(prompts, positions, batch, keywords=keywords)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps={steps!r} must be an integer >= 0")
+    _number("lr", lr, lo_open=True)
+    _number("clamp", clamp, lo_open=True)
+    _number("weight_decay", weight_decay)
     Ks, Vs = [], []
     params = list(model.parameters())
     req = [p.requires_grad for p in params]
@@ -88,14 +120,19 @@ def edit_targets(model: nn.Module, tok: WordTokenizer, layer: nn.Linear, prompts
     finally:
         for p, r in zip(params, req, strict=True):
             p.requires_grad_(r)
-    return torch.cat(Ks).T.contiguous(), torch.cat(Vs).T.contiguous()
+    K, V = torch.cat(Ks).T.contiguous(), torch.cat(Vs).T.contiguous()
+    _finite_columns(K, "keys")
+    _finite_columns(V, "target values")
+    return K, V
 
 
 @torch.no_grad()
 def keys_at(model: nn.Module, tok: WordTokenizer, layer: nn.Linear, prompts: Sequence[str],
             positions: Sequence[int], batch: int = 4096) -> Tensor:
     """The inputs of ``layer`` at ``positions[i]`` of ``"\\n" + prompts[i]``, as float64
-    columns ``[d_k, n]``."""
+    columns ``[d_k, n]``. Lengths that differ, ``batch < 1`` and non-finite keys (naming the prompts)
+    raise ``ValueError``."""
+    _lengths(prompts, positions, batch)
     out = []
     got: dict[str, Tensor] = {}
     h = layer.register_forward_hook(lambda m, a, o: got.__setitem__("k", a[0]))
@@ -106,4 +143,6 @@ def keys_at(model: nn.Module, tok: WordTokenizer, layer: nn.Linear, prompts: Seq
             out.append(got["k"][torch.arange(x.shape[0]), torch.tensor(positions[s : s + batch])].double())
     finally:
         h.remove()
-    return torch.cat(out).T.contiguous()
+    K = torch.cat(out).T.contiguous()
+    _finite_columns(K, "keys")
+    return K

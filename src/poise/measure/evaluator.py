@@ -20,6 +20,12 @@ records the token accuracy, the loss and the perplexity of each task (token aver
 on the response only), and :meth:`ContinualEvaluator.metrics` computes the continual metrics
 on any of them (``metrics("loss")``), lower-is-better ones included.
 
+Nothing non-finite is scored as a number: an empty evaluation set is refused at construction
+(``ValueError`` naming the task); a model whose logits are NaN or ``+inf`` (or all ``-inf``) on a
+task's samples gets NaN for that task (never the argmax of NaN logits), the evaluation is counted in
+:attr:`ContinualEvaluator.nonfinite_evals`, and :meth:`ContinualEvaluator.metrics` then reports every
+aggregate as NaN with ``nonfinite_evals``, ``nonfinite_tasks`` and ``first_nonfinite_step``.
+
 Its cost is bounded three ways: each task is evaluated on a fixed seeded subset of at
 most ``subset_size`` samples; the :class:`EvalSchedule` evaluates densely right after a
 task boundary (where the stability gap lives) and sparsely after; and ``budget`` caps the
@@ -81,13 +87,26 @@ class EvalSet:
         return len(self.y)
 
 
-def _default_predict(model: nn.Module, x: Tensor, classes: Sequence[int] | None) -> Tensor:
+def _scorable(logits: Tensor) -> Tensor:
+    """Per row (last dim = classes): no NaN, no ``+inf``, and at least one finite logit. ``-inf`` is a
+    legitimate "impossible class" mask; an argmax over anything else is no prediction."""
+    return ~(torch.isnan(logits) | (logits == math.inf)).any(-1) & torch.isfinite(logits).any(-1)
+
+
+def _checked_predict(model: nn.Module, x: Tensor, classes: Sequence[int] | None) -> tuple[Tensor, Tensor]:
+    """The default prediction (argmax of the logits, restricted to ``classes``) and, per sample, whether
+    its scored logits (those of ``classes``, or all) are scorable (:func:`_scorable`)."""
     logits = logits_of(model(x))
-    if classes is not None:
-        mask = torch.full_like(logits, float("-inf"))
-        mask[..., list(classes)] = 0.0
-        logits = logits + mask
-    return logits.argmax(-1)
+    if classes is None:
+        return logits.argmax(-1), _scorable(logits)
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[list(classes)] = True
+    ok = _scorable(logits[..., keep])
+    return torch.where(keep, logits, float("-inf")).argmax(-1), ok  # a NaN outside ``classes`` cannot win
+
+
+def _default_predict(model: nn.Module, x: Tensor, classes: Sequence[int] | None) -> Tensor:
+    return _checked_predict(model, x, classes)[0]
 
 
 @dataclass
@@ -96,6 +115,7 @@ class _Record:
     task: Any
     acc: dict[Any, float] = field(default_factory=dict)  # the evaluator's primary metric
     extra: dict[str, dict[Any, float]] = field(default_factory=dict)  # its other metrics (LM sets)
+    nonfinite: list[Any] = field(default_factory=list)  # tasks whose model output was not finite (scored NaN)
 
 
 class ContinualEvaluator:
@@ -130,6 +150,13 @@ class ContinualEvaluator:
             with more than one rank is initialised; False never does.
         windows: the ``w`` of the windowed forgetting/plasticity metrics reported.
         gap_eps: tolerance for the stability gap's recovery time.
+
+    Non-finite evaluation: an empty evaluation set raises ``ValueError`` naming its task. When the
+    logits scored on a task contain NaN or ``+inf`` (or a sample's are all ``-inf``), that task's
+    value is NaN (an LM set: all three metrics), the (evaluation, task) pair is counted in
+    :attr:`nonfinite_evals` and listed in the record, and :meth:`metrics` reports every aggregate as
+    NaN. With the default ``predict`` this is checked on the logits; a custom classification
+    ``predict`` returns labels, so only a floating prediction that is NaN/inf is caught.
     """
 
     def __init__(
@@ -178,6 +205,9 @@ class ContinualEvaluator:
         self.sets: dict[Any, EvalSet | LMEvalSet] = {}
         for tid, s in eval_sets.items():
             if isinstance(s, LMEvalSet):
+                if len(s) == 0:
+                    raise ValueError(f"task {tid!r}: the LMEvalSet is empty (0 sequences): give every task at least "
+                                     "one sequence with a scored token")
                 if subset_size is not None and len(s) > subset_size:
                     s = s.index(torch.as_tensor(np.sort(rng.choice(len(s), subset_size, replace=False))))
                 self.sets[tid] = s
@@ -185,6 +215,9 @@ class ContinualEvaluator:
             s = s if isinstance(s, EvalSet) else EvalSet(*s)
             if len(s.x) != len(s.y):
                 raise ValueError(f"task {tid!r}: {len(s.x)} inputs but {len(s.y)} labels")
+            if len(s.y) == 0:
+                raise ValueError(f"task {tid!r}: the evaluation set is empty (0 samples): give every task at least one "
+                                 "sample (an empty set has no accuracy, and a 0 would lower every average)")
             if subset_size is not None and len(s.y) > subset_size:
                 idx = torch.as_tensor(np.sort(rng.choice(len(s.y), subset_size, replace=False)))
                 s = EvalSet(s.x[idx], s.y[idx], s.classes)
@@ -285,7 +318,8 @@ class ContinualEvaluator:
             "boundaries": [[t, s] for t, s in self.boundaries.items()],
             "records": [{"step": r.step, "task": r.task, "acc": [[t, a] for t, a in r.acc.items()],
                          **({"extra": {m: [[t, a] for t, a in v.items()] for m, v in r.extra.items()}}
-                            if r.extra else {})}
+                            if r.extra else {}),
+                         **({"nonfinite": list(r.nonfinite)} if r.nonfinite else {})}
                         for r in self.records],
             "task": self._task,
             "task_start": self._task_start,
@@ -305,10 +339,16 @@ class ContinualEvaluator:
         self.seen = list(state["seen"])
         self.boundaries = {t: int(s) for t, s in state["boundaries"]}
         self.records = [_Record(int(r["step"]), r["task"], {t: float(a) for t, a in r["acc"]},
-                                {m: {t: float(a) for t, a in v} for m, v in r.get("extra", {}).items()})
+                                {m: {t: float(a) for t, a in v} for m, v in r.get("extra", {}).items()},
+                                list(r.get("nonfinite", [])))
                         for r in state["records"]]
         self._task = state["task"]
         self._task_start = int(state["task_start"])
+
+    @property
+    def nonfinite_evals(self) -> int:
+        """How many (recorded evaluation, task) pairs scored NaN because the model's output was not finite."""
+        return sum(len(r.nonfinite) for r in self.records)
 
     # -- internals -----------------------------------------------------------------------
     def _targets(self) -> list[Any]:
@@ -324,14 +364,16 @@ class ContinualEvaluator:
             per_task = {t: self._lm_scores(model, self.sets[t]) for t in self._targets()}  # type: ignore[arg-type]
             accs = {t: v[self.metric] for t, v in per_task.items()}
             extra = {m: {t: v[m] for t, v in per_task.items()} for m in self.metric_names if m != self.metric}
+            bad = [t for t, v in per_task.items() if math.isnan(v["token_acc"])]
         else:
             accs = {t: self._accuracy(model, self.sets[t]) for t in self._targets()}  # type: ignore[arg-type]
+            bad = [t for t, a in accs.items() if math.isnan(a)]
         cost = self._cost()
         self.eval_samples += cost
         if boundary:
             self.boundary_eval_samples += cost
         self.eval_seconds += time.perf_counter() - t0
-        self.records.append(_Record(self.step, self._task, accs, extra))
+        self.records.append(_Record(self.step, self._task, accs, extra, bad))
         return accs
 
     def _values(self, r: _Record, metric: str) -> dict[Any, float]:
@@ -339,7 +381,8 @@ class ContinualEvaluator:
 
     def _lm_scores(self, model: nn.Module, s: LMEvalSet) -> dict[str, float]:
         """Token accuracy, loss and perplexity of ``model`` on ``s`` (sums over every scored token;
-        under sharding each rank scores its rows and the sums are all-reduced)."""
+        under sharding each rank scores its rows and the sums are all-reduced). All three are NaN when
+        the logits at a scored position are not finite (:func:`~poise.measure.lm.lm_sums`)."""
         rank, world = rank_world(self.shard)
         model = getattr(model, "module", model)
         flags = {m: m.training for m in model.modules()}
@@ -367,6 +410,7 @@ class ContinualEvaluator:
         return lm_values(sums)
 
     def _accuracy(self, model: nn.Module, s: EvalSet) -> float:
+        """The fraction of ``s`` predicted right; NaN when the model's output on any sample is not finite."""
         rank, world = rank_world(self.shard)
         model = getattr(model, "module", model)  # DDP: its forward may talk to other ranks; the module does not
         flags = {m: m.training for m in model.modules()}
@@ -374,7 +418,7 @@ class ContinualEvaluator:
             device = next(model.parameters()).device
         except StopIteration:
             device = torch.device("cpu")
-        correct = 0
+        correct = nonfinite = 0
         model.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -382,7 +426,13 @@ class ContinualEvaluator:
                 for i in range(0, len(ys), self.batch_size):
                     x = xs[i : i + self.batch_size].to(device)
                     y = ys[i : i + self.batch_size].to(device)
-                    hit = self.predict(model, x, s.classes) == y
+                    if self.predict is _default_predict:
+                        pred, ok = _checked_predict(model, x, s.classes)
+                    else:
+                        pred = self.predict(model, x, s.classes)
+                        ok = torch.isfinite(pred) if pred.is_floating_point() else torch.ones_like(y, dtype=torch.bool)
+                    nonfinite += int((~ok).sum())
+                    hit = pred == y
                     if hit.dim() != 1 or hit.shape[0] != y.shape[0]:
                         raise ValueError(
                             f"predictions compared with labels {tuple(y.shape)} give shape {tuple(hit.shape)}: an "
@@ -395,10 +445,12 @@ class ContinualEvaluator:
         if world > 1:
             import torch.distributed as dist
 
-            total = torch.tensor([correct], dtype=torch.float64)
+            total = torch.tensor([correct, nonfinite], dtype=torch.float64)
             dist.all_reduce(total)
-            correct = int(total.item())
-        return correct / max(1, len(s.y))
+            correct, nonfinite = int(total[0].item()), int(total[1].item())
+        if nonfinite:
+            return math.nan  # no accuracy: the argmax of NaN logits is no prediction
+        return correct / len(s.y)
 
     # -- results -------------------------------------------------------------------------
     def _metric(self, metric: str | None) -> str:
@@ -443,6 +495,13 @@ class ContinualEvaluator:
         ``wp*`` the largest fall, and the gap's recovery is the time until the value is back
         within ``gap_eps`` *above* its value at the switch. An LM evaluator's result also carries
         ``metric`` and ``higher_is_better``.
+
+        Every result has ``nonfinite_evals`` (the (evaluation, task) pairs scored NaN because the
+        model's output was not finite), ``nonfinite_tasks`` (those tasks, as strings) and
+        ``first_nonfinite_step`` (None when there were none). When ``nonfinite_evals > 0``, every
+        aggregate (``acc``, ``forgetting``, ``bwt``, ``min_acc``, ``wc_acc``, ``wf*``, ``wp*``, the gap
+        keys) and every per-task value of a flagged task is NaN: no accuracy is computed over a model
+        that produced NaN, and the NaN propagates to any average taken downstream.
         """
         metric = self._metric(metric)
         hib = M.higher_is_better(metric)
@@ -496,4 +555,16 @@ class ContinualEvaluator:
         if self.lm:
             out["metric"] = metric
             out["higher_is_better"] = hib
+        flagged = [r for r in self.records if r.nonfinite]
+        bad_tasks = list(dict.fromkeys(t for r in flagged for t in r.nonfinite))
+        out["nonfinite_evals"] = self.nonfinite_evals
+        out["nonfinite_tasks"] = [str(t) for t in bad_tasks]
+        out["first_nonfinite_step"] = flagged[0].step if flagged else None
+        if flagged:
+            for k in ("acc", "forgetting", "bwt", "min_acc", "wc_acc", "gap_depth", "gap_recovery", "gap_unrecovered",
+                      *[f"wf{w}" for w in self.windows], *[f"wp{w}" for w in self.windows]):
+                out[k] = math.nan
+            for t in bad_tasks:
+                if str(t) in per_task:
+                    per_task[str(t)] = {k: math.nan for k in per_task[str(t)]}
         return out

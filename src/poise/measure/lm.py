@@ -11,6 +11,8 @@ together, each token counted once):
 * ``ppl = exp(loss)`` (lower is better).
 
 These are token averages, not averages of per-sequence values: a long response weighs more.
+Logits that are NaN or ``+inf`` (or all ``-inf``) at a scored position make all three NaN: the
+argmax of NaN logits is no prediction, and a NaN propagates instead of a made-up accuracy.
 :class:`poise.measure.ContinualEvaluator` takes ``LMEvalSet``s in place of ``(x, y)`` pairs and
 records all three metrics at every evaluation; the continual metrics (forgetting, min-ACC, the
 stability gap, ...) are computed on any of them, see :meth:`ContinualEvaluator.metrics`.
@@ -19,6 +21,7 @@ stability gap, ...) are computed on any of them, see :meth:`ContinualEvaluator.m
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -173,7 +176,9 @@ def lm_sums(logits: Tensor, labels: Tensor) -> Tensor:
     r"""``[correct, nll, n]`` (float64) over the scored tokens of one batch: ``labels[:, t]`` is
     predicted by ``logits[:, t - 1]``; ``correct = sum_j [argmax logits_j = y_j]``, ``nll = -sum_j
     log softmax(logits_j)[y_j]`` (computed in float32 or wider), ``n`` the number of scored tokens.
-    Sums, so batches and ranks add up exactly; :func:`lm_values` turns them into the metrics."""
+    Sums, so batches and ranks add up exactly; :func:`lm_values` turns them into the metrics.
+    If the logits at any scored position contain NaN or ``+inf``, or are all ``-inf``, ``correct``
+    and ``nll`` are NaN (and stay NaN through any sum), so every metric of the set is NaN."""
     pred = logits[:, :-1]
     y = labels[:, 1:].to(pred.device)
     scored = y != IGNORE_INDEX
@@ -182,12 +187,17 @@ def lm_sums(logits: Tensor, labels: Tensor) -> Tensor:
     flat = pred.reshape(-1, pred.shape[-1])
     flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
     nll = F.cross_entropy(flat, y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    correct = ((pred.argmax(-1) == y) & scored).sum()
-    return torch.stack([correct.double(), nll.double(), scored.sum().double()]).cpu()
+    correct = ((pred.argmax(-1) == y) & scored).sum().double()
+    nll = nll.double()
+    bad = scored & ((torch.isnan(pred) | (pred == math.inf)).any(-1) | ~torch.isfinite(pred).any(-1))
+    if bool(bad.any()):
+        correct, nll = correct * math.nan, nll * math.nan
+    return torch.stack([correct, nll, scored.sum().double()]).cpu()
 
 
 def lm_values(sums: Tensor) -> dict[str, float]:
-    """``{"token_acc", "loss", "ppl"}`` from :func:`lm_sums` totals ``[correct, nll, n]``."""
+    """``{"token_acc", "loss", "ppl"}`` from :func:`lm_sums` totals ``[correct, nll, n]`` (NaN sums,
+    from non-finite logits, give NaN metrics)."""
     correct, nll, n = (float(v) for v in sums)
     if n <= 0:
         raise ValueError("no scored token: nothing to average")

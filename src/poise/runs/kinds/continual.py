@@ -322,6 +322,9 @@ def run_one(cfg: StudyConfig, variant_index: int, seed: int, metrics_path: Path 
         ckpt.unlink(missing_ok=True)  # the run's result file is about to be written: it supersedes the checkpoint
         if ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
             ckpt.parent.rmdir()
+    if diverged_at is None and metrics.get("nonfinite_evals", 0) > 0:  # a safety net (e.g. across a resume)
+        diverged_at = metrics.get("first_nonfinite_step") or watch.last_step
+        metrics = {"diverged_reason": f"non-finite evaluation on tasks {metrics.get('nonfinite_tasks')}"}
     steps, acc = evaluator.curves()
     if watch.strategy and diverged_at is None:  # e.g. MBC's compression, eviction's counts: claims may name them
         metrics = {**metrics, "strategy": dict(watch.strategy)}
@@ -362,6 +365,9 @@ class _DivergenceWatch:
                 bad = self.first is not None and loss > self.factor * self.first
             if self.first is None and not bad:
                 self.first = max(loss, 1e-12)
+        if any(isinstance(v, float) and math.isnan(v) for k, v in rec.items() if k.startswith("acc/")):
+            bad = True  # the evaluator scored a non-finite model: NaN is a diverged run, never an accuracy
+            rec = {**rec, "reason": "non-finite evaluation"}
         if bad:
             rec = {**rec, "diverged": True}
         if self.write is not None:
