@@ -136,7 +136,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if recipe or overrides:
             print("poise: --resume uses the run directory's own config; recipe and overrides are ignored",
                   file=sys.stderr)
-        cfg = from_dict(json.loads(cfg_path.read_text()))
+        from poise.runs.engine import RunDirError
+
+        try:
+            stored = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{cfg_path} is not readable JSON ({e}): this run directory cannot be resumed") from None
+        if not isinstance(stored, dict):
+            raise RunDirError(f"{cfg_path} is not a poise config (a JSON object): this run directory cannot be resumed")
+        cfg = from_dict(stored)
         args.run_dir = args.resume
     else:
         cfg = load_recipe(recipe, overrides, quick=args.quick)
@@ -395,8 +403,9 @@ def _run_guarded(argv: list[str] | None, ConfigError: type) -> int:  # noqa: N80
         return 0
     except OSError as e:  # a full disk, a read-only or vanished run directory
         where = f" ({e.filename})" if e.filename else ""
+        run_dir = getattr(e, "run_dir", None) or "RUN_DIR"
         print(f"poise: cannot write{where}: {e.strerror or e}. Every metric line and result written before is "
-              "kept; fix the cause and continue with `poise run --resume RUN_DIR`.", file=sys.stderr)
+              f"kept; fix the cause and continue with `poise run --resume {run_dir}`.", file=sys.stderr)
         return 1
     except FloatingPointError as e:  # update guards gave up: non-finite gradients kept coming
         print(f"poise: training stopped: {e}", file=sys.stderr)

@@ -326,3 +326,50 @@ def test_nonfinite_flags_survive_a_state_dict_round_trip():
     assert back.nonfinite_evals == 1 and back.records[-1].nonfinite == [0]
     back.end_task(m)
     assert back.metrics()["first_nonfinite_step"] == 2
+
+
+def test_a_budget_that_removes_most_dense_evaluations_after_a_switch_warns():
+    import warnings
+
+    import torch
+
+    from poise.measure import ContinualEvaluator, EvalSchedule
+
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    model = torch.nn.Linear(3, 2)
+
+    def run(budget):
+        ev = ContinualEvaluator({0: (x, y), 1: (x, y)}, schedule=EvalSchedule(dense_steps=10, every=5), budget=budget)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            for t in (0, 1):
+                ev.begin_task(t)
+                for _ in range(20):
+                    ev.maybe_eval(model, n_samples=8)
+                ev.end_task(model)
+        return [str(w.message) for w in got if "dense evaluations" in str(w.message)], ev
+
+    msgs, ev = run(0.5)  # 8 training samples per step cannot pay for 80 evaluation samples
+    assert len(msgs) == 1 and "budget=0.5 skipped" in msgs[0] and "after the switch to task 1" in msgs[0]
+    assert run(None)[0] == [] and run(100.0)[0] == []  # no budget / an ample one: no warning
+
+
+def test_metrics_of_a_model_that_went_non_finite_before_a_switch_are_nan_not_an_error():
+    import math
+
+    import torch
+
+    from poise.measure import ContinualEvaluator
+
+    x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    model = torch.nn.Linear(3, 2)
+    ev = ContinualEvaluator({0: (x, y), 1: (x, y), 2: (x, y)})
+    for t in (0, 1, 2):
+        ev.begin_task(t)
+        if t == 1:
+            with torch.no_grad():
+                model.weight.fill_(float("nan"))
+        ev.maybe_eval(model)
+        ev.end_task(model)
+    m = ev.metrics()  # task 1's switch was scored NaN: its gap cannot be measured, and nothing raises
+    assert m["nonfinite_evals"] > 0 and math.isnan(m["gap_depth"]) and math.isnan(m["acc"])

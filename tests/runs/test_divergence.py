@@ -55,11 +55,11 @@ def test_the_users_skip_guard_stops_the_study_with_exit_3(tmp_path, monkeypatch,
     real = continual.fit_stream
 
     def nan_from_3(model, *a, log=None, **k):
-        def poisoned(rec):
+        def poisoned(rec):  # from step 3 every gradient is NaN (the weights stay finite: the guard skips)
             log(rec)
             if rec.get("step") == 2 and not rec.get("boundary"):
                 for p in model.parameters():
-                    p.data.fill_(float("nan"))
+                    p.register_hook(lambda g: g * float("nan"))
         return real(model, *a, log=poisoned, **k)
 
     monkeypatch.setattr(continual, "fit_stream", nan_from_3)

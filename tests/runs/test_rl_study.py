@@ -33,7 +33,7 @@ def test_rl_study_end_to_end(tmp_path, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and summary["variants"]["ppo_clip"]["collapsed"]["runs"] == 1
     assert 0 <= summary["variants"]["pg_is"]["late_pass1"]["mean"] <= 1  # the claims' metric is there
-    assert (run_dir / "report.html").read_text().count("<img") == 2  # accuracy vs staleness; the curves
+    assert (run_dir / "report.html").read_text().count("<img") == 3  # accuracy vs staleness; per staleness; curves
 
 
 @pytest.mark.parametrize("loss", ["pg", "ppo_clip", "gspo", "cispo", "sapo", "minirl", "decoupled_ppo"])

@@ -233,6 +233,8 @@ class ContinualEvaluator:
         self.records: list[_Record] = []
         self._task: Any = None
         self._task_start = 0
+        self._dense = [0, 0]  # dense evaluations after this task's switch: [due, skipped by the budget]
+        self._budget_warned = False
 
     # -- the loop API ------------------------------------------------------------------
     def begin_task(self, task_id: Any) -> None:
@@ -242,6 +244,7 @@ class ContinualEvaluator:
             raise RuntimeError(f"begin_task({task_id!r}) before end_task of {self._task!r}")
         self._task = task_id
         self._task_start = self.step
+        self._dense = [0, 0]
         if task_id not in self.seen:
             self.seen.append(task_id)
 
@@ -258,11 +261,15 @@ class ContinualEvaluator:
             self.train_samples += int(n_samples)
         elif self.budget is not None:
             raise ValueError("a budget is set: pass n_samples (training samples in this step)")
-        if not self.schedule.due(self.step - self._task_start):
+        into = self.step - self._task_start
+        if not self.schedule.due(into):
             return None
+        dense = into <= self.schedule.dense_steps and len(self.seen) > 1  # right after a switch: the gap's window
+        self._dense[0] += dense
         if self.budget is not None:
             cost = self._cost()
             if self.eval_samples - self.boundary_eval_samples + cost > self.budget * self.train_samples:
+                self._dense[1] += dense
                 return None
         return self._evaluate(model, boundary=False)
 
@@ -275,6 +282,15 @@ class ContinualEvaluator:
             accs = last.acc  # the scheduled evaluation of this very step is the boundary one
         else:
             accs = self._evaluate(model, boundary=True)
+        due, skipped = self._dense
+        if self.budget is not None and due and 2 * skipped > due and not self._budget_warned:
+            import warnings
+
+            self._budget_warned = True  # once per evaluator
+            warnings.warn(f"budget={self.budget} skipped {skipped} of the {due} dense evaluations due after the switch "
+                          f"to task {self._task!r}: the stability gap there is measured from {due - skipped} points "
+                          "and will look shallower than it is; raise the budget or set budget=None",
+                          UserWarning, stacklevel=2)
         self.boundaries[self._task] = self.step
         self._task = None
         return dict(accs)
@@ -537,7 +553,10 @@ class ContinualEvaluator:
                 "min_after": (float(np.min(acc[after, i])) if hib else float(np.max(acc[after, i])))
                 if after.any() else math.nan,
             }
-            if i + 1 < len(finished):
+            if i + 1 < len(finished) and not np.any((steps <= b[i]) & ~np.isnan(acc[:, i])):
+                depths.append(math.nan)  # the task's switch was scored non-finite: no gap to measure (flagged below)
+                recs.append(math.nan)
+            elif i + 1 < len(finished):
                 g = M.stability_gap(steps, acc[:, i], b[i], b[i + 1], self.gap_eps, higher_is_better=hib)
                 info.update(gap_depth=g.depth, gap_min_step=g.min_step, gap_recovery=g.recovery_steps)
                 depths.append(g.depth)

@@ -44,15 +44,36 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
         return _write(directory, final, tmp, step, model, optimizer, generator, state)
     except BaseException as e:  # a full disk, a kill signal turned exception: never leave a half-written folder
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) or type(e).__name__ == "RuntimeError":
-            raise OSError(getattr(e, "errno", None) or 28, f"checkpoint write failed ({e})", str(tmp)) from e
+        if isinstance(e, (OSError, RuntimeError)):
+            raise write_error(e, final) from e
         raise
 
 
+def write_error(e: BaseException, path: Path) -> OSError:
+    """The ``OSError`` a failed checkpoint write raises: it names the file (the one that failed when the
+    error says, else ``path``) and says when the disk is full, also for torch's own full-disk error
+    (a ``RuntimeError`` "enforce fail ... unexpected pos")."""
+    import errno as _errno
+    import os
+
+    if isinstance(e, OSError):
+        no = e.errno or _errno.EIO
+        where = e.filename or str(path)
+        what = e.strerror or str(e)
+    else:
+        no = _errno.ENOSPC
+        where = str(path)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = f"{os.strerror(_errno.ENOSPC)} (or the disk failed); torch said: {first[:160]}"
+    return OSError(no, f"checkpoint write failed: {what}", where)
+
+
 def clean_partial(directory: str | Path) -> None:
-    """Remove half-written ``.step-*`` folders (left by a kill or a full disk during a write)."""
+    """Remove half-written ``.step-*`` folders and manifest temporaries (left by a kill or a full disk)."""
     for old in Path(directory).glob(".step-*"):
         shutil.rmtree(old, ignore_errors=True)
+    for old in Path(directory).glob(".latest.json.*.tmp"):
+        old.unlink(missing_ok=True)
 
 
 def _write(directory: Path, final: Path, tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -71,6 +92,14 @@ def _write(directory: Path, final: Path, tmp: Path, step: int, model: nn.Module,
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_reason(e: BaseException) -> str:
+    """One line on why a checkpoint file could not be read: never torch's advice to unpickle it."""
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return "not a checkpoint written by poise: it holds objects other than tensors, which are never unpickled"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 _STEP_DIR = re.compile(r"step-\d{6,}")
@@ -114,5 +143,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         torch.set_rng_state(rng["torch"])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError,
             SafetensorError) as e:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({load_reason(e)}); delete {path} to restart "
+                              "this run from its previous checkpoint or its start") from None
     return state

@@ -89,6 +89,8 @@ def _claim_run_dir(path: Path, config: dict[str, Any], resume: bool) -> Any:
     import fcntl
 
     held = [n for n in _STUDY_FILES if (path / n).exists()]
+    if held == ["run.json"]:  # killed between run.json and config.json: nothing of a study was written
+        held = []
     if resume:
         stored_path = path / "config.json"
         if not stored_path.is_file():
@@ -128,6 +130,8 @@ def _claim_run_dir(path: Path, config: dict[str, Any], resume: bool) -> Any:
     lock.truncate()
     lock.write(str(os.getpid()))
     lock.flush()
+    for tmp in path.rglob(".*.tmp"):  # temporaries of a killed write (we hold the lock: nobody else writes)
+        tmp.unlink(missing_ok=True)
     return lock
 
 
@@ -178,15 +182,9 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
         lock = _claim_run_dir(path, config, resume)
     try:
         with writing_into(path):
-            if main and not (resume and (path / "run.json").is_file()):
-                import poise
-                from poise.runs.store import atomic_write_json as _w
-
-                _w(path / "run.json", {"config_sha256": config_hash(config), "command": command,
-                                       "poise": poise.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            return _execute(cfg, path, progress, report, kind, config, main)
-    except KeyboardInterrupt as e:
-        e.run_dir = path  # type: ignore[attr-defined]
+            return _execute(cfg, path, progress, report, kind, config, main, resume, command)
+    except (KeyboardInterrupt, OSError) as e:  # the CLI names the folder and the resume command
+        e.run_dir = path  # type: ignore[union-attr]
         raise
     finally:
         if lock is not None:
@@ -194,10 +192,16 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
 
 
 def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: StudyKind, config: dict[str, Any],
-             main: bool) -> Path:
+             main: bool, resume: bool = False, command: str | None = None) -> Path:
     if main:
         resolved = kind.resolve(cfg) if kind.resolve else None
         atomic_write_json(path / "config.json", {**config, "resolved": resolved} if resolved else config)
+        if not (resume and (path / "run.json").is_file()):  # after config.json: a folder with one has the other
+            import poise
+
+            atomic_write_json(path / "run.json", {"config_sha256": config_hash(config), "command": command,
+                                                  "poise": poise.__version__,
+                                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("CI") != "true"
     from poise.runs.config import variant_config
@@ -221,7 +225,7 @@ def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: St
                 tag = f"{v.name}-s{seed}"
                 done = path / "results" / f"{tag}.json"
                 if _agreed(done.is_file()):  # resuming: this run finished before
-                    results.append(json.loads(done.read_text()) if main else {})
+                    results.append(_read_result(done) if main else {})
                     bar.update(steps[i])
                     continue
                 metrics = path / "metrics" / f"{tag}.jsonl"
@@ -251,6 +255,16 @@ def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: St
 
         build_report(path)
     return path
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    try:
+        r = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path} is not readable JSON ({e}); delete it to run that run again") from None
+    if not isinstance(r, dict) or "variant" not in r:
+        raise RunDirError(f"{path} is not a poise result; delete it to run that run again")
+    return r
 
 
 _TRACK_FAILED: set[str] = set()

@@ -111,16 +111,22 @@ class JsonlWriter:
         self.path = check_inside(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f: TextIO = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        self._failed = False
 
     def write(self, record: dict[str, Any]) -> None:
         try:
             self._f.write(json.dumps(_clean(record)) + "\n")
             self._f.flush()
         except OSError as e:  # a full disk or a vanished folder: name the file
+            self._failed = True
             raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as e:  # the buffered failed line: already reported by write(), else name the file
+            if not self._failed:
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def __enter__(self) -> JsonlWriter:
         return self
@@ -152,6 +158,4 @@ def truncate_jsonl(path: str | Path, max_step: int,
     keep = [json.dumps(r) for r in read_jsonl(path)
             if r.get("step", 0) < max_step
             or (r.get("step", 0) == max_step and not (drop_at_max is not None and drop_at_max(r)))]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -388,7 +388,9 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     except BaseException as e:  # a full disk (torch raises RuntimeError), a kill: no half-written file stays
         tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)):
-            raise OSError(getattr(e, "errno", None) or 28, f"checkpoint write failed ({e})", str(path)) from e
+            from poise.runs.checkpoint import write_error
+
+            raise write_error(e, path) from e
         raise
 
 
@@ -398,8 +400,10 @@ def _load_checkpoint(path: Path) -> dict[str, Any] | None:
     try:
         return torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file: say which, never run pickled code
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to restart "
-                         "this run from its start") from None
+        from poise.runs.checkpoint import load_reason
+
+        raise CheckpointError(f"checkpoint {path} cannot be read ({load_reason(e)}); delete it to restart "
+                              "this run from its start") from None
 
 
 def summarize(results: list[dict[str, Any]], windows: list[int]) -> dict[str, Any]:
