@@ -35,8 +35,8 @@ def test_bad_stream_arguments_name_the_choices():
         load_stream("split-digits", scenario="domain")
     with pytest.raises(ValueError, match="1..4"):
         load_stream("rotated-digits", n_tasks=7)
-    with pytest.raises(KeyError,
-                       match="valid choices: drift-digits, fscil-digits, permuted-digits, rotated-digits, split-digits"):
+    want = "valid choices: drift-digits, fscil-digits, permuted-digits, rotated-digits, split-digits"
+    with pytest.raises(KeyError, match=want):
         load_stream("mnist")
 
 
