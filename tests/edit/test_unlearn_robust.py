@@ -129,3 +129,46 @@ def test_relearn_attack_returns_a_copy_and_recovers():
         relearn_attack(model, x[:0], y[:0])
     with pytest.raises(ValueError, match="valid choices: adam, sgd"):
         relearn_attack(model, x[:2], y[:2], optimizer="lbfgs")
+
+
+def _relearn_study():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "unlearn_relearn.py"
+    spec = importlib.util.spec_from_file_location("unlearn_relearn", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_relearn_calibration_rule_by_hand():
+    choose = _relearn_study().choose_attack
+    row = lambda mix, steps, f, r: {"mix": mix, "steps": steps, "lr": 1e-3, "forget": f, "retain": r}  # noqa: E731
+    table = [row(0, 10, 0.0, 0.95), row(0, 20, 0.5, 0.70),  # pure attack: recovers only by wrecking retain
+             row(25, 10, 0.1, 0.90), row(25, 20, 0.25, 0.90), row(25, 30, 0.45, 0.85), row(25, 40, 0.58, 0.9)]
+    # mix 0 has no row with forget in [0.2, 0.6] and retain >= 0.8 -> mix 25; qualifying 0.25, 0.45, 0.58;
+    # distances to 0.4: 0.15, 0.05, 0.18 -> steps 30
+    assert choose(table, (0, 25), (0.2, 0.6), 0.8) == ({"mix": 25, "steps": 30, "lr": 1e-3}, True)
+    # the pure attack wins whenever it qualifies, even if mix 25 is nearer the middle
+    table[1] = row(0, 20, 0.59, 0.81)
+    assert choose(table, (0, 25), (0.2, 0.6), 0.8) == ({"mix": 0, "steps": 20, "lr": 1e-3}, True)
+    # nothing qualifies: nearest 0.4 among rows keeping retain >= 0.8, flagged as missed
+    miss = [row(0, 10, 0.0, 0.95), row(0, 20, 0.9, 0.5), row(25, 10, 0.1, 0.9), row(25, 20, 0.8, 0.85)]
+    assert choose(miss, (0, 25), (0.2, 0.6), 0.8) == ({"mix": 25, "steps": 10, "lr": 1e-3}, False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: CPU generators with CUDA parameters")
+def test_stableun_noise_probes_and_fit_stream_run_on_cuda():
+    # regression: the Gaussian probes and FIT's similarity/loss-change/random-label tensors were made on the
+    # CPU, so a CUDA model failed (a second FIT request compared a CUDA similarity with a CPU loss change)
+    w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=D, device="cuda"))
+    stableun_backward([w], lambda: 0.5 * w.pow(2).sum(), None, rho=0.0, sigma=0.1, n_noise=2,
+                      generator=torch.Generator().manual_seed(0))
+    assert w.grad.device.type == "cuda"
+    model, x, y = _clf()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    fit = FIT(model, steps=3, lr=0.01, thresholds=(1e9, 2e9))  # random labels
+    fit.request(x[y == 0], y[y == 0])
+    out = fit.request(x[y == 1], y[y == 1])
+    assert out["algorithm"] == "random_label" and next(model.parameters()).device.type == "cuda"

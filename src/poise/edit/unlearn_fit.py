@@ -41,7 +41,7 @@ ALGORITHMS = ("random_label", "npo", "npo_kl")
 def max_similarity(emb: Tensor, memory: Tensor | None) -> Tensor:
     """``s_i = max_j cos(emb_i, memory_j)``; ``-inf`` for every item when the memory is empty."""
     if memory is None or len(memory) == 0:
-        return torch.full((len(emb),), float("-inf"))
+        return torch.full((len(emb),), float("-inf"), device=emb.device)
     return F.cosine_similarity(emb.unsqueeze(1), memory.unsqueeze(0), dim=-1).max(1).values
 
 
@@ -146,9 +146,9 @@ class FIT:
             emb = self.embed(x).detach().float()
             sim = max_similarity(emb, self.memory)
             full = float(self._loss(x, y))
-            change = torch.zeros(len(x))
+            change = torch.zeros(len(x), device=sim.device)
             for i in torch.nonzero(sim >= self.tau).flatten().tolist():
-                rest = torch.cat([torch.arange(i), torch.arange(i + 1, len(x))])
+                rest = torch.cat([torch.arange(i), torch.arange(i + 1, len(x))]).to(x.device)
                 change[i] = abs(full - float(self._loss(x[rest], y[rest]))) if len(rest) else float("inf")
         keep = redundancy_filter(sim, change, self.tau, self.epsilon)
         out: dict[str, object] = {"kept": int(keep.sum()), "filtered": int((~keep).sum()), "score": None,
@@ -187,7 +187,7 @@ class FIT:
             with torch.no_grad():
                 ref_lp = F.log_softmax(ref(x), -1).gather(1, y[:, None]).squeeze(1)
                 n_cls = ref(x[:1]).shape[-1]
-                wrong = (y + torch.randint(1, n_cls, y.shape, generator=self.g)) % n_cls
+                wrong = (y + torch.randint(1, n_cls, y.shape, generator=self.g).to(y.device)) % n_cls
             for _ in range(self.steps):
                 logits = self.model(x)
                 if algo == "random_label":

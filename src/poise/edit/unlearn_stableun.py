@@ -83,7 +83,9 @@ def stableun_backward(params: Sequence[nn.Parameter], forget_loss: Callable[[], 
         if rho > 0:
             probes.append(rho * g_tau / (g_tau.norm() + 1e-12))
         for _ in range(n_noise):
-            probes.append(sigma * torch.randn(tau.shape, generator=generator, dtype=tau.dtype))
+            dev = generator.device if generator is not None else tau.device
+            noise = torch.randn(tau.shape, generator=generator, dtype=tau.dtype, device=dev)
+            probes.append(sigma * noise.to(tau.device))
         if probes:
             g_f = torch.zeros_like(tau)
             for d in probes:
