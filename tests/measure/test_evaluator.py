@@ -373,3 +373,33 @@ def test_metrics_of_a_model_that_went_non_finite_before_a_switch_are_nan_not_an_
         ev.end_task(model)
     m = ev.metrics()  # task 1's switch was scored NaN: its gap cannot be measured, and nothing raises
     assert m["nonfinite_evals"] > 0 and math.isnan(m["gap_depth"]) and math.isnan(m["acc"])
+
+
+def test_batched_evaluation_gives_the_task_by_task_numbers():
+    """One pass over every task's concatenated inputs (the default) = task by task, with class masks, a task
+    seen late, and a model whose output turns NaN on one task's inputs."""
+    import math
+
+    import torch
+
+    from poise.measure import ContinualEvaluator, EvalSchedule, EvalSet
+
+    g = torch.Generator().manual_seed(0)
+    sets = {t: EvalSet(torch.randn(37 + 5 * t, 6, generator=g), torch.randint(2 * t, 2 * t + 2, (37 + 5 * t,),
+                                                                              generator=g), [2 * t, 2 * t + 1])
+            for t in range(3)}
+    sets[3] = EvalSet(torch.full((9, 6), float("nan")), torch.zeros(9, dtype=torch.long))  # its output is NaN
+    curves = []
+    for batched in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        ev = ContinualEvaluator(sets, schedule=EvalSchedule(0, 1), batch_size=16, batched=batched)
+        for t in range(4):
+            ev.begin_task(t)
+            for _ in range(3):
+                with torch.no_grad():
+                    model[0].weight.mul_(1.01)
+                ev.maybe_eval(model)
+            ev.end_task(model)
+        curves.append([{t: (None if math.isnan(a) else a) for t, a in r.acc.items()} for r in ev.records])
+    assert curves[0] == curves[1] and any(r[3] is None for r in curves[0] if 3 in r)
