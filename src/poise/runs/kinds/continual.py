@@ -561,8 +561,10 @@ def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]])
         fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
         for k, v in enumerate(variants):
             ax = axes[k // cols][k % cols]
-            mat = np.nanmean(np.stack([_accuracy_matrix(r) for r in by_v[v]]), axis=0) \
-                if by_v[v] else np.full((n_tasks, n_tasks), np.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a task not yet seen: NaN in every seed
+                mat = np.nanmean(np.stack([_accuracy_matrix(r) for r in by_v[v]]), axis=0) \
+                    if by_v[v] else np.full((n_tasks, n_tasks), np.nan)
             ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
             for (a, b), val in np.ndenumerate(mat):
                 if np.isfinite(val):
