@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from poise._registry import register
 from poise.continual._base import Batch, LossFn, Strategy, classification_loss
 from poise.continual._state import load_np_rng, np_rng_state
+from poise.continual.replay import reservoir_slot
 
 __all__ = ["ConsistencyBuffer", "FaultyReplay", "StableEvictionReplay", "consistency_scores"]
 
@@ -75,12 +76,7 @@ class ConsistencyBuffer:
             self.proj = torch.randn(d, self.sketch_dim, generator=g) / self.sketch_dim ** 0.5
             self.anchors = torch.zeros(self.capacity, self.sketch_dim)
         for i in range(len(y)):
-            if self.size < self.capacity:
-                slot = self.size
-                self.size += 1
-            else:
-                j = int(self.rng.integers(0, self.seen + 1))
-                slot = j if j < self.capacity else -1
+            slot = reservoir_slot(self)  # the same reservoir rule and counters as ReservoirBuffer
             if slot >= 0:
                 self._x[slot] = x[i]
                 self._y[slot] = y[i]  # type: ignore[index]

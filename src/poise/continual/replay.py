@@ -26,6 +26,18 @@ class FineTune(Strategy):
         return {}  # nothing learnt besides the model
 
 
+def reservoir_slot(buf: Any) -> int:
+    """Reservoir sampling (Vitter's algorithm R) for a buffer with ``size``, ``capacity``, ``seen`` and a
+    numpy ``rng``: the slot the next item of the stream takes, or -1 when it is not kept. The buffer
+    fills first; afterwards item ``seen`` replaces a uniform slot with probability
+    ``capacity / (seen + 1)``. Counts the fill (``size``); the caller counts ``seen``."""
+    if buf.size < buf.capacity:
+        buf.size += 1
+        return buf.size - 1
+    j = int(buf.rng.integers(0, buf.seen + 1))
+    return j if j < buf.capacity else -1
+
+
 class ReservoirBuffer:
     r"""Reservoir sampling (Vitter's algorithm R): after ``n`` samples offered, each is in
     the buffer with probability ``min(1, capacity / n)``.
@@ -54,12 +66,7 @@ class ReservoirBuffer:
             if mask is not None:
                 self._mask = torch.zeros((self.capacity, *mask.shape[1:]), dtype=mask.dtype)
         for i in range(len(y)):
-            if self.size < self.capacity:
-                slot = self.size
-                self.size += 1
-            else:
-                j = int(self.rng.integers(0, self.seen + 1))
-                slot = j if j < self.capacity else -1
+            slot = reservoir_slot(self)
             if slot >= 0:
                 self._x[slot] = x[i]
                 self._y[slot] = y[i]  # type: ignore[index]
