@@ -716,7 +716,9 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
         if writer:
             writer.close()
     wall = time.perf_counter() - t0
+    run_means = {f"{k}_mean": float(np.mean(curve[k])) for k in ("mismatch_abs", "chi2_token") if curve.get(k)}
     return {"variant": v.name, "seed": seed, "wall_seconds": wall, "curves": curve,
+            "metrics": run_means,  # per-run scalars a [[claims]] table can name (mismatch_abs_mean, ...)
             "eval_steps": eval_steps, "eval_acc": eval_acc, "eval_samples": eval_samples, "final_acc": eval_acc[-1],
             "late_acc": late_accuracy(eval_steps, eval_acc, t.steps),
             **({"eval_pass1": eval_pass1, "start_pass1": eval_pass1[0], "final_pass1": eval_pass1[-1],
