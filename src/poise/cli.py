@@ -94,7 +94,7 @@ def _parser(fields: bool = True) -> argparse.ArgumentParser:
                      "steps over all variants and seeds; rl: 25,000), which is otherwise refused before it starts")
     run.add_argument("--quick", action="store_true",
                      help="smoke-test size: one seed and fewer steps, labelled 'not for conclusions' (each built-in "
-                     "recipe took 6-35 s alone on 2 CPU cores)")
+                     "recipe took 7-28 s on 2 idle CPU cores; README has the table)")
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", nargs="?", default=None, choices=list(LISTS))
     exp = sub.add_parser("export", help="send a run directory's metrics to TensorBoard, W&B, MLflow or trackio",
