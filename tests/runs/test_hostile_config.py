@@ -37,3 +37,14 @@ def test_a_binary_or_a_directory_recipe_is_named(tmp_path, capsys):
 def test_names_with_spaces_and_percent_are_fine():
     cfg = load_recipe("priming", ["seeds=[0]"])
     assert "ignore-k 8%" in [v.name for v in cfg.variants]
+
+
+def test_an_editor_refusing_a_singular_system_mid_study_is_one_line_with_exit_2(tmp_path, capsys):
+    """MEMIT with lam=0 and fewer keys than the key space is singular: the editor's ValueError becomes one
+    line naming the variant and the request (exit 2), not a traceback."""
+    code = main(["run", "edit-stream", "--quick", "lm.steps=50", "stream.n_edits=10",
+                 "variants=[{editor='memit', params={lam=0.0}}]", "claims=[]", "--run-dir", str(tmp_path / "r"),
+                 "--no-progress", "--no-report"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert "variants.memit: request 0" in err[-1] and "singular" in err[-1]

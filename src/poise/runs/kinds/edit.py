@@ -353,8 +353,9 @@ def run_one_edit(cfg: EditStudyConfig, variant_index: int, seed: int, metrics_pa
                 t = time.perf_counter()
                 try:
                     ed.edit(K[:, lo:hi], V[:, lo:hi])
-                except ValueError as e:
-                    raise ValueError(f"{v.name}: request {r} (edits {lo}-{hi - 1}): {e}") from None
+                except ValueError as e:  # the editor refused (a singular system at these sizes): exit 2, one line
+                    raise ConfigError(f"variants.{v.name}: request {r} (edits {lo}-{hi - 1}) was refused by the "
+                                      f"editor: {e}; change the editor's settings or the study's sizes") from None
                 edit_seconds += time.perf_counter() - t
                 layer.weight.copy_(ed.weight.to(layer.weight.dtype))
                 want = torch.tensor([_values(f).index(k) for f, k in zip(edits[lo:hi], new_kw[lo:hi], strict=True)])
