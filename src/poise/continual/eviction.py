@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from poise._registry import register
 from poise.continual._base import Batch, LossFn, Strategy, classification_loss
 from poise.continual._state import load_np_rng, np_rng_state
-from poise.continual.replay import reservoir_slot
+from poise.continual.replay import ReservoirBuffer
 
 __all__ = ["ConsistencyBuffer", "FaultyReplay", "StableEvictionReplay", "consistency_scores"]
 
@@ -32,7 +32,7 @@ def consistency_scores(current: Tensor, anchors: Tensor, proj: Tensor) -> Tensor
     return torch.where(den > 0, num / den.clamp_min(1e-30), (s - anchors).abs().sum(1).eq(0).to(s.dtype))
 
 
-class ConsistencyBuffer:
+class ConsistencyBuffer(ReservoirBuffer):
     r"""A reservoir buffer (Vitter's R, as :class:`poise.continual.ReservoirBuffer`) whose items
     keep a sketch of their clean state, with StableWorld-style eviction of degraded items.
 
@@ -45,52 +45,27 @@ class ConsistencyBuffer:
     """
 
     def __init__(self, capacity: int, sketch_dim: int = 16, seed: int = 0):
-        if capacity < 1:
-            raise ValueError(f"capacity={capacity} must be >= 1")
+        super().__init__(capacity, seed)  # checks capacity; the reservoir's counters and generator
         if sketch_dim < 1:
             raise ValueError(f"sketch_dim={sketch_dim} must be >= 1")
-        self.capacity, self.sketch_dim, self.seed = capacity, sketch_dim, seed
-        self.seen = 0
-        self.size = 0
-        self.rng = np.random.default_rng(seed)
+        self.sketch_dim, self.seed = sketch_dim, seed
         self.gen = torch.Generator().manual_seed(seed + 1)
-        self._x: Tensor | None = None
-        self._y: Tensor | None = None
-        self._mask: Tensor | None = None
         self.anchors: Tensor | None = None
         self.proj: Tensor | None = None
         self.faulty = torch.zeros(capacity, dtype=torch.bool)
 
-    def __len__(self) -> int:
-        return self.size
-
     def add(self, batch: Batch) -> None:
-        x, y, mask = batch.x.detach(), batch.y.detach(), batch.mask
-        if self._x is None:
-            self._x = torch.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype)
-            self._y = torch.zeros((self.capacity, *y.shape[1:]), dtype=y.dtype)
-            if mask is not None:
-                self._mask = torch.zeros((self.capacity, *mask.shape[1:]), dtype=mask.dtype)
-            d = int(np.prod(x.shape[1:]))
+        if self.proj is None:  # the sketch of each item's clean state, fixed at the first batch
+            d = int(np.prod(batch.x.shape[1:]))
             g = torch.Generator().manual_seed(self.seed + 2)
             self.proj = torch.randn(d, self.sketch_dim, generator=g) / self.sketch_dim ** 0.5
             self.anchors = torch.zeros(self.capacity, self.sketch_dim)
-        for i in range(len(y)):
-            slot = reservoir_slot(self)  # the same reservoir rule and counters as ReservoirBuffer
-            if slot >= 0:
-                self._x[slot] = x[i]
-                self._y[slot] = y[i]  # type: ignore[index]
-                if self._mask is not None and mask is not None:
-                    self._mask[slot] = mask[i]
-                self.anchors[slot] = x[i].reshape(-1).to(self.proj.dtype) @ self.proj  # type: ignore[index,operator]
-                self.faulty[slot] = False
-            self.seen += 1
+        super().add(batch)
 
-    def sample(self, k: int) -> Batch:
-        if self.size == 0:
-            raise RuntimeError("sampling from an empty buffer")
-        idx = torch.as_tensor(self.rng.choice(self.size, size=min(k, self.size), replace=False))
-        return Batch(self._x[idx], self._y[idx], None if self._mask is None else self._mask[idx])  # type: ignore[index]
+    def _put(self, slot: int, x: Tensor, y: Tensor, mask: Tensor | None) -> None:
+        super()._put(slot, x, y, mask)
+        self.anchors[slot] = x.reshape(-1).to(self.proj.dtype) @ self.proj  # type: ignore[index,operator,union-attr]
+        self.faulty[slot] = False
 
     def scores(self) -> Tensor:
         if self.size == 0:
@@ -111,6 +86,8 @@ class ConsistencyBuffer:
         for t in (self._x, self._y, self._mask, self.anchors, self.faulty):
             if t is not None:
                 t[:k] = t[idx].clone()
+        self.ids[:k] = self.ids[idx.numpy()]
+        self.ids[k: self.size] = -1
         self.faulty[k: self.size] = False
         self.size = k
         return n_out, bad_faulty
@@ -131,7 +108,8 @@ class ConsistencyBuffer:
     def state_dict(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "seen": self.seen, "size": self.size, "rng": np_rng_state(self.rng),
                 "gen": self.gen.get_state(), "x": self._x, "y": self._y, "mask": self._mask,
-                "anchors": self.anchors, "proj": self.proj, "faulty": self.faulty}
+                "anchors": self.anchors, "proj": self.proj, "faulty": self.faulty,
+                "ids": torch.from_numpy(self.ids.copy())}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if int(state["capacity"]) != self.capacity:
@@ -142,6 +120,7 @@ class ConsistencyBuffer:
         self._x, self._y, self._mask, self.anchors, self.proj = (
             None if state[k] is None else state[k].clone() for k in ("x", "y", "mask", "anchors", "proj"))
         self.faulty = state["faulty"].clone()
+        self.ids = state["ids"].numpy().astype(np.int64, copy=True)
 
 
 @register("strategy", "faulty_replay")

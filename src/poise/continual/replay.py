@@ -68,12 +68,16 @@ class ReservoirBuffer:
         for i in range(len(y)):
             slot = reservoir_slot(self)
             if slot >= 0:
-                self._x[slot] = x[i]
-                self._y[slot] = y[i]  # type: ignore[index]
-                if self._mask is not None and mask is not None:
-                    self._mask[slot] = mask[i]
-                self.ids[slot] = self.seen
+                self._put(slot, x[i], y[i], None if mask is None else mask[i])
             self.seen += 1
+
+    def _put(self, slot: int, x: Tensor, y: Tensor, mask: Tensor | None) -> None:
+        """Store one offered sample in ``slot`` (a subclass stores more per item)."""
+        self._x[slot] = x  # type: ignore[index]
+        self._y[slot] = y  # type: ignore[index]
+        if self._mask is not None and mask is not None:
+            self._mask[slot] = mask
+        self.ids[slot] = self.seen
 
     def sample(self, k: int) -> Batch:
         if self.size == 0:
