@@ -247,13 +247,12 @@ def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: St
         bar.close()
     if main:
         atomic_write_json(path / "summary.json", summary(True))
-        from poise.runs.report import write_summaries
+        from poise.runs.report import build_report, write_summaries
 
-        write_summaries(path)
-    if report and main:
-        from poise.runs.report import build_report
-
-        build_report(path)
+        if report:
+            build_report(path)  # writes summary.csv, runs.csv and summary.md too
+        else:
+            write_summaries(path)
     return path
 
 
