@@ -11,6 +11,7 @@ from poise.continual.fscil import FSCILTricks, performance_drop, session_accurac
 from poise.continual.intact import InTAct, activation_interval, interval_bounds, interval_drift
 from poise.continual.loop import fit_stream, task_batch
 from poise.continual.mbc import MBCReplay, VQCodebook, codebook_perplexity, vq_assign
+from poise.continual.merging import Merge
 from poise.continual.projection import AGEM, OGD, OGPSA, EpisodicMemory, agem_project, project_out
 from poise.continual.pruning import IgnoreK, prune_top
 from poise.continual.regularization import EWC, LwF, diagonal_fisher
@@ -31,6 +32,7 @@ __all__ = [
     "FaultyReplay",
     "InTAct",
     "MBCReplay",
+    "Merge",
     "StableEvictionReplay",
     "VQCodebook",
     "activation_interval",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from poise._nn import logits_of, trainable
 
-__all__ = ["Batch", "Compose", "LossFn", "Strategy", "classification_loss", "trainable"]
+__all__ = ["Batch", "Compose", "LossFn", "Strategy", "classification_loss", "overrides", "trainable"]
 
 
 class Batch(NamedTuple):
@@ -175,3 +175,10 @@ class Compose(Strategy):
                              f"{names}")
         for s, d in zip(self.strategies, saved, strict=True):
             s.load_state_dict(d["state"])
+
+
+def overrides(strategy: Strategy, hook: str) -> bool:
+    """Whether ``strategy`` (or any part of a :class:`Compose`) implements ``hook`` itself."""
+    if isinstance(strategy, Compose):
+        return any(overrides(c, hook) for c in strategy.strategies)
+    return getattr(type(strategy), hook) is not getattr(Strategy, hook)

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poise._nn import logits_of
-from poise.continual._base import Batch, Compose, Strategy
+from poise.continual._base import Batch, Strategy, overrides
 from poise.measure.evaluator import ContinualEvaluator
 from poise.measure.lm import IGNORE_INDEX
 from poise.optim import low_rank_groups
@@ -156,10 +156,14 @@ class ContinualEvalCallback(TrainerCallback):
             (``acc``, ``forgetting``, ``min_acc``, ``wc_acc``, ``gap_depth``, ...; those still NaN,
             such as the gap before a second task, are left out).
         eval_model: maps the trained model to the one evaluated (a strategy's ``eval_model``: EMA).
+        fresh_boundary: evaluate every task boundary afresh even when the last step's scheduled
+            evaluation covered it (set when a strategy's ``after_task`` may change the model, as
+            merging and prototype recalibration do; :class:`PoiseTrainer` sets it then).
     """
 
     def __init__(self, evaluator: ContinualEvaluator, trainer: Any = None, *, task_order: list[Any] | None = None,
-                 prefix: str = "cl", eval_model: Callable[[nn.Module], nn.Module] | None = None):
+                 prefix: str = "cl", eval_model: Callable[[nn.Module], nn.Module] | None = None,
+                 fresh_boundary: bool = False):
         if not isinstance(evaluator, ContinualEvaluator):
             raise TypeError(f"evaluator must be a poise.measure.ContinualEvaluator, got {type(evaluator).__name__}")
         order = list(evaluator.task_ids if task_order is None else task_order)
@@ -170,6 +174,7 @@ class ContinualEvalCallback(TrainerCallback):
         self.evaluator, self.trainer, self.prefix = evaluator, trainer, prefix
         self.task_order = order
         self.eval_model = eval_model or (lambda m: m)
+        self.fresh_boundary = fresh_boundary
         self._next: Any = None
         self._calls = 0
 
@@ -207,7 +212,7 @@ class ContinualEvalCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         ev = self.evaluator
         before = len(ev.records)
-        ev.end_task(self.eval_model(model))  # type: ignore[arg-type]
+        ev.end_task(self.eval_model(model), reuse=not self.fresh_boundary)  # type: ignore[arg-type]
         if len(ev.records) > before:
             self._log(boundary=True)
         summary: dict[str, float] = {}
@@ -269,12 +274,6 @@ class OptimizerDiagnosticsCallback(TrainerCallback):
 
 
 # -- strategies inside Trainer ---------------------------------------------------------------------------
-def _overrides(s: Strategy, hook: str) -> bool:
-    if isinstance(s, Compose):
-        return any(_overrides(c, hook) for c in s.strategies)
-    return getattr(type(s), hook) is not getattr(Strategy, hook)
-
-
 class _StrategyHooks(TrainerCallback):
     """The optimizer-step and task hooks of the mixin's strategy (loss terms are in compute_loss)."""
 
@@ -359,7 +358,8 @@ class PoiseTrainerMixin:
             handler.callbacks.insert(0, _StrategyHooks(self))
         if evaluator is not None:
             self.continual_eval = ContinualEvalCallback(
-                evaluator, self, eval_model=strategy.eval_model if strategy is not None else None)
+                evaluator, self, eval_model=strategy.eval_model if strategy is not None else None,
+                fresh_boundary=strategy is not None and overrides(strategy, "after_task"))
             handler.add_callback(self.continual_eval)
         if diagnostics:
             self.optimizer_diagnostics = OptimizerDiagnosticsCallback(self)
@@ -385,7 +385,7 @@ class PoiseTrainerMixin:
         if self._poise_task_batch is not None:
             return self._poise_task_batch
         s = self.strategy
-        if s is None or not (_overrides(s, "before_task") or _overrides(s, "after_task")):
+        if s is None or not (overrides(s, "before_task") or overrides(s, "after_task")):
             return _empty_batch()
         ds = self.train_dataset  # type: ignore[attr-defined]
         if ds is None or not hasattr(ds, "__len__"):

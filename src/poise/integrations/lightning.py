@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
         raise ImportError("poise.integrations.lightning needs Lightning: pip install 'poise[lightning]' "
                           "(or: pip install lightning)") from e
 
-from poise.continual._base import Batch, Strategy
+from poise.continual._base import Batch, Strategy, overrides
 from poise.continual._state import clone_tree
 from poise.integrations.trackers import scalars
 from poise.measure.evaluator import ContinualEvaluator
@@ -235,7 +235,9 @@ class ContinualCallback(pl.Callback):
             self.strategy.after_task(pl_module, self._data)  # type: ignore[arg-type]
         rec: Record = {"step": self.step, "task": self.task, "boundary": True}
         if self.evaluator is not None:
-            accs = self.evaluator.end_task(self._eval_model(pl_module))
+            # after_task may have changed the evaluated model (merging, recalibration): evaluate afresh then
+            fresh = self.strategy is not None and overrides(self.strategy, "after_task")
+            accs = self.evaluator.end_task(self._eval_model(pl_module), reuse=not fresh)
             rec.update({f"{self._metric}/{t}": a for t, a in accs.items()})
         self.tasks_done.append(self.task)
         self.task, self._data = None, None

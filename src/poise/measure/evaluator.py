@@ -280,12 +280,21 @@ class ContinualEvaluator:
                 return None
         return self._evaluate(model, boundary=False)
 
-    def end_task(self, model: nn.Module) -> dict[Any, float]:
-        """Close the current task with a boundary evaluation (always run, counted)."""
+    def evaluated_now(self) -> bool:
+        """Whether the latest step already has a recorded evaluation of every task due (which
+        :meth:`end_task` reuses unless told the evaluated model has changed since)."""
+        last = self.records[-1] if self.records else None
+        return last is not None and last.step == self.step and set(last.acc) >= set(self._targets())
+
+    def end_task(self, model: nn.Module, reuse: bool = True) -> dict[Any, float]:
+        """Close the current task with a boundary evaluation (always run, counted). When this step's
+        scheduled evaluation already covered every task it is the boundary one (``reuse``); pass
+        ``reuse=False`` when the model changed after it (a strategy that merges or recalibrates at the
+        end of a task), and the boundary is evaluated afresh, recorded at the same step after it."""
         if self._task is None:
             raise RuntimeError("end_task without begin_task")
         last = self.records[-1] if self.records else None
-        if last is not None and last.step == self.step and set(last.acc) >= set(self._targets()):
+        if reuse and self.evaluated_now():
             accs = last.acc  # the scheduled evaluation of this very step is the boundary one
         else:
             accs = self._evaluate(model, boundary=True)
