@@ -270,3 +270,26 @@ def test_the_example_runs():
     out = main(steps_per_task=3)
     assert out["loss"]["metric"] == "loss" and out["loss"]["n_evals"] == 9  # dense: every step, three tasks
     assert 0 <= out["token_acc"]["acc"] <= 1
+
+
+class Perturb(Strategy):
+    """Changes the weights at the end of a task (a stand-in for a merge or a recalibration)."""
+
+    name = "perturb"
+
+    @torch.no_grad()
+    def after_task(self, model, data):
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+
+
+def test_boundary_evaluation_is_taken_after_a_strategy_changed_the_model(tmp_path):
+    # every step is evaluated, so the last step's evaluation exists; it must not stand for the boundary
+    ev = ContinualEvaluator({1: _evalset(1)}, schedule=EvalSchedule(0, 1))
+    trainer = PoiseTrainer(model=_model(), args=_args(tmp_path, max_steps=2), train_dataset=_rows(1, 16),
+                           strategy=Perturb(), evaluator=ev)
+    trainer.train_task(1)
+    last_step, boundary = ev.records[-2], ev.records[-1]
+    assert last_step.step == boundary.step == 2
+    assert boundary.extra["loss"][1] != last_step.extra["loss"][1]
+    assert ev.evaluate(trainer.model)[1] == boundary.acc[1]  # the boundary is the perturbed model's score
