@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from poise._nn import logits_of
 from poise.edit.editors import Editor, make_editor
 from poise.edit.linear import _number
+from poise.edit.targets import capped_delta_search
 
 __all__ = ["MLP_OUT_TEMPLATES", "EditRequest", "HFEditor", "edit_hf_model", "evaluate_requests", "mlp_out_module"]
 
@@ -547,20 +548,11 @@ class HFEditor:
             with torch.no_grad():
                 _logits(self.model, x, am)
             delta = torch.zeros_like(got["v"], dtype=torch.float32, requires_grad=True)
-            opt = torch.optim.Adam([delta], lr=self.lr)
             cap = self.clamp * h.float().norm(dim=1, keepdim=True)
-            for _ in range(self.steps):
-                with torch.enable_grad():  # also when the caller is under no_grad
-                    logits = _logits(self.model, x, am)
-                    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tgt[:, 1:].flatten(),
-                                          ignore_index=-100, reduction="sum")
-                    loss = nll + self.weight_decay * (delta**2).sum()
-                    opt.zero_grad()
-                    loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    n = delta.norm(dim=1, keepdim=True)
-                    delta.mul_(torch.where(n > cap, cap / n.clamp_min(1e-12), torch.ones_like(n)))
+            capped_delta_search(
+                delta, lambda: F.cross_entropy(_logits(self.model, x, am)[:, :-1].flatten(0, 1).float(),
+                                               tgt[:, 1:].flatten(), ignore_index=-100, reduction="sum"),
+                self.steps, self.lr, self.weight_decay, cap)
         finally:
             handle.remove()
         return delta.detach().double()

@@ -10,7 +10,7 @@ prompts are scored as ``"\\n" + prompt``, as every line of the fact LM starts af
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,23 @@ def _finite_columns(X: Tensor, what: str) -> None:
                          "model's outputs are NaN/inf there (or lr is too large); no edit can be computed from them")
 
 
+def capped_delta_search(delta: Tensor, nll: Callable[[], Tensor], steps: int, lr: float, weight_decay: float,
+                        cap: Tensor) -> None:
+    """The ``v*`` search shared by every editor front end (ROME/MEMIT's target values): ``steps`` Adam
+    steps on ``nll() + weight_decay * ||delta||^2`` in place, each row of ``delta`` scaled back to norm
+    ``cap`` (a column, one bound per row) after every step. ``nll`` runs the model with ``delta`` hooked in."""
+    opt = torch.optim.Adam([delta], lr=lr)
+    for _ in range(steps):
+        with torch.enable_grad():  # also when the caller is under no_grad
+            loss = nll() + weight_decay * (delta**2).sum()
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+        with torch.no_grad():
+            n = delta.norm(dim=1, keepdim=True)
+            delta.mul_(torch.where(n > cap, cap / n.clamp_min(1e-12), torch.ones_like(n)))
+
+
 def _value_search(model: nn.Module, layer: nn.Linear, x: Tensor, tgt: Tensor, pos: Tensor, steps: int, lr: float,
                   clamp: float, weight_decay: float) -> tuple[Tensor, Tensor]:
     """One batch of :func:`edit_targets`: keys and target values at ``pos`` (one per row)."""
@@ -59,18 +76,10 @@ def _value_search(model: nn.Module, layer: nn.Linear, x: Tensor, tgt: Tensor, po
     h = layer.register_forward_hook(hook)
     try:
         model(x)  # records the unedited keys and outputs
-        opt = torch.optim.Adam([delta], lr=lr)
         cap = clamp * got["v"].norm(dim=1, keepdim=True)
-        for _ in range(steps):
-            logits = model(x)[0]
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100, reduction="sum")
-            loss = nll + weight_decay * (delta**2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                n = delta.norm(dim=1, keepdim=True)
-                delta.mul_(torch.where(n > cap, cap / n.clamp_min(1e-12), torch.ones_like(n)))
+        capped_delta_search(
+            delta, lambda: F.cross_entropy(model(x)[0].flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
+                                           reduction="sum"), steps, lr, weight_decay, cap)
     finally:
         h.remove()
     v = got["v"] + delta.detach()
