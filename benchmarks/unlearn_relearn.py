@@ -55,26 +55,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import math
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from poise.edit import (
-    FIT,
-    AnalyticClassifier,
-    grad_ascent_loss,
-    grad_diff_loss,
-    npo_loss,
-    relearn_attack,
-    stableun_backward,
-)
-from poise.models.classifiers import MLP
+from poise.edit import FIT, relearn_attack
+from poise.edit.unlearn_study import accuracy as acc
+from poise.edit.unlearn_study import acu_model, attack_candidates, choose_attack, gradient_unlearn
+from poise.edit.unlearn_study import mean_nll as nll
+from poise.edit.unlearn_study import train_classifier as fit_model
 from poise.runs.verdict import ClaimConfig, Side, evaluate_claim, t975
 from poise.tasks.digits import split_digits
 
@@ -86,82 +79,6 @@ LR_GRID = (1e-3, 1.5e-3, 2e-3, 3e-3, 4e-3, 5e-3, 7e-3, 1e-2)
 TARGET_FORGET = (0.2, 0.6)
 TARGET_RETAIN = 0.8
 METHODS = ("ga", "graddiff", "npo", "stableun", "fit", "acu", "retrain", "original")
-
-
-def acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
-
-
-def nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(F.cross_entropy(model(x), y))
-
-
-def fit_model(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 400) -> nn.Module:
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = MLP(64, 10, hidden=64, depth=2)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def logp(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(x), -1).gather(1, y[:, None]).squeeze(1)
-
-
-def gradient_unlearn(model: nn.Module, method: str, xf, yf, xr, yr, steps: int, lr: float, seed: int) -> nn.Module:
-    m = copy.deepcopy(model).train()
-    ref = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        ref_lp = logp(ref, xf, yf)
-    opt = torch.optim.Adam(m.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        ridx = torch.randint(0, len(xr), (128,), generator=g)
-
-        def forget() -> torch.Tensor:
-            if method in ("ga", "graddiff"):
-                return grad_ascent_loss(F.cross_entropy(m(xf), yf))
-            return npo_loss(logp(m, xf, yf), ref_lp, beta=0.1)
-
-        def retain(ridx: torch.Tensor = ridx) -> torch.Tensor:
-            return F.cross_entropy(m(xr[ridx]), yr[ridx])
-
-        opt.zero_grad()
-        if method == "stableun":
-            stableun_backward(list(m.parameters()), forget, retain, inner_lr=lr, rho=0.5, sigma=0.01, n_noise=1,
-                              alpha=1.0, generator=g)
-        else:
-            if method == "ga":
-                loss = forget()
-            elif method == "graddiff":
-                loss = grad_diff_loss(F.cross_entropy(m(xf), yf), retain())
-            else:  # npo with retain NLL
-                loss = forget() + retain()
-            loss.backward()
-        opt.step()
-    return m.eval()
-
-
-def acu_model(model: nn.Module, xtr, ytr, forget_mask) -> nn.Module:
-    feat = nn.Sequential(*list(model.net.children())[:-1])
-    with torch.no_grad():
-        X = feat(xtr).double()
-    acu = AnalyticClassifier(X.shape[1], 10, gamma=1.0)
-    Y = F.one_hot(ytr, 10).double()
-    acu.learn(X, Y)
-    acu.unlearn(X[forget_mask], Y[forget_mask])
-    head = nn.Linear(X.shape[1], 10, bias=False)
-    with torch.no_grad():
-        head.weight.copy_(acu.W.T.float())
-    return nn.Sequential(copy.deepcopy(feat), head).eval()
 
 
 def seed_data(seed: int) -> dict:
@@ -190,11 +107,7 @@ def scores(m: nn.Module, d: dict) -> tuple[float, float]:
 
 
 def candidates() -> list[dict]:
-    out = []
-    for mix in MIXES:
-        grid = sorted(itertools.product(STEPS_GRID, LR_GRID), key=lambda t: (t[0] * t[1], t[0]))
-        out += [{"mix": mix, "steps": s, "lr": lr} for s, lr in grid]
-    return out
+    return attack_candidates(MIXES, STEPS_GRID, LR_GRID)
 
 
 def calibrate() -> tuple[dict, list[dict], bool]:
@@ -212,24 +125,6 @@ def calibrate() -> tuple[dict, list[dict], bool]:
                       "retain": float(np.mean([r[1] for r in res]))})
     setting, met = choose_attack(table)
     return setting, table, met
-
-
-def choose_attack(table: list[dict], mixes: tuple[int, ...] = MIXES, target_forget: tuple[float, float] = TARGET_FORGET,
-                  target_retain: float = TARGET_RETAIN) -> tuple[dict, bool]:
-    """The calibration rule of the module doc on ``table`` (rows ``{"mix", "steps", "lr", "forget",
-    "retain"}`` in increasing strength within a mix): the first mix with a qualifying row, and in it the
-    qualifying row nearest the middle of ``target_forget`` (ties: the earlier row). Returns the setting
-    and whether the target was met (else: the row with retain >= target nearest the middle)."""
-    mid = sum(target_forget) / 2
-    for mix in mixes:
-        ok = [r for r in table if r["mix"] == mix and target_forget[0] <= r["forget"] <= target_forget[1]
-              and r["retain"] >= target_retain]
-        if ok:  # min keeps the first (weaker) of equally near candidates
-            best = min(ok, key=lambda r: abs(r["forget"] - mid))
-            return {k: best[k] for k in ("mix", "steps", "lr")}, True
-    ok = [r for r in table if r["retain"] >= target_retain] or table
-    best = min(ok, key=lambda r: abs(r["forget"] - mid))
-    return {k: best[k] for k in ("mix", "steps", "lr")}, False
 
 
 def run_seed(seed: int, a: argparse.Namespace, setting: dict) -> list[dict]:
