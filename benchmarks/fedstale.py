@@ -17,6 +17,8 @@ Engines: ``flower`` runs Flower's simulation (``flwr.simulation.run_simulation``
 actor on one CPU) with ``poise.federated.flower.FedStale`` as the strategy; ``loop`` is a single-process
 loop that calls ``fedstale_aggregate`` directly with the same clients (no federated engine; for machines
 without ``flwr`` and as a parity check: both engines give the same numbers up to float summation order).
+The clients, local training and the loop are :mod:`poise.federated.study`'s: the same runs, with per-round
+stability metrics and verdicts, are ``poise run fedstale`` (docs/studies/federated.md).
 
 Claim (Rodio & Neglia, arXiv 2405.04171): under heterogeneous participation a FedStale with an intermediate
 beta beats both FedAvg and FedVARP ("stale updates help more under high data heterogeneity and lower
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poise.federated import class_prototypes, fedstale_aggregate, merge_many, merge_prototypes, prototype_predict
+from poise.federated import class_prototypes, merge_many, merge_prototypes, prototype_predict, study
 from poise.runs.verdict import ClaimConfig, Side, evaluate_claim, t975
 
 N_CLIENTS = 10
@@ -48,53 +50,27 @@ PARTICIPATION = {
 PROBS = dict(enumerate(PARTICIPATION["hetero"]))
 
 
-_CACHE: dict = {}  # a plain dict, not lru_cache: Ray pickles this script's functions by value
-
-
 def data() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-    if "data" in _CACHE:
-        return _CACHE["data"]
-    from poise.tasks.digits import _digits
-
-    xtr, xte, ytr, yte = _digits(0)
-    order = np.argsort(ytr, kind="stable")
-    shards = np.array_split(order, 2 * N_CLIENTS)
-    perm = np.random.default_rng(12345).permutation(2 * N_CLIENTS)
-    clients = []
-    for i in range(N_CLIENTS):
-        idx = np.concatenate([shards[perm[2 * i]], shards[perm[2 * i + 1]]])
-        clients.append((torch.from_numpy(xtr[idx].reshape(len(idx), -1)), torch.from_numpy(ytr[idx])))
-    _CACHE["data"] = (clients, torch.from_numpy(xte.reshape(len(xte), -1)), torch.from_numpy(yte))
-    return _CACHE["data"]
+    d = study.digits_federated(N_CLIENTS, shards_per_client=2, shard_seed=12345)
+    return d.clients, d.x_test, d.y_test
 
 
 def model() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return study.mlp(32)
 
 
 def init_state(seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    return {k: v.detach().clone() for k, v in model().state_dict().items()}
+    return study.init_state(seed, 32)
 
 
 def available(seed: int, rnd: int, cid: int) -> bool:
-    return bool(np.random.default_rng([seed, rnd, cid]).random() < PROBS[cid])
+    return study.available(seed, rnd, cid, PROBS[cid])
 
 
 def local_train(state: dict[str, torch.Tensor], cid: int, seed: int, rnd: int, steps: int,
                 lr: float) -> dict[str, torch.Tensor]:
     x, y = data()[0][cid]
-    net = model()
-    net.load_state_dict(state)
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + rnd * 1009 + cid)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (32,), generator=g)
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return study.local_train(state, x, y, seed, rnd, cid, steps, lr)
 
 
 def accuracy(state: dict[str, torch.Tensor]) -> float:
@@ -111,19 +87,14 @@ def client_weights() -> dict[int, float]:
 
 # ---------------------------------------------------------------- single-process loop (no engine)
 def run_loop(seed: int, beta: float, rounds: int, steps: int, lr: float) -> tuple[list[float], list[int]]:
-    x = init_state(seed)
-    memory: dict = {}
+    """The in-process server loop (:func:`poise.federated.study.fedstale_rounds`, the one the ``federated``
+    study kind runs)."""
+    d = study.digits_federated(N_CLIENTS, shards_per_client=2, shard_seed=12345)
     accs, n_fresh = [], []
-    for rnd in range(1, rounds + 1):
-        fresh = {}
-        for cid in range(N_CLIENTS):
-            if available(seed, rnd, cid):
-                trained = local_train(x, cid, seed, rnd, steps, lr)
-                fresh[cid] = {k: trained[k] - x[k] for k in x}
-        delta, memory = fedstale_aggregate(fresh, memory, list(range(N_CLIENTS)), beta, client_weights(), PROBS)
-        x = {k: x[k] + delta[k] for k in x}
-        accs.append(accuracy(x))
-        n_fresh.append(len(fresh))
+    for r in study.fedstale_rounds(init_state(seed), d, [PROBS[i] for i in range(N_CLIENTS)], seed=seed,
+                                   rounds=rounds, beta=beta, local_steps=steps, lr=lr):
+        accs.append(accuracy(r.state))
+        n_fresh.append(len(r.fresh))
     return accs, n_fresh
 
 
