@@ -23,6 +23,10 @@ TINY = {
              "variants=[{name='unedited',editor='none'},{name='rome',editor='rome'}]"],
     "priming": ["lm.n_facts=30", "lm.steps=5", "priming.n_probes=2", "priming.learn_steps=2",
                 "variants=[{name='plain'}]"],
+    "unlearn": ["model.train_steps=20", "stream.requests=2", "stream.steps=3", "stream.eval_every=1",
+                "attack.calibrate=false", "attack.steps=2", "variants=[{method='ga'},{method='retrain'}]"],
+    "federated": ["data.n_clients=4", "data.participation=[0.5]", "train.rounds=2", "train.local_steps=2",
+                  "eval.warmup=0", "eval.final_window=1"],
 }
 
 

@@ -20,6 +20,8 @@ KINDS: dict[str, str] = {
     "rl": "poise.runs.kinds.rl",
     "edit": "poise.runs.kinds.edit",
     "priming": "poise.runs.kinds.priming",
+    "unlearn": "poise.runs.kinds.unlearn",
+    "federated": "poise.runs.kinds.federated",
 }
 DEFAULT_KIND = "continual"
 
