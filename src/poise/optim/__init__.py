@@ -8,6 +8,7 @@ from poise.optim.eggroll import EGGROLL, zscore_fitness
 from poise.optim.frugal import FRUGAL
 from poise.optim.galore import GaLoreAdamW
 from poise.optim.muon import Muon
+from poise.optim.psgd_kron import PSGDKron
 from poise.optim.qgalore import QGaLoreAdamW
 from poise.optim.soap import SOAP
 from poise.optim.spam import SPAM
@@ -16,6 +17,7 @@ from poise.optim.stable_spam import StableSPAM
 
 __all__ = [
     "Muon",
+    "PSGDKron",
     "EGGROLL",
     "SSO",
     "sso_step",
