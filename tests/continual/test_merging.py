@@ -133,6 +133,11 @@ def test_state_dict_round_trip_mid_task_gives_the_same_merge():
     ({"scale": float("nan")}, "scale=nan"),
     ({"method": "average", "gcwm": {"rank": 4}}, "does not use it"),
     ({"gcwm": {"rnak": 4}}, "unknown keys \\['rnak'\\]"),
+    ({"gcwm": {"rank": 0}}, "rank=0"),
+    ({"gcwm": {"solver": "sgd"}}, "sgd"),
+    ({"method": "average", "scale": 3.0}, "does not use it"),
+    ({"method": "gcwm", "scale": 2.0}, "does not use it"),
+    ({"method": "task_arithmetic", "weights": "count"}, "sums"),
     ({"method": "gcwm_plain", "gcwm": {"gate_min": 0.5}}, "holds the gate at 0"),
 ])
 def test_bad_arguments_are_refused_naming_the_value(kw, match):
@@ -171,3 +176,31 @@ def test_boundary_evaluation_sees_what_after_task_did():
     assert trained_acc > 0.8
     # a zero model predicts class 0 everywhere: the boundary accuracy is the share of class 0
     assert ev.boundary_matrix()[0, 0] == pytest.approx(float((y == 0).float().mean()))
+
+
+def test_resumed_from_a_checkpoint_it_scores_what_the_uninterrupted_run_scores():
+    import numpy as np
+
+    def make():
+        torch.manual_seed(0)
+        xs = [torch.randn(60, 5) for _ in range(3)]
+        tasks = [_Task(i, x, (x[:, i] > 0).long() + (x[:, (i + 1) % 5] > 1).long(), [0, 1, 2])
+                 for i, x in enumerate(xs)]
+        model = nn.Linear(5, 3)
+        ev = ContinualEvaluator({t.id: (t.x_test, t.y_test) for t in tasks}, schedule=EvalSchedule(0, 3))
+        return tasks, model, ev, torch.optim.SGD(model.parameters(), lr=0.3)
+
+    kw = dict(steps_per_task=4, batch_size=16, n_classes=3, seed=0)
+    tasks, model, ev, opt = make()
+    ckpts = {}
+    fit_stream(model, tasks, Merge(method="average"), opt, ev, checkpoint_every=4,
+               on_checkpoint=lambda s: ckpts.__setitem__(s["step"], s), **kw)
+    assert set(ckpts) == {4, 8, 12}
+    for at in (4, 8):  # the last step of a task, resumed before its merge (and before the base is taken)
+        tasks, model2, ev2, opt2 = make()
+        fit_stream(model2, tasks, Merge(method="average"), opt2, ev2, resume=ckpts[at], **kw)
+        np.testing.assert_array_equal(ev.boundary_matrix(), ev2.boundary_matrix())
+        a1, a2 = ev.curves()[1], ev2.curves()[1]
+        np.testing.assert_array_equal(a1[-len(a2):], a2)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values(),
+                                                     strict=True))

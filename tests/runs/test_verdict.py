@@ -84,3 +84,12 @@ def test_a_side_can_be_a_constant():
     v = evaluate_claim(c, runs)
     assert v["better"] == "0" and v["than"] == "a.rho" and v["verdict"] == "reproduced"
     assert v["interval"] == pytest.approx([0.4 - 0.248434, 0.4 + 0.248434], abs=1e-5)
+
+
+def test_the_same_difference_on_every_seed_is_inconclusive_not_a_zero_width_interval():
+    # two collapsed runs of a quantised metric: the difference 0.25 on both seeds, sd 0
+    v = evaluate_claim(_claim(), _runs([0.75, 0.75], [0.5, 0.5]))
+    assert v["verdict"] == "inconclusive" and v["interval"] is None and "zero spread" in v["why"]
+    assert v["estimate"] == pytest.approx(0.25)
+    v = evaluate_claim(_claim(), _runs([0.9, 0.9, 0.9], [0.9, 0.9, 0.9]))  # both saturated at one value
+    assert v["verdict"] == "inconclusive"

@@ -172,15 +172,16 @@ def fit_stream(
 
 
 @torch.no_grad()
-def _fingerprint(model: nn.Module) -> list[tuple[float, float]]:
-    """Per floating state tensor, its sum and sum of squares (float64): equal before and after a hook
-    unless the hook changed the weights (a change that keeps both for every tensor is not a practical
-    concern). One pass over the parameters, once per task."""
+def _fingerprint(model: nn.Module) -> list[tuple[float, float, float]]:
+    """Per floating state tensor, its sum, sum of squares and position-weighted sum (float64): equal
+    before and after a hook unless the hook changed the weights (the weighted sum catches a permutation
+    of entries, which keeps the other two). One pass over the parameters, once per task."""
     out = []
     for v in model.state_dict().values():
         if torch.is_floating_point(v):
-            d = v.detach().double()
-            out.append((float(d.sum()), float((d * d).sum())))
+            d = v.detach().double().flatten()
+            pos = torch.arange(1, d.numel() + 1, dtype=torch.float64)
+            out.append((float(d.sum()), float((d * d).sum()), float((d * pos).sum())))
     return out
 
 

@@ -28,7 +28,7 @@ at a merge. After each merge the trained model itself holds the deployed weights
 loop returns is the merged one. Logged per step (``step/...``): ``merges``, and for GCWM the
 mean over merges of the geometry ``conflict`` and the gate ``alpha`` (``conflict_last``,
 ``alpha_last`` for the latest merge). Floating state-dict entries (weights, biases, norm
-statistics) are merged; integer buffers are taken from the base.
+statistics) are merged; integer buffers (BatchNorm's ``num_batches_tracked``) are left as training leaves them.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ class Merge(Strategy):
             raise ValueError(f"weights={weights!r}; valid choices: {', '.join(WEIGHTS)}")
         if not (isinstance(scale, (int, float)) and scale > 0 and scale == scale and scale != float("inf")):
             raise ValueError(f"scale={scale!r} must be a finite number > 0")
+        if scale != 1 and method != "task_arithmetic":
+            raise ValueError(f"scale={scale!r} is given but method={method!r} does not use it (task_arithmetic only)")
+        if weights != "equal" and method == "task_arithmetic":
+            raise ValueError(f"weights={weights!r} is given but method='task_arithmetic' sums (use scale)")
         self.gcwm = dict(gcwm or {})
         if self.gcwm and not method.startswith("gcwm"):
             raise ValueError(f"gcwm={self.gcwm} is given but method={method!r} does not use it")
@@ -82,6 +86,11 @@ class Merge(Strategy):
             bad = sorted(set(self.gcwm) - known)
             if bad:
                 raise ValueError(f"gcwm: unknown keys {bad}; valid choices: {', '.join(sorted(known))}")
+            try:  # the values too (rank=0, an unknown solver ...): a 2x2 merge, not an error at the first task's end
+                probe = {**self.gcwm, "steps": 1} if "steps" in self.gcwm else self.gcwm
+                gcwm_merge_tensor([torch.eye(2), torch.ones(2, 2)], [0.5, 0.5], **probe)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"gcwm={self.gcwm}: {e}") from None
         self.method, self.weights, self.scale = method, weights, float(scale)
         self.base: dict[str, torch.Tensor] | None = None
         self.delta: dict[str, torch.Tensor] | None = None
@@ -110,6 +119,7 @@ class Merge(Strategy):
         deployed = {k: self.base[k] + self.delta[k] for k in self.base}
         self._write(model, deployed)
         self.shadow = None  # rebuilt from the model (which now holds the deployed weights) when needed
+        self._pending_shadow = None  # a copy loaded from a checkpoint is stale after a merge
 
     def after_step(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         out = {"merges": torch.tensor(float(self.merged))}
@@ -121,8 +131,7 @@ class Merge(Strategy):
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         if self._pending_shadow is not None:
-            self._deployed(model).load_state_dict(self._pending_shadow)
-            self._pending_shadow = None
+            self._deployed(model)
         return self.shadow if self.shadow is not None else model
 
     # -- internals -----------------------------------------------------------------------
@@ -156,6 +165,9 @@ class Merge(Strategy):
             self.shadow = copy.deepcopy(model)
             for p in self.shadow.parameters():
                 p.requires_grad_(False)
+        if self._pending_shadow is not None:  # the deployed copy of a checkpoint: restore it before any use
+            self.shadow.load_state_dict(self._pending_shadow)
+            self._pending_shadow = None
         return self.shadow
 
     # -- state -----------------------------------------------------------------------------

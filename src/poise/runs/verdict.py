@@ -123,6 +123,11 @@ def evaluate_claim(claim: ClaimConfig, results: list[dict[str, Any]]) -> dict[st
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     half = t975(n - 1) * sd / math.sqrt(n)
     lo, hi = mean - half, mean + half
+    if sd == 0:  # every seed gave the same difference: a quantised or saturated metric, not a zero-width interval
+        out.update(estimate=mean, verdict="inconclusive",
+                   why=f"the same difference {mean:.4g} on all {n} seeds (zero spread): no interval can be formed; "
+                       "the metric is saturated or too coarse to compare these variants")
+        return out
     if lo > claim.margin:
         verdict, why = "reproduced", f"the 95% interval [{lo:.4g}, {hi:.4g}] lies above {claim.margin:g}"
     elif hi <= claim.margin:
