@@ -92,6 +92,9 @@ def _parser(fields: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--allow-large", action="store_true",
                      help="run a study above its kind's size limit (continual, optimizers, edit, priming: 250,000 "
                      "steps over all variants and seeds; rl: 25,000), which is otherwise refused before it starts")
+    run.add_argument("--jobs", default="1", metavar="N",
+                     help="runs at once, each in its own process with threads/N torch threads ('auto': one per CPU); "
+                     "the results are those of one process running them in turn (default 1)")
     run.add_argument("--quick", action="store_true",
                      help="smoke-test size: one seed and fewer steps, labelled 'not for conclusions' (each built-in "
                      "recipe took 7-28 s on 2 idle CPU cores; README has the table)")
@@ -127,6 +130,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     _, world = init_from_env()  # under torchrun: join the process group (every rank runs the study; rank 0 writes)
     recipe, overrides = _split_recipe(args.recipe, args.overrides)
+    jobs = _jobs(args.jobs)  # refused before anything is loaded or run
     if args.resume:
         from poise.runs.config import from_dict
 
@@ -164,7 +168,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     command = "poise " + " ".join(shlex.quote(a) for a in args.argv)
     path = execute(cfg, args.run_dir, False if args.no_progress else None, not args.no_report, kind,
-                   resume=bool(args.resume), allow_large=args.allow_large, command=command)
+                   resume=bool(args.resume), allow_large=args.allow_large, command=command, jobs=jobs)
     if not is_main():
         return 0
     print_summary(json.loads((path / "summary.json").read_text()), kind.columns)
@@ -326,6 +330,23 @@ def _cmd_env(args: argparse.Namespace) -> int:
             print(f"{mod:<8} (not installed)")
     print(f"cpus     {os.cpu_count()}  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}")
     return 0
+
+
+def _jobs(text: str) -> int:
+    """``--jobs``: an integer >= 1 or 'auto' (the CPUs this process may use)."""
+    import os
+
+    if text == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        from poise.runs.config import ConfigError
+
+        raise ConfigError(f"--jobs {text!r}; valid: an integer >= 1 or 'auto'")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

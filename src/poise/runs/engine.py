@@ -145,7 +145,7 @@ def total_steps(cfg: Any, kind: StudyKind | None = None) -> int:
 
 def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report: bool,
             kind: StudyKind | None = None, resume: bool = False, allow_large: bool = False,
-            command: str | None = None) -> Path:
+            command: str | None = None, jobs: int = 1) -> Path:
     """Run every variant x seed of ``cfg`` with its kind's ``run_one(cfg, i, seed, metrics_path,
     progress)``, write each result and a fresh ``summary.json`` (the kind's ``summarize``) after
     every run, then ``summary.csv``, ``runs.csv``, ``summary.md`` and the report. Runs whose result file
@@ -160,7 +160,12 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
     checked to lie inside it. A study above the kind's ``large`` steps needs ``allow_large``.
     Without a progress bar (output not a terminal), one line per finished run goes to stderr.
     An interrupt (Ctrl-C) carries the run directory as ``KeyboardInterrupt.run_dir``. ``command``
-    (the command line that started it) is recorded in ``run.json`` and shown in the report."""
+    (the command line that started it) is recorded in ``run.json`` and shown in the report.
+
+    ``jobs > 1`` runs that many runs at once, each in its own process (spawned) with
+    ``max(1, threads // jobs)`` torch threads; results, files and summaries are those of one process
+    running the same runs with that many threads, in the same order (every run seeds itself). The
+    progress bar then advances by whole runs. Not under torchrun (one process per rank already)."""
     import torch
 
     from poise.distributed import is_main
@@ -173,7 +178,11 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
         raise ConfigError(f"this study has {n_steps:,} steps over {len(cfg.variants)} variants x {len(cfg.seeds)} "
                           f"seeds, above the {kind.large:,} a {kind.name} study runs without confirmation: check the "
                           "sizes, or confirm with --allow-large (run(..., allow_large=True))")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"jobs={jobs!r}; valid: an integer >= 1 (runs at once)")
     main = is_main()  # under torchrun every rank runs every run; rank 0 writes the files
+    if jobs > 1 and _world() > 1:
+        raise ConfigError(f"jobs={jobs}: under torchrun every rank is already a process; use jobs=1")
     torch.set_num_threads(cfg.threads)
     path = Path(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name)
     config = dataclasses.asdict(cfg)
@@ -182,7 +191,7 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
         lock = _claim_run_dir(path, config, resume)
     try:
         with writing_into(path):
-            return _execute(cfg, path, progress, report, kind, config, main, resume, command)
+            return _execute(cfg, path, progress, report, kind, config, main, resume, command, jobs)
     except (KeyboardInterrupt, OSError) as e:  # the CLI names the folder and the resume command
         e.run_dir = path  # type: ignore[union-attr]
         raise
@@ -192,7 +201,7 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
 
 
 def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: StudyKind, config: dict[str, Any],
-             main: bool, resume: bool = False, command: str | None = None) -> Path:
+             main: bool, resume: bool = False, command: str | None = None, jobs: int = 1) -> Path:
     if main:
         resolved = kind.resolve(cfg) if kind.resolve else None
         atomic_write_json(path / "config.json", {**config, "resolved": resolved} if resolved else config)
@@ -218,31 +227,45 @@ def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: St
                 "wall_seconds": time.perf_counter() - t0, "runs": len(results),
                 **summarize_results(kind, config, results, getattr(cfg, "claims", []))}
 
+    order = [(seed, i) for seed in cfg.seeds for i in range(len(cfg.variants))]
+    by_run: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def finished(seed: int, i: int, r: dict[str, Any], seconds: float) -> None:
+        by_run[(seed, i)] = r
+        results[:] = [by_run[k] for k in order if k in by_run]  # the order of a one-process run, always
+        v = cfg.variants[i]
+        if main and not (progress and bar.bar is not None):  # no bar: a line per run, so logs show life
+            how = f"diverged at step {r['diverged_at']}" if r.get("diverged_at") is not None else "done"
+            print(f"[{len(results)}/{total}] {v.name} seed {seed}: {how} in {seconds:.0f} s", file=sys.stderr,
+                  flush=True)
+        if main:
+            atomic_write_json(path / "results" / f"{v.name}-s{seed}.json", r)
+            atomic_write_json(path / "summary.json", summary(False))
+            _track(getattr(cfg, "tracking", []), path, f"{v.name}-s{seed}")
+
+    todo = []
+    for seed, i in order:
+        v = cfg.variants[i]
+        tag = f"{v.name}-s{seed}"
+        done = path / "results" / f"{tag}.json"
+        if _agreed(done.is_file()):  # resuming: this run finished before
+            by_run[(seed, i)] = _read_result(done) if main else {}
+            bar.update(steps[i])
+            continue
+        metrics = path / "metrics" / f"{tag}.jsonl"
+        if main and not kind.resumable and metrics.exists():
+            metrics.unlink()  # a partial run from an interrupted attempt: it starts again
+        todo.append((seed, i, metrics))
+    results[:] = [by_run[k] for k in order if k in by_run]
     try:
-        for seed in cfg.seeds:
-            for i, v in enumerate(cfg.variants):
-                bar.describe(f"{v.name} seed {seed}")
-                tag = f"{v.name}-s{seed}"
-                done = path / "results" / f"{tag}.json"
-                if _agreed(done.is_file()):  # resuming: this run finished before
-                    results.append(_read_result(done) if main else {})
-                    bar.update(steps[i])
-                    continue
-                metrics = path / "metrics" / f"{tag}.jsonl"
-                if main and not kind.resumable and metrics.exists():
-                    metrics.unlink()  # a partial run from an interrupted attempt: it starts again
+        if jobs > 1 and len(todo) > 1:
+            _run_parallel(kind, cfgs, todo, jobs, max(1, cfg.threads // jobs), path, bar, steps, finished)
+        else:
+            for seed, i, metrics in todo:
+                bar.describe(f"{cfg.variants[i].name} seed {seed}")
                 t_run = time.perf_counter()
                 r = kind.run_one(cfgs[i], i, seed, metrics, bar.update)
-                results.append(r)
-                if main and not (progress and bar.bar is not None):  # no bar: a line per run, so logs show life
-                    how = (f"diverged at step {r['diverged_at']}" if r.get("diverged_at") is not None
-                           else "done")
-                    print(f"[{len(results)}/{total}] {v.name} seed {seed}: {how} in "
-                          f"{time.perf_counter() - t_run:.0f} s", file=sys.stderr, flush=True)
-                if main:
-                    atomic_write_json(done, r)
-                    atomic_write_json(path / "summary.json", summary(False))
-                    _track(getattr(cfg, "tracking", []), path, tag)
+                finished(seed, i, r, time.perf_counter() - t_run)
     finally:
         bar.close()
     if main:
@@ -254,6 +277,48 @@ def _execute(cfg: Any, path: Path, progress: bool | None, report: bool, kind: St
         else:
             write_summaries(path)
     return path
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _one_run(run_one: Any, cfg: Any, i: int, seed: int, metrics: Path, threads: int,
+             root: Path) -> tuple[dict[str, Any], float]:
+    """A run in a worker process: its own torch threads, writes checked against the run directory."""
+    import torch
+
+    from poise.runs.store import writing_into
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    with writing_into(root):
+        r = run_one(cfg, i, seed, metrics, lambda n: None)
+    return r, time.perf_counter() - t0
+
+
+def _run_parallel(kind: StudyKind, cfgs: list[Any], todo: list[tuple[int, int, Path]], jobs: int, threads: int,
+                  root: Path, bar: _Progress, steps: list[int], finished: Any) -> None:
+    """``todo`` on ``jobs`` spawned processes; each result is handed to ``finished`` as it arrives. The
+    first error stops the pool (runs not started are cancelled) and is raised here."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_one_run, kind.run_one, cfgs[i], i, seed, metrics, threads, root): (seed, i)
+                   for seed, i, metrics in todo}
+        bar.describe(f"{len(todo)} runs, {min(jobs, len(todo))} at once")
+        try:
+            for fut in cf.as_completed(futures):
+                seed, i = futures[fut]
+                r, seconds = fut.result()
+                bar.update(steps[i])
+                finished(seed, i, r, seconds)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _read_result(path: Path) -> dict[str, Any]:
@@ -315,10 +380,10 @@ def summarize_results(kind: StudyKind, config: dict[str, Any], results: list[dic
 
 
 def run(cfg: Any, run_dir: str | Path | None = None, progress: bool | None = None, report: bool = True,
-        resume: bool = False, allow_large: bool = False) -> Path:
+        resume: bool = False, allow_large: bool = False, jobs: int = 1) -> Path:
     """Run a study of any kind (the kind is ``cfg.kind``); write the run directory; return its path.
     See :func:`execute`."""
-    return execute(cfg, run_dir, progress, report, resume=resume, allow_large=allow_large)
+    return execute(cfg, run_dir, progress, report, resume=resume, allow_large=allow_large, jobs=jobs)
 
 
 def _agreed(flag: bool) -> bool:
