@@ -97,17 +97,43 @@ def quantised_copy(model: nn.Module, bits: int) -> nn.Module:
     return sampler
 
 
+_MIN_SHARED_TOKENS = 16  # below this many token rows, multi-threaded CPU GEMMs take another path (other bits)
+
+
+def _distinct_active_rows(x: Tensor, cls: Tensor, done: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The rows of ``x`` that a generation step runs the model on: one per distinct unfinished
+    prefix (``cls``: equal rows of ``x`` have equal ids), and for every row of ``x`` the index of its
+    distinct row (a finished row points at row 0: its tokens past EOS are never used).
+    ``(x, None)`` when that saves nothing."""
+    act = (~done).nonzero().squeeze(1)
+    ids, inv = torch.unique(cls[act], return_inverse=True)
+    if len(ids) == len(x) or len(ids) * x.shape[1] < _MIN_SHARED_TOKENS:
+        return x, None
+    first = torch.full((len(ids),), len(x), dtype=torch.long).scatter_reduce(0, inv, act, "amin")
+    where = torch.zeros(len(x), dtype=torch.long)
+    where[act] = inv
+    return x[first], where
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: CharTokenizer, problems: Sequence[Problem], *, group_size: int = 8,
              max_new_tokens: int = 8, temperature: float = 1.0, generator: torch.Generator | None = None,
              dtype: torch.dtype | None = None, greedy: bool = False,
-             weight_bits: int | None = None) -> list[Rollout]:
+             weight_bits: int | None = None, share_prefixes: bool = True) -> list[Rollout]:
     """Sample ``group_size`` completions per problem (stopping at EOS or ``max_new_tokens``)
     and record the sampler's log-probabilities. ``dtype=torch.bfloat16`` runs the sampler's
     forward in bfloat16 autocast: a real train-inference mismatch against a float32 trainer.
     ``weight_bits`` samples from :func:`quantised_copy` ``(model, weight_bits)`` (weight-only
     quantisation of the sampler, a larger and controlled mismatch; ``None`` = the model's own
-    weights). ``greedy`` takes the most likely token (evaluation)."""
+    weights). ``greedy`` takes the most likely token (evaluation).
+
+    ``share_prefixes`` (default) runs the model, for each new token, once per distinct unfinished
+    prefix (a group's rows share their prompt, and often their first tokens) and copies the
+    logits to the rows that share it; finished rows are not run (a token is still drawn for every
+    row, so ``generator`` advances as before). The numbers are those of running every row where the
+    CPU kernels give a row the same result whatever else is in the batch (measured: always with
+    one thread; with two, batches of 12 token rows or more, so batches under 16 token rows are not
+    shared; tests/rl/test_rollout_exact.py). ``False`` runs every row at every token."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     if weight_bits is not None:
@@ -124,9 +150,16 @@ def generate(model: nn.Module, tokenizer: CharTokenizer, problems: Sequence[Prob
             logps = torch.zeros(n, max_new_tokens)
             done = torch.zeros(n, dtype=torch.bool)
             lengths = torch.full((n,), max_new_tokens)
+            if share_prefixes:  # prefix ids: rows are equal iff their ids are (a group shares its prompt)
+                seen: dict[tuple[int, ...], int] = {}
+                cls = torch.tensor([seen.setdefault(tuple(prompts[i].tolist()), len(seen)) for i in idx])
+                cls = cls.repeat_interleave(group_size)
             for t in range(max_new_tokens):
+                rows, inv = _distinct_active_rows(x, cls, done) if share_prefixes else (x, None)
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                    logits = logits_of(model(x))[:, -1].float()
+                    logits = logits_of(model(rows))[:, -1].float()
+                if inv is not None:  # one forward per distinct unfinished prefix, copied to its rows
+                    logits = logits[inv]
                 lp = F.log_softmax(logits / temperature, -1)
                 if greedy:
                     tok = lp.argmax(-1)
@@ -134,66 +167,109 @@ def generate(model: nn.Module, tokenizer: CharTokenizer, problems: Sequence[Prob
                     tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)
                 logps[:, t] = lp.gather(1, tok[:, None]).squeeze(1)
                 x = torch.cat([x, tok[:, None]], 1)
+                if share_prefixes:
+                    cls = torch.unique(cls * lp.shape[-1] + tok, return_inverse=True)[1]
                 newly = (~done) & (tok == eos)
                 lengths[newly] = t + 1
                 done |= newly
                 if done.all():
                     break
-            for row in range(n):
-                k = int(lengths[row])
-                comp = x[row, p_len : p_len + k]
+            ks = lengths.tolist()
+            valid = torch.arange(x.shape[1] - p_len) < lengths[:, None]
+            comps = x[:, p_len:][valid].split(ks)
+            lps = logps[:, : x.shape[1] - p_len][valid].split(ks)
+            for row, (comp, lp_row) in enumerate(zip(comps, lps, strict=True)):
                 i = idx[row // group_size]
-                out.append(Rollout(problems[i], prompts[i], comp.clone(), logps[row, :k].clone(),
-                                   tokenizer.decode(comp), group=i))
+                comp = comp.clone()
+                out.append(Rollout(problems[i], prompts[i], comp, lp_row.clone(), tokenizer.decode(comp), group=i))
     finally:
         model.train(was)
     return sorted(out, key=lambda r: r.group)  # stable: completions keep their order within a group
 
 
+def _right_padded(rows: Sequence[Tensor], lengths: Sequence[int], out: Tensor) -> Tensor:
+    """``out`` (zeros ``[N, T]``) with ``rows[i]`` written into the first ``lengths[i]`` places of row ``i``:
+    one concatenation and one masked copy (the values of row-by-row assignment)."""
+    if out.shape[1]:
+        out[torch.arange(out.shape[1]) < torch.tensor(lengths)[:, None]] = torch.cat(list(rows)).to(out.dtype)
+    return out
+
+
 def completion_batch(rollouts: Sequence[Rollout]) -> tuple[Tensor, Tensor]:
     """``(sampler_logp [N, T], mask [N, T])``, right-padded to the longest completion."""
-    T = max(len(r.completion_ids) for r in rollouts)
+    lengths = [r.completion_ids.shape[0] for r in rollouts]
+    T = max(lengths)
+    mask = (torch.arange(T) < torch.tensor(lengths)[:, None]).to(torch.get_default_dtype())
     logp = torch.zeros(len(rollouts), T)
-    mask = torch.zeros(len(rollouts), T)
-    for i, r in enumerate(rollouts):
-        k = len(r.completion_ids)
+    if all(r.sampler_logp.dim() == 1 and r.sampler_logp.shape[0] == k for r, k in zip(rollouts, lengths, strict=True)):
+        return _right_padded([r.sampler_logp for r in rollouts], lengths, logp), mask
+    for i, (r, k) in enumerate(zip(rollouts, lengths, strict=True)):  # sampler_logp that broadcasts: row by row
         logp[i, :k] = r.sampler_logp
-        mask[i, :k] = 1
     return logp, mask
 
 
+def _distinct_rollouts(rollouts: Sequence[Rollout]) -> tuple[list[Rollout], Tensor]:
+    """One rollout per distinct (prompt, completion) and, for each rollout, the index of its own."""
+    seen: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    firsts: list[Rollout] = []
+    inv = []
+    for r in rollouts:
+        key = (tuple(r.prompt_ids.tolist()), tuple(r.completion_ids.tolist()))
+        k = seen.setdefault(key, len(firsts))
+        if k == len(firsts):
+            firsts.append(r)
+        inv.append(k)
+    return firsts, torch.tensor(inv)
+
+
 def trainer_logprobs(model: nn.Module, rollouts: Sequence[Rollout], temperature: float = 1.0,
-                     with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                     with_entropy: bool = False, share_rows: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """log pi(completion token | prefix) ``[N, T]`` under ``model`` (with grad), right-padded
     like :func:`completion_batch` (zeros on padding); with ``with_entropy`` also the
-    full-vocabulary entropy of each position (detached)."""
-    T = max(len(r.completion_ids) for r in rollouts)
-    rows: list[tuple[int, Tensor]] = []
-    ents: list[tuple[int, Tensor]] = []
-    for _, idx in _by_length(range(len(rollouts)), lambda i: len(rollouts[i].prompt_ids)).items():
-        p_len = len(rollouts[idx[0]].prompt_ids)
-        t_max = max(len(rollouts[i].completion_ids) for i in idx)
+    full-vocabulary entropy of each position (detached).
+
+    ``share_rows`` runs the model once per distinct (prompt, completion) and copies the result to
+    its repeats (a group often repeats a short completion): the same values where the CPU kernels
+    give a row the same result whatever the batch (as :func:`generate` measures), and in exact
+    arithmetic the same gradient, but the gradient of a repeated row is summed before the weight
+    gradient's reduction, so its rounding differs: an opt-in for training, exact for a no-grad
+    forward. Batches of fewer than 16 token rows are not shared."""
+    if share_rows:
+        firsts, inv = _distinct_rollouts(rollouts)
+        n_tok = len(firsts) * max(r.prompt_ids.shape[0] + r.completion_ids.shape[0] for r in firsts)
+        if len(firsts) < len(rollouts) and n_tok >= _MIN_SHARED_TOKENS:
+            got = trainer_logprobs(model, firsts, temperature, with_entropy)
+            return tuple(g[inv] for g in got) if with_entropy else got[inv]
+    lengths = [r.completion_ids.shape[0] for r in rollouts]
+    T = max(lengths)
+    blocks: list[Tensor] = []
+    ent_blocks: list[Tensor] = []
+    order: list[int] = []
+    for _, idx in _by_length(range(len(rollouts)), lambda i: rollouts[i].prompt_ids.shape[0]).items():
+        p_len = rollouts[idx[0]].prompt_ids.shape[0]
+        t_max = max(lengths[i] for i in idx)
         x = torch.zeros(len(idx), p_len + t_max, dtype=torch.long)
-        for j, i in enumerate(idx):
-            r = rollouts[i]
-            x[j, :p_len] = r.prompt_ids
-            x[j, p_len : p_len + len(r.completion_ids)] = r.completion_ids
+        x[:, :p_len] = torch.stack([rollouts[i].prompt_ids for i in idx])
+        _right_padded([rollouts[i].completion_ids for i in idx], [lengths[i] for i in idx], x[:, p_len:])
         logits = logits_of(model(x))[:, p_len - 1 : p_len - 1 + t_max].float() / temperature
         full = F.log_softmax(logits, -1)
         lp = full.gather(2, x[:, p_len : p_len + t_max, None]).squeeze(2)
+        blocks.append(F.pad(lp, (0, T - t_max)))  # padding and reordering below only copy values
         if with_entropy:
-            h = -(full.detach().exp() * full.detach()).sum(-1)
-        for j, i in enumerate(idx):
-            rows.append((i, F.pad(lp[j], (0, T - t_max))))
-            if with_entropy:
-                ents.append((i, F.pad(h[j], (0, T - t_max))))
-    rows.sort(key=lambda t: t[0])
-    out = torch.stack([row for _, row in rows])
-    _, mask = completion_batch(rollouts)
+            ent_blocks.append(F.pad(-(full.detach().exp() * full.detach()).sum(-1), (0, T - t_max)))
+        order += idx
+    if order == list(range(len(rollouts))):  # one bucket (or buckets already in order): no reordering
+        out = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        ent = (torch.cat(ent_blocks) if len(ent_blocks) > 1 else ent_blocks[0]) if with_entropy else None
+    else:
+        where = torch.empty(len(order), dtype=torch.long)
+        where[torch.tensor(order)] = torch.arange(len(order))
+        out = torch.cat(blocks)[where]
+        ent = torch.cat(ent_blocks)[where] if with_entropy else None
+    mask = (torch.arange(T) < torch.tensor(lengths)[:, None]).to(torch.get_default_dtype())
     if not with_entropy:
         return out * mask
-    ents.sort(key=lambda t: t[0])
-    return out * mask, torch.stack([e for _, e in ents]) * mask
+    return out * mask, ent * mask
 
 
 def sft_warmup(model: nn.Module, tokenizer: CharTokenizer, task, *, steps: int = 200, batch_size: int = 32,

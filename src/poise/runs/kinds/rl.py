@@ -141,6 +141,12 @@ class RLTrainConfig:
                            default=0)
     async_backend: str = _help("where asynchronous generation runs: 'thread' (this process) or 'ray' (a Ray "
                                "actor, the 'ray' extra; for rollouts on other machines)", default="thread")
+    share_rows: bool = _help("the training forward runs once per distinct (prompt, completion) of the batch and "
+                             "copies the result to its repeats (groups often repeat short completions): the same "
+                             "loss and, in exact arithmetic, the same gradient, with other rounding of the weight "
+                             "gradient; a faster step. false = every row (bitwise as before); the no-grad "
+                             "forwards (sampling, pi_old) always share, their values are unchanged",
+                             default=False)
     checkpoint_every: int = _help("write a checkpoint (safetensors + JSON, atomically) every this many steps; "
                                   "poise run --resume RUN_DIR continues from it (0 = never)", default=10)
 
@@ -244,6 +250,8 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
         raise ConfigError(f"train.eval_pass1_samples={t.eval_pass1_samples} must be >= 0")
     if t.async_eta < 0:
         raise ConfigError(f"train.async_eta={t.async_eta} must be >= 0")
+    if not isinstance(t.share_rows, bool):
+        raise ConfigError(f"train.share_rows={t.share_rows!r} must be true or false")
     if t.async_backend not in ("thread", "ray"):
         raise ConfigError(f"train.async_backend: {t.async_backend!r}; valid choices: thread, ray")
     if t.async_backend == "ray" and t.async_eta:
@@ -435,12 +443,14 @@ def _sampler_dtype(v: RLVariantConfig, t: RLTrainConfig) -> torch.dtype | None:
 
 
 def _forward_logprobs(model: torch.nn.Module, rollouts: list, routed: bool, replay: list | None,
-                      dtype: torch.dtype | None, with_entropy: bool = False) -> tuple[Any, Any, list | None]:
+                      dtype: torch.dtype | None, with_entropy: bool = False,
+                      share_rows: bool = False) -> tuple[Any, Any, list | None]:
     """The trainer's ``(logp, entropy or None, routing used or None)`` in ``dtype`` autocast; a routed
-    (MoE) policy goes through :func:`poise.rl.routing.routed_logprobs` with ``replay`` replayed."""
+    (MoE) policy goes through :func:`poise.rl.routing.routed_logprobs` with ``replay`` replayed.
+    ``share_rows``: one forward per distinct (prompt, completion) (:func:`poise.rl.trainer_logprobs`)."""
     with autocast(dtype):
         if not routed:
-            out = trainer_logprobs(model, rollouts, with_entropy=with_entropy)
+            out = trainer_logprobs(model, rollouts, with_entropy=with_entropy, share_rows=share_rows)
             return (*out, None) if with_entropy else (out, None, None)
         return routed_logprobs(model, rollouts, replay, with_entropy=with_entropy)
 
@@ -617,8 +627,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 if routed and v.routing_replay != "R3":
                     old = live_logp
                 else:
-                    with torch.no_grad():
-                        old = _forward_logprobs(model, rollouts, routed, replay, trainer_dtype)[0]
+                    with torch.no_grad():  # forward only: sharing repeated rows gives the same values
+                        old = _forward_logprobs(model, rollouts, routed, replay, trainer_dtype, share_rows=True)[0]
             else:  # on-policy: pi_old is the current policy; its log-probs come with the forward below
                 old = None
             rec: dict[str, Any] = {"step": step, "reward": _mean_over_ranks(float(rewards_t.mean()), world),
@@ -628,7 +638,8 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 sub = [rollouts[i] for i in c]
                 idx = torch.as_tensor(c)
                 logp, ent, _ = _forward_logprobs(trainer, sub, routed, None if replay is None else
-                                                 [replay[i] for i in c], trainer_dtype, with_entropy=True)
+                                                 [replay[i] for i in c], trainer_dtype, with_entropy=True,
+                                                 share_rows=t.share_rows)
                 m = mask[idx][:, : logp.shape[1]]
                 old_c = logp.detach() if old is None else old[idx][:, : logp.shape[1]]
                 values, agg_mask, metrics = variant_objective(
