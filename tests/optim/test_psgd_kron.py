@@ -2,6 +2,7 @@
 (whitening), the update schedule, bad input, and parity with pytorch_optimizer.Kron (4.1.0)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -288,3 +289,34 @@ def test_bfloat16_parameters_keep_dtype_with_float32_factors():
     assert all(p.dtype == torch.bfloat16 for p in ps)
     assert opt.state[ps[0]]["psgd_kron.Q0"].dtype == torch.float32
     assert opt.state[ps[0]]["psgd_kron.momentum_buffer"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20, 1e13, 1e-13, float("inf"), float("nan")])
+def test_precond_init_scale_outside_1e_minus12_to_1e12_is_refused(scale):
+    """P = Q^T Q starts at s I: at s = 1e20 or 1e-20 the float32 factor fit overflows and every parameter turns
+    NaN within a few steps, silently. The constructor refuses it, naming the value and the range."""
+    msg = f"precond_init_scale={scale!r} is out of range; valid: [1e-12, 1e12]"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        PSGDKron(params([(3, 2)]), precond_init_scale=scale)
+
+
+def test_precond_init_scale_of_a_param_group_is_refused_at_its_first_step():
+    (p,) = params([(3, 2)])
+    before = p.detach().clone()
+    opt = PSGDKron([{"params": [p], "precond_init_scale": 1e20}], lr=0.1)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=re.escape("precond_init_scale=1e+20 is out of range; valid: [1e-12, 1e12]")):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e12])
+def test_precond_init_scale_at_the_bounds_stays_finite(scale):
+    ps = params([(4, 3), (5,), (2, 3, 4)])
+    opt = PSGDKron(ps, lr=1e-2, precond_init_scale=scale)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in ps)

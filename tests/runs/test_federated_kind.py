@@ -159,6 +159,11 @@ def test_prototype_merge_equals_pooled_class_means():
     ({"eval__final_window": 4}, r"eval\.final_window=4; valid: 1 to train\.rounds = 3"),
     ({"data__dataset": "mnist"}, r"data\.dataset: unknown dataset 'mnist'; valid choices: digits"),
     ({"data__n_clients": 900, "data__participation": "[0.5]"}, r"data: .* shards for .* samples"),
+    ({"train__hidden": 100000}, r"train\.hidden=100000; valid: 1 to 4,096"),
+    ({"train__batch_size": 10**9}, r"train\.batch_size=1000000000; valid: 1 to 10,000"),
+    ({"train__local_steps": 10**9}, r"train\.local_steps=1000000000; valid: 1 to 100,000"),
+    ({"train__rounds": 10**7}, r"train\.rounds=10000000; valid: 1 to 100,000"),
+    ({"data__base_steps": 10**9}, r"data\.base_steps=1000000000; valid: 0 to 1,000,000"),
 ])
 def test_bad_input_names_the_key_and_value(over, match):
     with pytest.raises(ConfigError, match=match):
@@ -277,3 +282,84 @@ def test_flower_engine_equals_the_loop(tmp_path):
     np.testing.assert_allclose(b["curves"]["acc"], c["curves"]["acc"], atol=1e-6)
     assert b["curves"]["fresh"] == c["curves"]["fresh"] and b["curves"]["dropped"] == c["curves"]["dropped"]
     assert a["curves"]["acc"][0] == b["curves"]["acc"][0]
+
+
+# -- what the prototypes rule ignores, and the size of a study ---------------------------------------------------
+PROTO = {"data__base_classes": 5, "data__participation": "[0.5]", "train__local_steps": 10}  # TINY's 2: not default
+
+
+@pytest.mark.parametrize("variant, match", [
+    ("{name='p',rule='prototypes',beta=0.9}", r"variants\[0\]\.beta=0\.9 \(variant 'p'\): the prototypes rule has no "
+                                              r"staleness weight"),
+    ("{name='p',rule='prototypes',weights='participants'}", r"variants\[0\]\.weights='participants' \(variant 'p'\): "
+                                                            r"the prototypes rule averages no updates"),
+])
+def test_a_prototypes_variant_refuses_fedstale_settings_it_would_ignore(variant, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg_of(variants=f"[{variant}]", **PROTO)
+
+
+@pytest.mark.parametrize("key, value", [("train__lr", "1e-300"), ("train__local_steps", 99999),
+                                        ("train__batch_size", 7), ("train__server_lr", 2.0)])
+def test_train_keys_prototypes_ignore_are_refused_when_every_variant_is_prototypes(key, value):
+    name = key.replace("__", ".")
+    with pytest.raises(ConfigError, match=rf"{name}=.*every variant uses rule='prototypes', which does not use it"):
+        cfg_of(variants="[{name='p',rule='prototypes'}]", **{**PROTO, key: value})
+    # beside a gradient rule the key matters (the field help says prototypes ignore it)
+    cfg = cfg_of(variants="[{name='p',rule='prototypes'},{name='f',beta=0.5}]", **{**PROTO, key: value})
+    assert [v.rule for v in cfg.variants] == ["prototypes", "fedstale"]
+
+
+def test_the_reviewer_repro_is_refused():
+    with pytest.raises(ConfigError, match=r"variants\[0\]\.beta=0\.9"):
+        load_recipe("fed-reconnaissance", ["variants=[{name='p',rule='prototypes',beta=0.9,weights='participants'}]",
+                                           "train.lr=1e-300", "train.local_steps=99999"], quick=True)
+
+
+def test_steps_per_run_counts_local_steps_of_every_client():
+    from poise.runs.engine import total_steps
+
+    cfg = cfg_of()  # 4 clients x 3 rounds x 2 local steps, no base classes
+    assert kind().steps_per_run(cfg) == 4 * 3 * 2
+    assert total_steps(cfg, kind()) == 2 * 1 * 24  # 2 variants, 1 seed
+    proto = cfg_of(variants="[{name='p',rule='prototypes'}]", **PROTO)  # base training, then one unit per round
+    assert kind().steps_per_run(proto) == 300 + 3
+    mixed = cfg_of(variants="[{name='p',rule='prototypes'},{name='f',beta=0.5}]", **PROTO)
+    assert kind().steps_per_run(mixed) == 300 + 4 * 3 * 10
+
+
+def test_a_study_of_huge_local_training_meets_the_size_guard(tmp_path):
+    import dataclasses
+
+    def never(*args, **kwargs):
+        raise AssertionError("the size guard let a run start")
+
+    cfg = cfg_of(train__rounds=1000, train__local_steps=1000)  # 4 clients: 4e6 local steps a run
+    with pytest.raises(ConfigError, match=r"this study has 8,000,000 steps .* --allow-large"):
+        execute(cfg, tmp_path / "r", progress=False, report=False, kind=dataclasses.replace(kind(), run_one=never))
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_of_a_billion_local_steps_is_refused(capsys):
+    from poise.cli import main
+
+    assert main(["run", "fedstale", "train.local_steps=1000000000", "--dry-run"]) == 2
+    assert "train.local_steps=1000000000; valid: 1 to 100,000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["fedstale", "fed-reconnaissance"])
+def test_builtin_recipes_fit_under_the_size_guard(recipe):
+    from poise.runs.engine import total_steps
+
+    cfg = load_recipe(recipe)
+    assert 10_000 < total_steps(cfg, kind()) <= kind().large
+
+
+@pytest.mark.parametrize("variants", ["[{name='f',beta=0.5}]", "[{name='p',rule='prototypes'}]"])
+def test_progress_adds_up_to_steps_per_run(variants):
+    from poise.runs.kinds.federated import run_one_federated
+
+    cfg = cfg_of(variants=variants, **PROTO)
+    ticks = []
+    run_one_federated(cfg, 0, 0, None, ticks.append)
+    assert sum(ticks) == kind().steps_per_run(cfg)

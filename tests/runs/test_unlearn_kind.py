@@ -45,6 +45,9 @@ def _load(*overrides):
     (["variants=[{method='fit', params={top_k=9}}]"], r"params\.top_k=9; valid: 1 to 3 \(the model's linear"),
     (["model.hidden=1000000"], r"model\.hidden=1000000; valid: 1 to 4,096"),
     (["variants=[{method='stableun', params={n_noise=0.5}}]"], r"params\.n_noise=0\.5 must be an integer"),
+    (["variants=[{method='fit', params={tau=7}}]"], r"variants\[0\]\.params\.tau=7; valid: -1 to 1 \(a cosine"),
+    (["variants=[{method='fit', params={tau=-1.5}}]"], r"params\.tau=-1\.5; valid: -1 to 1"),
+    (["attack.steps=1000000000"], r"attack\.steps=1000000000; valid: 0 to 10,000"),
 ])
 def test_bad_config_names_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -153,6 +156,7 @@ def test_tiny_study_end_to_end(tmp_path):
 
 
 def test_calibration_inside_the_study_picks_from_the_grid():
+    from poise.edit.unlearn_study import attack_candidates, choose_attack
     from poise.runs.kinds.unlearn import CAL_LRS, CAL_MIXES, CAL_STEPS, attack_setting
 
     cfg = _load("stream.requests=1", "attack.calibrate=true", "attack.calibration_seeds=[100]")
@@ -160,6 +164,12 @@ def test_calibration_inside_the_study_picks_from_the_grid():
     assert st["calibrated"] and st["mix"] in CAL_MIXES and st["steps"] in CAL_STEPS and st["lr"] in CAL_LRS
     assert len(st["table"]) == len(CAL_MIXES) * len(CAL_STEPS) * len(CAL_LRS)
     assert all(0 <= row["forget"] <= 1 and 0 <= row["retain"] <= 1 for row in st["table"])
+    # the table is the grid in the calibration rule's order, and the setting is exactly the rule's choice on it
+    assert [{k: r[k] for k in ("mix", "steps", "lr")} for r in st["table"]] == attack_candidates(CAL_MIXES, CAL_STEPS,
+                                                                                                 CAL_LRS)
+    a = cfg.attack
+    want, met = choose_attack(st["table"], CAL_MIXES, (a.target_forget[0], a.target_forget[1]), a.target_retain)
+    assert {k: st[k] for k in ("mix", "steps", "lr")} == want and st["target_met"] is met
 
 
 def test_a_diverged_run_is_flagged_never_averaged(tmp_path):
@@ -173,3 +183,61 @@ def test_a_diverged_run_is_flagged_never_averaged(tmp_path):
     assert r["diverged_at"] is not None and "forget_acc" not in r["metrics"]
     assert json.loads((path / "metrics" / "ga-s0.jsonl").read_text().splitlines()[-1])["diverged"] is True
     assert summary["variants"]["none"]["forget_acc"]["n"] == 1
+
+
+def test_the_size_guard_counts_the_attack_and_the_calibration(tmp_path):
+    """steps_per_run counts the relearning attack (attack.steps per forgotten class) and each run's share of the
+    calibration (its grid of attacks on the retrain reference of every calibration seed, and their training), so
+    a huge attack meets the size guard before any work."""
+    from poise.runs.engine import total_steps
+    from poise.runs.kinds.unlearn import CAL_LRS, CAL_MIXES, CAL_STEPS
+
+    base = _load("attack.steps=0")
+    runs = len(base.variants) * len(base.seeds)
+    assert total_steps(base, KIND) == runs * 2 * 4  # 2 requests x 4 unlearning steps
+    assert total_steps(_load("attack.steps=20"), KIND) == runs * 2 * (4 + 20)
+    cal = _load("attack.calibrate=true", "attack.calibration_seeds=[100, 101]")
+    grid = len(CAL_MIXES) * len(CAL_LRS) * sum(CAL_STEPS)  # one attack per candidate per forgotten class
+    shared = 2 * (60 + 2 * grid)  # per calibration seed: train the reference (60 steps), then the grid
+    assert total_steps(cal, KIND) >= runs * 2 * (4 + max(CAL_STEPS)) + shared
+    assert total_steps(cal, KIND) < runs * 2 * (4 + max(CAL_STEPS)) + shared + runs  # the share rounds up
+    import dataclasses
+
+    def never(*args, **kwargs):
+        raise AssertionError("the size guard let a run start")
+
+    big = _load("attack.steps=10000", "stream.requests=9", "seeds=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]")
+    with pytest.raises(ConfigError, match=r"above the 250,000 a unlearn study runs without confirmation"):
+        execute(big, tmp_path / "r", progress=False, report=False, kind=dataclasses.replace(KIND, run_one=never))
+
+
+def test_progress_adds_up_to_steps_per_run():
+    from poise.runs.kinds.unlearn import run_one_unlearn
+
+    cfg = _load("seeds=[0]", "variants=[{method='ga'},{method='acu'}]", "attack.steps=5")
+    for i in range(2):
+        ticks = []
+        run_one_unlearn(cfg, i, 0, None, ticks.append)
+        assert sum(ticks) == KIND.steps_per_run(cfg) == 2 * (4 + 5)
+
+
+def test_acu_refusing_a_request_mid_study_is_a_config_error_naming_variant_class_and_gamma():
+    """A tiny gamma makes ACU's exact unlearning system I - X R X^T singular: one ConfigError naming the variant,
+    the request's class and params.gamma (exit 2 at the command line), not a ValueError traceback."""
+    from poise.runs.kinds.unlearn import run_one_unlearn
+
+    cfg = _load("seeds=[0]", "variants=[{name='acu-tiny', method='acu', params={gamma=1e-300}}]")
+    with pytest.raises(ConfigError, match=r"variants\.acu-tiny: request 0 \(class 0\) was refused by ACU: .*singular"
+                                          r".*params\.gamma=1e-300"):
+        run_one_unlearn(cfg, 0, 0)
+
+
+def test_acu_refusal_at_the_command_line_is_one_line_with_exit_2(tmp_path, capsys):
+    from poise.cli import main
+
+    code = main(["run", "unlearn-relearn", "--quick", "--no-report", "--no-progress", "model.train_steps=50",
+                 "stream.steps=4", "variants=[{name='acu', method='acu', params={gamma=1e-300}}]",
+                 "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert "variants.acu: request 0" in err[-1] and "params.gamma=1e-300" in err[-1]

@@ -21,7 +21,19 @@ __all__ = [
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "all_diag")
 TINY = torch.finfo(torch.bfloat16).tiny  # the references' eps in the preconditioner step's denominator
+# precond_init_scale s: P = Q^T Q starts at s I, and the fit forms Q h and Q^-T v, whose squares scale as s^(+-1)
+# per factor; in float32 s = 1e14 already turns a 3-D parameter NaN within 20 steps and 1e20 or 1e-20 every shape,
+# while [1e-12, 1e12] stays finite for every shape tested (tests/optim/test_psgd_kron.py)
+INIT_SCALE_RANGE = (1e-12, 1e12)
 Noise = Callable[[Tensor], Tensor]
+
+
+def _check_init_scale(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not INIT_SCALE_RANGE[0] <= value <= INIT_SCALE_RANGE[1]:
+        raise ValueError(f"precond_init_scale={value!r} is out of range; valid: [1e-12, 1e12] (P starts at "
+                         "precond_init_scale * I; beyond this the float32 factor fit over- or underflows and the "
+                         "parameters turn NaN)")
 
 
 def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -254,6 +266,7 @@ def scale_by_psgd_kron(noise: Noise | None = None, mu_dtype: torch.dtype | None 
     schedule = _Schedule()
 
     def init(p: Tensor, hyper: Hyper) -> dict[str, Any]:
+        _check_init_scale(hyper["precond_init_scale"])  # a param group may set its own, past the constructor
         qs = kron_factors(p.shape, hyper["precond_init_scale"], hyper["max_size_triangular"],
                           hyper["min_ndim_triangular"], hyper.get("memory_save_mode"), precond_dtype, p.device)
         out: dict[str, Any] = {f"Q{i}": q for i, q in enumerate(qs)}
@@ -384,8 +397,10 @@ class PSGDKron(TransformOptimizer):
     0.001, 500; a number in (0, 1]: constant), ``max_size_triangular`` (8192; a larger dim gets
     a diagonal factor), ``min_ndim_triangular`` (2), ``memory_save_mode`` (None, "one_diag",
     "smart_one_diag", "all_diag"), ``momentum_into_precond_update`` (True), ``precond_lr`` (0.1),
-    ``precond_init_scale`` (1), ``mu_dtype`` (None: the parameter's), ``precond_dtype``
-    (float32). Departures: the update steps come from pytorch_optimizer's deterministic counter
+    ``precond_init_scale`` (1; valid ``[1e-12, 1e12]``: ``P`` starts at that times ``I`` and outside
+    the range the float32 factor fit over- or underflows into NaN parameters, so it is refused),
+    ``mu_dtype`` (None: the parameter's), ``precond_dtype`` (float32). Departures: the update steps
+    come from pytorch_optimizer's deterministic counter
     (kron_torch draws them), balancing runs every ``balance_every``-th update (100; the peers draw
     it with probability 0.01), the probes ``v`` come from a generator seeded by ``seed`` and the
     step (``noise(like) -> v`` replaces it, e.g. ``torch.randn_like`` to replay a peer under one
@@ -415,7 +430,7 @@ class PSGDKron(TransformOptimizer):
         _check.positive_int("min_ndim_triangular", min_ndim_triangular)
         _choice("memory_save_mode", memory_save_mode, MEMORY_SAVE_MODES)
         _check.in_range("precond_lr", precond_lr, 0.0, float("inf"), lo_open=True)
-        _check.in_range("precond_init_scale", precond_init_scale, 0.0, float("inf"), lo_open=True)
+        _check_init_scale(precond_init_scale)
         _check.in_range("prob_max", prob_max, 0.0, 1.0, lo_open=True, hi_open=False)
         _check.in_range("prob_min", prob_min, 0.0, prob_max, lo_open=True, hi_open=False)
         _check.in_range("prob_decay", prob_decay, 0.0, float("inf"))

@@ -52,7 +52,8 @@ from poise.runs.store import JsonlWriter
 from poise.runs.verdict import ClaimConfig
 
 __all__ = ["KIND", "FedDataConfig", "FedEvalConfig", "FedTrainConfig", "FedVariantConfig", "FederatedStudyConfig",
-           "round_metrics", "run_federated_study", "run_one_federated", "summarize_federated", "validate_federated"]
+           "round_metrics", "run_federated_study", "run_one_federated", "steps_per_run", "summarize_federated",
+           "validate_federated"]
 
 DATASETS = ("digits",)
 ENGINES = ("loop", "flower")
@@ -76,7 +77,7 @@ class FedDataConfig:
                            default=0.0)
     base_classes: int = _help("classes 0..k-1 are the server's own data, learned centrally before round 1; the "
                               "clients hold the other classes (federated reconnaissance); 0 = none", default=0)
-    base_steps: int = _help("SGD steps (lr 0.1, batch 64) of that central training", default=300)
+    base_steps: int = _help("SGD steps (lr 0.1, batch 64) of that central training, 0 to 1,000,000", default=300)
     shots: int = _help("keep at most this many training examples per class per client (0 = all)", default=0)
 
 
@@ -85,12 +86,14 @@ class FedTrainConfig:
     engine: str = _help("'loop': the in-process server loop over poise.federated.fedstale_aggregate; 'flower': "
                         "Flower's simulation (flwr, the 'federated' extra) with poise.federated.flower.FedStale as the "
                         "strategy (same clients, same numbers; a Ray start per run)", default="loop")
-    rounds: int = _help("server rounds", default=30)
-    local_steps: int = _help("local SGD steps of a participating client per round", default=10)
-    lr: float = _help("local SGD learning rate", default=0.1)
-    batch_size: int = _help("local batch size (drawn with replacement)", default=32)
-    hidden: int = _help("hidden width of the MLP 64-hidden-10", default=32)
-    server_lr: float = _help("eta_s in x <- x + eta_s * Delta", default=1.0)
+    rounds: int = _help("server rounds, 1 to 100,000", default=30)
+    local_steps: int = _help("local SGD steps of a participating client per round, 1 to 100,000 (rule='prototypes' "
+                             "ignores it: its clients train nothing)", default=10)
+    lr: float = _help("local SGD learning rate (rule='prototypes' ignores it)", default=0.1)
+    batch_size: int = _help("local batch size (drawn with replacement), 1 to 10,000 (rule='prototypes' ignores it)",
+                            default=32)
+    hidden: int = _help("hidden width of the MLP 64-hidden-10, 1 to 4,096", default=32)
+    server_lr: float = _help("eta_s in x <- x + eta_s * Delta (rule='prototypes' ignores it)", default=1.0)
 
 
 @dataclass
@@ -105,9 +108,11 @@ class FedVariantConfig:
     rule: str = _help("aggregation rule: 'fedstale' (beta below) or 'prototypes' (federated reconnaissance: "
                       "class prototypes on the frozen base embedding, merged online; needs data.base_classes)",
                       default="fedstale")
-    beta: float = _help("FedStale's staleness weight in [0, 1]: 0 = FedAvg, 1 = FedVARP", default=0.0)
+    beta: float = _help("FedStale's staleness weight in [0, 1]: 0 = FedAvg, 1 = FedVARP (rule='fedstale' only)",
+                        default=0.0)
     weights: str = _help("participant weights: 'unbiased' (alpha_i / p_i, the paper's) or 'participants' "
-                         "(alpha_i / sum over participants, Flower's FedAvg)", default="unbiased")
+                         "(alpha_i / sum over participants, Flower's FedAvg) (rule='fedstale' only)",
+                         default="unbiased")
 
 
 def _default_variants() -> list[FedVariantConfig]:
@@ -134,6 +139,29 @@ class FederatedStudyConfig:
     quick: bool = quick_field()
     tracking: list[str] = tracking_field()
     sweep: dict[str, dict[str, Any]] = sweep_field()
+
+
+_TRAIN_DEFAULTS = FedTrainConfig()
+_VARIANT_DEFAULTS = FedVariantConfig()
+PROTOTYPES_IGNORE = ("local_steps", "lr", "batch_size", "server_lr")  # train.* keys the prototypes rule never reads
+
+
+def _units(cfg: FederatedStudyConfig) -> tuple[int, int]:
+    """Progress units of a run: ``(base, per_round)``: the central training of the base classes
+    (``data.base_steps`` when ``data.base_classes``), then per round ``n_clients * local_steps`` local SGD steps
+    (every client could reply) when some variant trains, else one unit per round (prototype merging)."""
+    d, t = cfg.data, cfg.train
+    base = d.base_steps if d.base_classes else 0
+    trains = any(v.rule != "prototypes" for v in cfg.variants)
+    return base, (d.n_clients * t.local_steps if trains else 1)
+
+
+def steps_per_run(cfg: FederatedStudyConfig) -> int:
+    """The work of one run, in progress steps (what the size guard counts): ``base + rounds * per_round``
+    (:func:`_units`; the same for every variant of the study, so a prototypes run beside gradient rules counts
+    the gradient rules' local steps)."""
+    base, per_round = _units(cfg)
+    return base + cfg.train.rounds * per_round
 
 
 def _probs(d: FedDataConfig) -> list[float]:
@@ -169,6 +197,8 @@ def validate_federated(cfg: FederatedStudyConfig) -> FederatedStudyConfig:
     for key, val in (("data.base_steps", d.base_steps), ("data.shots", d.shots)):
         if val < 0:
             raise ConfigError(f"{key}={val} must be >= 0")
+    if d.base_steps > 1_000_000:
+        raise ConfigError(f"data.base_steps={d.base_steps}; valid: 0 to 1,000,000")
     if len(d.participation) not in (1, d.n_clients):
         raise ConfigError(f"data.participation has {len(d.participation)} values for data.n_clients={d.n_clients}: "
                           "give one per client or one for all")
@@ -193,6 +223,10 @@ def validate_federated(cfg: FederatedStudyConfig) -> FederatedStudyConfig:
                      ("train.batch_size", t.batch_size), ("train.hidden", t.hidden)):
         if val < 1:
             raise ConfigError(f"{key}={val} must be >= 1")
+    for key, val, hi in (("train.rounds", t.rounds, 100_000), ("train.local_steps", t.local_steps, 100_000),
+                         ("train.batch_size", t.batch_size, 10_000), ("train.hidden", t.hidden, 4096)):
+        if val > hi:
+            raise ConfigError(f"{key}={val}; valid: 1 to {hi:,}")
     for key, val in (("train.lr", t.lr), ("train.server_lr", t.server_lr)):
         if not val > 0:
             raise ConfigError(f"{key}={val} must be > 0")
@@ -217,6 +251,20 @@ def validate_federated(cfg: FederatedStudyConfig) -> FederatedStudyConfig:
         if v.rule == "prototypes" and t.engine == "flower":
             raise ConfigError(f"{key}.rule='prototypes' runs only with train.engine='loop' (the Flower strategy "
                               "is FedStale's)")
+        if v.rule == "prototypes" and v.beta != _VARIANT_DEFAULTS.beta:
+            raise ConfigError(f"{key}.beta={v.beta} (variant {v.name!r}): the prototypes rule has no staleness "
+                              f"weight (it would be ignored); leave beta at its default {_VARIANT_DEFAULTS.beta}")
+        if v.rule == "prototypes" and v.weights != _VARIANT_DEFAULTS.weights:
+            raise ConfigError(f"{key}.weights={v.weights!r} (variant {v.name!r}): the prototypes rule averages no "
+                              "updates, so it has no participant weights (it would be ignored); leave weights at "
+                              f"its default {_VARIANT_DEFAULTS.weights!r}")
+    if cfg.variants and all(v.rule == "prototypes" for v in cfg.variants):
+        for name in PROTOTYPES_IGNORE:
+            val, default = getattr(t, name), getattr(_TRAIN_DEFAULTS, name)
+            if val != default:
+                raise ConfigError(f"train.{name}={val}: every variant uses rule='prototypes', which does not use it "
+                                  f"(its clients send class prototypes, they train nothing); leave it at its default "
+                                  f"{default}")
     if t.engine == "flower":
         missing = _flower_missing()
         if missing:
@@ -292,6 +340,15 @@ def run_one_federated(cfg: FederatedStudyConfig, variant_index: int, seed: int, 
     data, probs = _data(cfg), _probs(d)
     shares = data.label_shares()
     x0 = fs.pretrain_base(fs.init_state(seed, t.hidden), data, seed, d.base_steps)
+    base_units, per_round = _units(cfg)
+    done = {"n": 0}
+
+    def tick(n: int) -> None:
+        done["n"] += n
+        if progress is not None and n:
+            progress(n)
+
+    tick(base_units)
     t0 = time.perf_counter()
     if v.rule == "prototypes":
         rounds: Any = fs.prototype_rounds(x0, data, probs, seed=seed, rounds=t.rounds, dropout=d.dropout)
@@ -315,8 +372,6 @@ def run_one_federated(cfg: FederatedStudyConfig, variant_index: int, seed: int, 
                 diverged_at = r.rnd
                 if writer:
                     writer.write({"step": r.rnd, "diverged": True, "reason": "non-finite global model"})
-                if progress is not None:
-                    progress(t.rounds - r.rnd + 1)
                 break
             acc, cls = (fs.evaluate_prototypes(r.state, means, data.x_test, data.y_test) if means is not None
                         else fs.evaluate(r.state, data.x_test, data.y_test))
@@ -329,11 +384,11 @@ def run_one_federated(cfg: FederatedStudyConfig, variant_index: int, seed: int, 
                 ca = shares @ np.nan_to_num(cls)
                 writer.write({"step": r.rnd, "acc": acc, "worst_client_acc": float(ca.min()),
                               "participants": len(r.fresh), "dropped": len(r.dropped), "update_norm": r.update_norm})
-            if progress is not None:
-                progress(1)
+            tick(per_round)
     finally:
         if writer:
             writer.close()
+    tick(steps_per_run(cfg) - done["n"])  # the rounds a diverged run skips
     client_acc = np.array([shares @ np.nan_to_num(c) for c in classes])
     out: dict[str, Any] = {
         "variant": v.name, "rule": v.rule, "beta": v.beta, "seed": seed, "diverged_at": diverged_at,
@@ -565,7 +620,7 @@ KIND = StudyKind(
     example="fedstale",
     variant_key="name",
     validate=validate_federated,
-    steps_per_run=lambda cfg: cfg.train.rounds,
+    steps_per_run=steps_per_run,
     describe=lambda cfg: (f"{cfg.data.n_clients} clients x {cfg.train.rounds} rounds x {cfg.train.local_steps} "
                           f"local steps, engine {cfg.train.engine}"),
     run_one=run_one_federated,

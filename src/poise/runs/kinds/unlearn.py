@@ -62,7 +62,7 @@ from poise.runs.store import JsonlWriter
 from poise.runs.verdict import ClaimConfig
 
 __all__ = ["KIND", "METHODS", "UnlearnAttackConfig", "UnlearnModelConfig", "UnlearnStreamConfig",
-           "UnlearnStudyConfig", "UnlearnVariantConfig", "run_one_unlearn", "run_unlearn_study",
+           "UnlearnStudyConfig", "UnlearnVariantConfig", "run_one_unlearn", "run_unlearn_study", "steps_per_run",
            "summarize_unlearn", "validate_unlearn"]
 
 N_CLASSES = 10
@@ -83,6 +83,7 @@ METHODS: dict[str, dict[str, Any]] = {
 CAL_MIXES = (0, 25)
 CAL_STEPS = (10, 20, 40)
 CAL_LRS = (1e-3, 1.5e-3, 2e-3, 3e-3, 4e-3, 5e-3, 7e-3, 1e-2)
+MAX_ATTACK_STEPS = 10_000  # full-batch steps on at most 50 + 500 images: far past any relearning that matters
 
 
 # -- config --------------------------------------------------------------------------------
@@ -114,7 +115,8 @@ class UnlearnAttackConfig:
     n: int = _help("forgotten training images per attacked class (the attack hits each forgotten class once)",
                    default=5)
     mix: int = _help("retain training images mixed into the attack's batch (benchmark calibration: 25)", default=25)
-    steps: int = _help("full-batch Adam steps of the attack (benchmark calibration: 20)", default=20)
+    steps: int = _help("full-batch Adam steps of the attack per forgotten class, 0 to 10,000 (benchmark "
+                       "calibration: 20)", default=20)
     lr: float = _help("Adam learning rate of the attack (benchmark calibration: 3e-3)", default=3e-3)
     calibrate: bool = _help("choose mix/steps/lr by the benchmark's calibration rule on the retrain reference of "
                             "calibration_seeds, with this study's sequence (mix, steps and lr above are then unused)",
@@ -199,8 +201,11 @@ def validate_unlearn(cfg: UnlearnStudyConfig) -> UnlearnStudyConfig:
         raise ConfigError(f"attack.n={a.n}; valid: 1 to 50 forgotten images (a class has about 125)")
     if not 0 <= a.mix <= 500:
         raise ConfigError(f"attack.mix={a.mix}; valid: 0 to 500 retain images")
-    if a.steps < 0 or not a.lr > 0:
-        raise ConfigError(f"attack.steps={a.steps} must be >= 0 and attack.lr={a.lr} > 0")
+    if not 0 <= a.steps <= MAX_ATTACK_STEPS:
+        raise ConfigError(f"attack.steps={a.steps}; valid: 0 to {MAX_ATTACK_STEPS:,} full-batch Adam steps per "
+                          "attacked class")
+    if not a.lr > 0:
+        raise ConfigError(f"attack.lr={a.lr} must be > 0")
     if a.calibrate:
         if not a.calibration_seeds:
             raise ConfigError("attack.calibration_seeds is empty: calibration needs held-out seeds")
@@ -225,6 +230,11 @@ def validate_unlearn(cfg: UnlearnStudyConfig) -> UnlearnStudyConfig:
             if p not in allowed:
                 raise ConfigError(f"{key}.params.{p}: unknown argument of method {v.method!r}; valid: "
                                   f"{', '.join(allowed) or '(none)'}")
+            if p == "tau":
+                if not _number(x) or not -1 <= x <= 1:
+                    raise ConfigError(f"{key}.params.tau={x!r}; valid: -1 to 1 (a cosine-similarity threshold: an "
+                                      "item at least this similar to a forgotten one is redundant)")
+                continue
             if p == "thresholds":
                 if not (isinstance(x, list) and len(x) == 2 and all(_number(t) for t in x) and 0 <= x[0] <= x[1]):
                     raise ConfigError(f"{key}.params.thresholds={x!r}; valid: [lo, hi] with 0 <= lo <= hi")
@@ -241,6 +251,30 @@ def validate_unlearn(cfg: UnlearnStudyConfig) -> UnlearnStudyConfig:
         if v.method == "retrain" and v.params:
             raise ConfigError(f"{key}.params: retrain takes no arguments (it trains with model.*)")
     return cfg
+
+
+def _attack_steps(cfg: UnlearnStudyConfig) -> int:
+    """Attack steps per forgotten class: ``attack.steps``, or with calibration the grid's most (an upper bound:
+    the setting is chosen when the study runs)."""
+    return max(CAL_STEPS) if cfg.attack.calibrate else cfg.attack.steps
+
+
+def _calibration_steps(cfg: UnlearnStudyConfig) -> int:
+    """The calibration's work (once per study): per calibration seed, train the ``retrain`` reference
+    (``model.train_steps``) and attack each forgotten class with every candidate of the grid."""
+    a = cfg.attack
+    if not a.calibrate:
+        return 0
+    grid = len(CAL_MIXES) * len(CAL_LRS) * sum(CAL_STEPS)
+    return len(a.calibration_seeds) * (cfg.model.train_steps + cfg.stream.requests * grid)
+
+
+def steps_per_run(cfg: UnlearnStudyConfig) -> int:
+    """Progress steps of one run (what the size guard counts): the unlearning steps of every request, the attack's
+    steps on every forgotten class, and the run's share (rounded up) of the calibration."""
+    runs = max(1, len(cfg.variants) * len(cfg.seeds))
+    share = -(-_calibration_steps(cfg) // runs)
+    return cfg.stream.requests * (cfg.stream.steps + _attack_steps(cfg)) + share
 
 
 def _params(v: UnlearnVariantConfig) -> dict[str, Any]:
@@ -395,6 +429,7 @@ def run_one_unlearn(cfg: UnlearnStudyConfig, variant_index: int, seed: int, metr
     d = _data()
     classes = _classes(cfg, seed)
     setting = attack_setting(cfg)
+    total = steps_per_run(cfg)
     model = _base_model(cfg, seed)
     writer = JsonlWriter(metrics_path) if metrics_path and is_main() else None
     curve: list[dict[str, Any]] = []
@@ -420,6 +455,7 @@ def run_one_unlearn(cfg: UnlearnStudyConfig, variant_index: int, seed: int, metr
         if progress is not None:
             progress(n)
 
+    tick(total - s.requests * (s.steps + _attack_steps(cfg)))  # this run's share of the calibration
     diverged: _Diverged | None = None
     try:
         evaluate(0, 0, model)
@@ -467,9 +503,16 @@ def run_one_unlearn(cfg: UnlearnStudyConfig, variant_index: int, seed: int, metr
                 fit_info.append({"class": c, **{x: info[x] for x in ("kept", "filtered", "score", "algorithm",
                                                                      "layers")}})
             elif v.method == "acu":
-                if acu is None:
-                    feat, acu, X, Y = acu_features(model, d["xtr"], d["ytr"], N_CLASSES, float(p["gamma"]))
-                acu.unlearn(X[fmask], Y[fmask])
+                try:
+                    if acu is None:
+                        feat, acu, X, Y = acu_features(model, d["xtr"], d["ytr"], N_CLASSES, float(p["gamma"]))
+                    acu.unlearn(X[fmask], Y[fmask])
+                except ValueError as e:  # ACU refused (a singular system at this gamma): exit 2, one line
+                    if writer:
+                        writer.close()
+                    raise ConfigError(f"variants.{v.name}: request {k} (class {c}) was refused by ACU: {e}; "
+                                      f"params.gamma={p['gamma']!r} is too small for these features (default 1.0): "
+                                      "raise it") from None
                 model = acu_head_model(feat, acu)
             elif v.method == "retrain":
                 model = _train(cfg, xr, yr, seed)
@@ -502,6 +545,7 @@ def run_one_unlearn(cfg: UnlearnStudyConfig, variant_index: int, seed: int, metr
                 after_r.append(ret)
                 after_nll.append(mean_nll(att, d["xte"][cm], d["yte"][cm]))
                 attack_rows[str(c)] = {"forget_acc": per[c], "retain_acc": ret, "forget_nll": after_nll[-1]}
+                tick(_attack_steps(cfg))
             if not all(math.isfinite(x) for x in (*nll, *after_nll)):
                 raise _Diverged(len(classes) * s.steps, "non-finite forget NLL")
             metrics = {
@@ -522,9 +566,9 @@ def run_one_unlearn(cfg: UnlearnStudyConfig, variant_index: int, seed: int, metr
             if diverged is not None and curve and not any(r.get("diverged") for r in curve):
                 writer.write({"step": diverged.step, "diverged": True, "reason": diverged.reason})
             writer.close()
+    if progress is not None and state["done"] < total:  # a diverged run skips the rest
+        progress(total - state["done"])
     if diverged is not None:
-        if progress is not None and state["done"] < s.requests * s.steps:
-            progress(s.requests * s.steps - state["done"])
         metrics = {"diverged_reason": diverged.reason}
     return {"variant": v.name, "method": v.method, "seed": seed, "classes": classes,
             "diverged_at": None if diverged is None else diverged.step, "wall_seconds": time.perf_counter() - t0,
@@ -679,7 +723,7 @@ KIND = StudyKind(
     example="unlearn-relearn",
     variant_key="method",
     validate=validate_unlearn,
-    steps_per_run=lambda cfg: cfg.stream.requests * cfg.stream.steps,
+    steps_per_run=steps_per_run,
     describe=lambda cfg: f"{cfg.stream.requests} deletion requests x {cfg.stream.steps} steps, then an attack",
     run_one=run_one_unlearn,
     summarize=lambda results, config: summarize_unlearn(results),
