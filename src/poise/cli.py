@@ -155,6 +155,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         import dataclasses
 
+        from poise.runs.engine import check_size
+
+        check_size(cfg, kind_of(cfg), args.allow_large)  # a dry run says what the real one would refuse
+
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
     n = len(cfg.variants) * len(cfg.seeds)

@@ -156,6 +156,9 @@ def test_a_study_above_the_size_limit_needs_confirmation(tmp_path, capsys):
     assert main(["run", "tiny", *big, "--run-dir", str(run), "--no-progress", "--no-report"]) == 2
     err = capsys.readouterr().err
     assert "400,000 steps" in err and "--allow-large" in err and not run.exists()
+    # a dry run refuses what the real run would refuse, and passes with the confirmation
+    assert main(["run", "tiny", *big, "--dry-run"]) == 2 and "400,000 steps" in capsys.readouterr().err
+    assert main(["run", "tiny", *big, "--dry-run", "--allow-large"]) == 0
     from poise.runs.engine import total_steps
 
     assert total_steps(load_recipe("tiny", ["train.lr=0.1,0.2", "seeds=[0,1,2]"])) == 40 * 4 * 3

@@ -143,6 +143,17 @@ def total_steps(cfg: Any, kind: StudyKind | None = None) -> int:
     return sum(kind.steps_per_run(variant_config(cfg, i)) for i in range(len(cfg.variants))) * len(cfg.seeds)
 
 
+def check_size(cfg: Any, kind: StudyKind, allow_large: bool) -> None:
+    """Refuse (``ConfigError``) a study above its kind's ``large`` steps unless ``allow_large``."""
+    from poise.runs.config import ConfigError
+
+    n_steps = total_steps(cfg, kind)
+    if n_steps > kind.large and not allow_large:
+        raise ConfigError(f"this study has {n_steps:,} steps over {len(cfg.variants)} variants x {len(cfg.seeds)} "
+                          f"seeds, above the {kind.large:,} a {kind.name} study runs without confirmation: check the "
+                          "sizes, or confirm with --allow-large (run(..., allow_large=True))")
+
+
 def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report: bool,
             kind: StudyKind | None = None, resume: bool = False, allow_large: bool = False,
             command: str | None = None, jobs: int = 1) -> Path:
@@ -173,11 +184,7 @@ def execute(cfg: Any, run_dir: str | Path | None, progress: bool | None, report:
     from poise.runs.store import writing_into
 
     kind = kind or kind_of(cfg)
-    n_steps = total_steps(cfg, kind)
-    if n_steps > kind.large and not allow_large:
-        raise ConfigError(f"this study has {n_steps:,} steps over {len(cfg.variants)} variants x {len(cfg.seeds)} "
-                          f"seeds, above the {kind.large:,} a {kind.name} study runs without confirmation: check the "
-                          "sizes, or confirm with --allow-large (run(..., allow_large=True))")
+    check_size(cfg, kind, allow_large)
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ConfigError(f"jobs={jobs!r}; valid: an integer >= 1 (runs at once)")
     main = is_main()  # under torchrun every rank runs every run; rank 0 writes the files
