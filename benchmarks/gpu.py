@@ -92,6 +92,9 @@ except ImportError:
 
 import poise.optim as P  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _common import state_bytes  # noqa: E402
+
 # Sections in the order they run, each with its deadline as a fraction of --budget-s from the run's
 # start. A section stops starting new work past its deadline; what it leaves goes to the sections
 # after it. bfloat16 is the figure asked for first; float32 runs last, in whatever time is left.
@@ -264,26 +267,6 @@ class Pair:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
-
-
-def state_bytes(opt: Any) -> int:
-    """Bytes of every tensor in the optimizer's state (nested dicts, lists and objects walked)."""
-    total, seen = 0, set()
-    for o in getattr(opt, "optimizers", (opt,)):
-        stack = [v for v in o.state.values()]
-        while stack:
-            v = stack.pop()
-            if isinstance(v, torch.Tensor):
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    total += v.numel() * v.element_size()
-            elif isinstance(v, dict):
-                stack.extend(v.values())
-            elif isinstance(v, (list, tuple)):
-                stack.extend(v)
-            elif hasattr(v, "__dict__") and not isinstance(v, type):
-                stack.extend(x for x in vars(v).values() if isinstance(x, (torch.Tensor, list, tuple, dict)))
-    return total
 
 
 @dataclass

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import poise.optim as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _common import state_bytes  # noqa: E402
 
 
 def mlp() -> nn.Module:
@@ -88,25 +93,6 @@ def families(compile_hb: bool) -> dict[str, dict[str, object]]:
             return po.GaLore(groups)
         fam["galore_adamw"]["pytorch_optimizer"] = po_galore
     return fam
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = 0
-    for st in opt.state.values():
-        if not isinstance(st, dict):
-            continue
-        stack = list(st.values())
-        while stack:
-            v = stack.pop()
-            if isinstance(v, torch.Tensor):
-                total += v.numel() * v.element_size()
-            elif isinstance(v, dict):
-                stack.extend(v.values())
-            elif isinstance(v, (list, tuple)):
-                stack.extend(v)
-            elif hasattr(v, "__dict__"):
-                stack.extend(x for x in vars(v).values() if isinstance(x, (torch.Tensor, list)))
-    return total
 
 
 def theoretical(family: str, params: list[torch.Tensor]) -> float:

@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import poise.optim as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _common import state_bytes  # noqa: E402
 
 MAX_TRI = 8192
 
@@ -68,23 +73,6 @@ def implementations(prob: float, compile_hb: bool) -> dict[str, object]:
     except ImportError:
         pass
     return out
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = 0
-    for st in opt.state.values():
-        if not isinstance(st, dict):
-            continue
-        stack = list(st.values())
-        while stack:
-            v = stack.pop()
-            if isinstance(v, torch.Tensor):
-                total += v.numel() * v.element_size()
-            elif isinstance(v, dict):
-                stack.extend(v.values())
-            elif isinstance(v, (list, tuple)):
-                stack.extend(v)
-    return total
 
 
 def theoretical(params: list[torch.Tensor]) -> float:

@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import poise.optim as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _common import state_bytes  # noqa: E402
 
 
 def load_torchao() -> tuple[object | None, str]:
@@ -64,15 +69,6 @@ def tensor_bytes(v: torch.Tensor) -> int:
         names, _ = v.__tensor_flatten__()
         return sum(tensor_bytes(getattr(v, n)) for n in names)
     return v.numel() * v.element_size()
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = 0
-    for st in opt.state.values():
-        for v in st.values() if isinstance(st, dict) else ():
-            if isinstance(v, torch.Tensor):
-                total += tensor_bytes(v)
-    return total
 
 
 def timing(make: dict[str, object], model_fn, repeats: int, warmup: int) -> list[dict]:
