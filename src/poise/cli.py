@@ -90,8 +90,8 @@ def _parser(fields: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--dry-run", action="store_true", help="validate and print the config, run nothing")
     run.add_argument("--allow-large", action="store_true",
-                     help="run a study above its kind's size limit (continual, optimizers, edit, priming: 250,000 "
-                     "steps over all variants and seeds; rl: 25,000), which is otherwise refused before it starts")
+                     help="run a study above its kind's size limit (250,000 steps over all variants and seeds; "
+                     "rl: 25,000), which is otherwise refused before it starts (and by --dry-run)")
     run.add_argument("--jobs", default="1", metavar="N",
                      help="runs at once, each in its own process with threads/N torch threads ('auto': one per CPU); "
                      "the results are those of one process running them in turn (default 1)")
