@@ -257,3 +257,34 @@ def test_route_without_the_flag_goes_by_ndim():
     torch.testing.assert_close(b, torch.full((3,), -0.1))
     entry = -0.1 * math.sqrt(4 / 3) / (2 * math.sqrt(3))
     assert torch.allclose(w, w[0, 0].expand_as(w), rtol=0.02) and 1.25 * entry < float(w[0, 0]) < 0.65 * entry
+
+
+@pytest.mark.parametrize("convention", ["keller", "torch"])
+def test_a_batch_of_matrices_is_orthogonalised_bit_for_bit_as_one_by_one(convention):
+    g = torch.Generator().manual_seed(0)
+    for shape in [(24, 16), (16, 40), (12, 12)]:
+        Gs = [torch.randn(shape, generator=g) for _ in range(3)]
+        batch = newton_schulz(torch.stack(Gs), convention=convention)
+        for j, G in enumerate(Gs):
+            assert torch.equal(batch[j], newton_schulz(G, convention=convention)), (shape, j)
+
+
+def test_same_shaped_matrices_step_as_they_would_alone():
+    # three (16, 8) matrices go through Newton-Schulz as one batch; each must move as if it were alone
+    g = torch.Generator().manual_seed(3)
+    init = [torch.randn(16, 8, generator=g) for _ in range(3)] + [torch.randn(8, 16, generator=g)]
+    grads = [[torch.randn(16, 8, generator=g) for _ in range(3)] + [torch.randn(8, 16, generator=g)]
+             for _ in range(4)]
+    together = [torch.nn.Parameter(t.clone()) for t in init]
+    alone = [[torch.nn.Parameter(t.clone())] for t in init]
+    opt = Muon(together, lr=0.02)
+    opts = [Muon(ps, lr=0.02) for ps in alone]
+    for gs in grads:
+        for p, gr in zip(together, gs, strict=True):
+            p.grad = gr.clone()
+        opt.step()
+        for o, ps, gr in zip(opts, alone, gs, strict=True):
+            ps[0].grad = gr.clone()
+            o.step()
+    for p, ps in zip(together, alone, strict=True):
+        assert torch.equal(p.detach(), ps[0].detach())
