@@ -29,7 +29,7 @@ from torch import nn
 import poise.optim as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _common import state_bytes  # noqa: E402
+from _common import round_robin  # noqa: E402
 
 
 def mlp() -> nn.Module:
@@ -152,26 +152,8 @@ def bench(model_fn, fams, repeats: int, warmup: int) -> list[dict]:
             opt = fn(ps)
         runs.append({"family": fam, "impl": name, "params": ps, "opt": opt, "times": [], "error": None})
 
-    def step(r):
-        for p, g in zip(r["params"], grads, strict=True):
-            p.grad = g.clone()
-        t0 = time.perf_counter()
-        r["opt"].step()
-        return time.perf_counter() - t0
-
-    for r in runs:  # warm-up (and SOAP's preconditioner-only first step)
-        try:
-            for _ in range(warmup):
-                step(r)
-        except Exception as e:  # a peer that crashes is reported, not fatal
-            r["error"] = f"{type(e).__name__}: {e}"[:80]
-    for _ in range(repeats):
-        for r in runs:
-            if r["error"] is None:
-                r["times"].append(step(r))
+    round_robin(runs, grads, warmup, repeats)  # warm-up includes SOAP's preconditioner-only first step
     for r in runs:
-        r["median"] = statistics.median(r["times"]) if r["times"] else float("nan")
-        r["state_bpp"] = state_bytes(r["opt"]) / sum(p.numel() for p in r["params"])
         r["theory_bpp"] = theoretical(r["family"], r["params"])
     return runs
 

@@ -21,9 +21,7 @@ factor, n_i per diagonal one; heavyball stores the triangles as lines, about hal
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from torch import nn
 import poise.optim as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _common import state_bytes  # noqa: E402
+from _common import round_robin  # noqa: E402
 
 MAX_TRI = 8192
 
@@ -105,30 +103,7 @@ def bench(model_fn, prob: float, compile_hb: bool, repeats: int, warmup: int) ->
                 opt, err = None, f"{type(e).__name__}: {e}"[:80]
         runs.append({"impl": name, "params": ps, "opt": opt, "times": [], "error": err})
 
-    def step(r):
-        for p, g in zip(r["params"], grads, strict=True):
-            p.grad = g.clone()
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r["opt"].step()
-        return time.perf_counter() - t0
-
-    for r in runs:
-        if r["error"] is None:
-            try:
-                for _ in range(warmup):
-                    step(r)
-            except Exception as e:  # a peer that crashes is reported, not fatal
-                r["error"] = f"{type(e).__name__}: {e}"[:80]
-    for _ in range(repeats):
-        for r in runs:
-            if r["error"] is None:
-                r["times"].append(step(r))
-    for r in runs:
-        r["median"] = statistics.median(r["times"]) if r["times"] else float("nan")
-        r["state_bpp"] = state_bytes(r["opt"]) / sum(p.numel() for p in r["params"]) if r["opt"] else float("nan")
-    return runs
+    return round_robin(runs, grads, warmup, repeats, quiet=True)
 
 
 def report(title: str, setting: str, runs: list[dict]) -> None:

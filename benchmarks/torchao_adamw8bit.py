@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch import nn
 import poise.optim as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _common import state_bytes  # noqa: E402
+from _common import round_robin  # noqa: E402
 
 
 def load_torchao() -> tuple[object | None, str]:
@@ -63,14 +62,6 @@ def mlp(width: int, depth: int, d_in: int = 64, d_out: int = 16) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(width, d_out))
 
 
-def tensor_bytes(v: torch.Tensor) -> int:
-    flatten = getattr(type(v), "__tensor_flatten__", None)
-    if flatten is not None and type(v) is not torch.Tensor and not isinstance(v, nn.Parameter):
-        names, _ = v.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(v, n)) for n in names)
-    return v.numel() * v.element_size()
-
-
 def timing(make: dict[str, object], model_fn, repeats: int, warmup: int) -> list[dict]:
     torch.manual_seed(0)
     base = model_fn()
@@ -82,26 +73,9 @@ def timing(make: dict[str, object], model_fn, repeats: int, warmup: int) -> list
         ps = list(m.parameters())
         runs.append({"impl": name, "params": ps, "opt": fn(ps), "times": [], "error": None})
 
-    def step(r):
-        for p, g in zip(r["params"], grads, strict=True):
-            p.grad = g.clone()
-        t0 = time.perf_counter()
-        r["opt"].step()
-        return time.perf_counter() - t0
-
+    round_robin(runs, grads, warmup, repeats)
     for r in runs:
-        try:
-            for _ in range(warmup):
-                step(r)
-        except Exception as e:  # reported, not fatal
-            r["error"] = f"{type(e).__name__}: {e}"[:100]
-    for _ in range(repeats):
-        for r in runs:
-            if r["error"] is None:
-                r["times"].append(step(r))
-    for r in runs:
-        r["median"] = statistics.median(r["times"]) if r["times"] else float("nan")
-        r["bpp"] = state_bytes(r["opt"]) / sum(p.numel() for p in r["params"])
+        r["bpp"] = r["state_bpp"]
     return runs
 
 
