@@ -64,6 +64,14 @@ def stats(values: list[float]) -> dict[str, float | int]:
 _stats = stats  # the name the study modules used
 
 
+def by_variant(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The runs of each variant, variants in the order they first appear in ``results``."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        out.setdefault(r["variant"], []).append(r)
+    return out
+
+
 class RunDirError(ValueError):
     """A run directory that cannot be used as asked: it holds another study, or another process uses it."""
 
@@ -369,8 +377,7 @@ def summarize_results(kind: StudyKind, config: dict[str, Any], results: list[dic
 
     ok = [r for r in results if r.get("diverged_at") is None]
     rows = kind.summarize(ok, config)
-    for v in dict.fromkeys(r["variant"] for r in results):
-        rs = [r for r in results if r["variant"] == v]
+    for v, rs in by_variant(results).items():
         bad = [[r["seed"], r["diverged_at"]] for r in rs if r.get("diverged_at") is not None]
         rows.setdefault(v, {"seeds": [r["seed"] for r in rs]})
         rows[v]["diverged"] = {"count": len(bad), "runs": len(rs), "at": bad}

@@ -39,7 +39,7 @@ from poise.runs.config import (
     sweep_field,
     tracking_field,
 )
-from poise.runs.engine import _stats, execute
+from poise.runs.engine import _stats, by_variant, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt
 from poise.runs.store import JsonlWriter, truncate_jsonl
@@ -411,8 +411,7 @@ def summarize(results: list[dict[str, Any]], windows: list[int]) -> dict[str, An
     task's accuracy at its end, its minimum afterwards, and its gap."""
     names = ([*SCALARS, *[f"wf{w}" for w in windows]])
     out: dict[str, Any] = {}
-    for variant in dict.fromkeys(r["variant"] for r in results):
-        rs = [r for r in results if r["variant"] == variant]
+    for variant, rs in by_variant(results).items():
         row = {k: _stats([r["metrics"].get(k) for r in rs]) for k in names}
         t0 = [r["metrics"]["per_task"].get("0", {}) for r in rs]
         for k in ("acc_at_end", "min_after", "acc_final", "gap_depth", "gap_recovery"):
@@ -474,8 +473,8 @@ def _plots(run_dir: Path, config: dict[str, Any], results: list[dict[str, Any]])
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = list(dict.fromkeys(r["variant"] for r in results))
-    by_v = {v: [r for r in results if r["variant"] == v] for v in variants}
+    by_v = by_variant(results)
+    variants = list(by_v)
     colors = plt.get_cmap("tab10")
     boundaries = results[0]["boundaries"]
     out: list[tuple[str, Path]] = []

@@ -48,7 +48,7 @@ from poise.runs.config import (
     sweep_field,
     tracking_field,
 )
-from poise.runs.engine import _stats, execute
+from poise.runs.engine import _stats, by_variant, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter
@@ -418,8 +418,7 @@ METRICS = ("base_acc", "write_efficacy", "efficacy", "paraphrase", "retention_ea
 def summarize_edit(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per editor over seeds: the final scores and the seconds spent in the editor."""
     out: dict[str, Any] = {}
-    for variant in dict.fromkeys(r["variant"] for r in results):
-        rs = [r for r in results if r["variant"] == variant]
+    for variant, rs in by_variant(results).items():
         # every metric in every row (n = 0 where a run has none, e.g. forget_acc without unlearning requests)
         row = {m: _stats([r["metrics"].get(m) for r in rs]) for m in METRICS}
         row["edit_seconds"] = _stats([r["edit_seconds"] for r in rs])

@@ -45,7 +45,7 @@ from poise.runs.config import (
     sweep_field,
     tracking_field,
 )
-from poise.runs.engine import _stats, execute
+from poise.runs.engine import _stats, by_variant, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter
@@ -514,8 +514,7 @@ def run_federated_study(cfg: FederatedStudyConfig, run_dir: str | Path | None = 
 def summarize_federated(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per variant: mean, std and n over seeds of every metric (per-client accuracies as ``client_acc.<i>``)."""
     out: dict[str, Any] = {}
-    for variant in dict.fromkeys(r["variant"] for r in results):
-        rs = [r for r in results if r["variant"] == variant]
+    for variant, rs in by_variant(results).items():
         row: dict[str, Any] = {}
         for m in dict.fromkeys(k for r in rs for k in r["metrics"]):
             if m == "client_acc":

@@ -39,7 +39,7 @@ from poise.runs.config import (
     sweep_field,
     tracking_field,
 )
-from poise.runs.engine import _stats, execute
+from poise.runs.engine import _stats, by_variant, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter
@@ -279,8 +279,7 @@ def summarize_optim(results: list[dict[str, Any]]) -> dict[str, Any]:
     divergence rate, seconds per step; 95% intervals of final loss and spike count (diverged runs
     have no final loss and are left out of its mean and interval)."""
     out: dict[str, Any] = {}
-    for variant in dict.fromkeys(r["variant"] for r in results):
-        rs = [r for r in results if r["variant"] == variant]
+    for variant, rs in by_variant(results).items():
         out[variant] = {
             "quant": rs[0].get("quant", "none"),
             "final_val_loss": _stats([r["final_val_loss"] for r in rs]),

@@ -37,7 +37,7 @@ from poise.runs.config import (
     sweep_field,
     tracking_field,
 )
-from poise.runs.engine import _stats, execute
+from poise.runs.engine import _stats, by_variant, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.kinds.edit import FactLMConfig, _check_lm, fact_lm
 from poise.runs.report import _fmt, _plt
@@ -194,8 +194,7 @@ def run_one_priming(cfg: PrimingStudyConfig, variant_index: int, seed: int, metr
 
 def summarize_priming(results: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for variant in dict.fromkeys(r["variant"] for r in results):
-        rs = [r for r in results if r["variant"] == variant]
+    for variant, rs in by_variant(results).items():
         out[variant] = {m: _stats([r["metrics"][m] for r in rs]) for m in rs[0]["metrics"]}
         out[variant]["seeds"] = [r["seed"] for r in rs]
     return out

@@ -66,7 +66,7 @@ from poise.runs.config import (
     sweep_field,
     tracking_field,
 )
-from poise.runs.engine import _stats, execute
+from poise.runs.engine import _stats, by_variant, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter, truncate_jsonl
@@ -762,8 +762,7 @@ def _tuplify(x: Any) -> Any:
 
 def summarize_rl(results: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for variant in dict.fromkeys(r["variant"] for r in results):
-        rs = [r for r in results if r["variant"] == variant]
+    for variant, rs in by_variant(results).items():
         out[variant] = {
             "final_acc": _stats([r["final_acc"] for r in rs]),
             "late_acc": _stats([r["late_acc"] if "late_acc" in r else r["final_acc"] for r in rs]),

@@ -55,7 +55,7 @@ from poise.runs.config import (
     sweep_field,
     tracking_field,
 )
-from poise.runs.engine import _stats, execute
+from poise.runs.engine import _stats, by_variant, execute
 from poise.runs.kinds._protocol import StudyKind
 from poise.runs.report import _fmt, _plt
 from poise.runs.store import JsonlWriter
@@ -585,8 +585,7 @@ def summarize_unlearn(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per variant over seeds: mean, std and n of every scalar metric (a metric a run has not, e.g. the
     relapse of a one-request sequence, has n = 0)."""
     out: dict[str, Any] = {}
-    for variant in dict.fromkeys(r["variant"] for r in results):
-        rs = [r for r in results if r["variant"] == variant]
+    for variant, rs in by_variant(results).items():
         row = {k: _stats([r["metrics"].get(k) for r in rs]) for k in SCALARS}
         row["wall_seconds"] = _stats([r["wall_seconds"] for r in rs])
         row["seeds"] = [r["seed"] for r in rs]
