@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from poise.runs.store import study_outcome
+
 KINDS: dict[str, list[str]] = {  # a few seconds each, long enough for a kill to land mid-run
     "continual": ["tiny", "seeds=[0]", "train.steps_per_task=30", "train.checkpoint_every=3", "eval.dense_steps=3",
                   "eval.every=3"],
@@ -58,7 +60,6 @@ FIRST_VARIANT = {"continual": "finetune", "optimizers": "adamw", "rl": "uniform"
 RESUMABLE = ("continual", "rl")
 FAULTS = ("kill", "kill-write", "enospc", "corrupt", "concurrent", "hostile")
 FLAGS = ["--no-progress", "--no-report"]
-_TIMING = re.compile(r"second|wall|^time")
 _PROGRESS = re.compile(r"^(poise run \S.* \(\w+\): \d+ variants|\[\d+/\d+\] |poise: --resume uses the run directory)")
 
 # The subprocess entry: `poise` with an optional injected full disk (FAULT_SOAK_ENOSPC=point:n, point one of
@@ -106,24 +107,7 @@ def _cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", WRAPPER, *args]
 
 
-def _untimed(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _untimed(v) for k, v in obj.items() if not _TIMING.search(k)}
-    if isinstance(obj, list):
-        return [_untimed(v) for v in obj]
-    return obj
-
-
-def _outcome(run: Path) -> dict[str, Any]:
-    """Results, every metric line and the summary of a completed study, timing fields aside."""
-    summary = json.loads((run / "summary.json").read_text())
-    return {
-        "complete": summary.get("complete"),
-        "results": {p.name: _untimed(json.loads(p.read_text())) for p in sorted((run / "results").glob("*.json"))},
-        "metrics": {p.name: [_untimed(json.loads(x)) for x in p.read_text().splitlines()]
-                    for p in sorted((run / "metrics").glob("*.jsonl"))},
-        "summary": _untimed({k: summary.get(k) for k in ("variants", "claims")}),
-    }
+_outcome = study_outcome  # results, every metric line and the summary of a study, timing aside
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:

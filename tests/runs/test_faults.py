@@ -26,7 +26,7 @@ import torch
 
 from poise.cli import main
 from poise.runs.config import load_recipe
-from poise.runs.store import JsonlWriter
+from poise.runs.store import JsonlWriter, study_outcome
 
 COMMON = ["threads=1", "--no-progress", "--no-report"]
 FLAGS = ["--no-progress", "--no-report"]  # for --resume (which takes no overrides)
@@ -47,29 +47,14 @@ KINDS: dict[str, list[str]] = {  # recipe and overrides: the tiniest study of ea
                 "priming.replay=2"],
 }
 RESUMABLE = ("continual", "rl")  # the kinds that write checkpoints
-_TIMING = re.compile(r"second|wall|^time")
 _PROGRESS = re.compile(r"^(poise run \S.* \(\w+\): \d+ variants|\[\d+/\d+\] )")  # the header and per-run lines
-
-
-def _untimed(obj: Any) -> Any:
-    """``obj`` without its timing fields (they differ between any two runs)."""
-    if isinstance(obj, dict):
-        return {k: _untimed(v) for k, v in obj.items() if not _TIMING.search(k)}
-    if isinstance(obj, list):
-        return [_untimed(v) for v in obj]
-    return obj
 
 
 def _outcome(run: Path) -> dict[str, Any]:
     """What a finished study produced, timing aside: every result, every metric line, the summary."""
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["complete"]
-    return {
-        "results": {p.name: _untimed(json.loads(p.read_text())) for p in sorted((run / "results").glob("*.json"))},
-        "metrics": {p.name: [_untimed(json.loads(line)) for line in p.read_text().splitlines()]
-                    for p in sorted((run / "metrics").glob("*.jsonl"))},
-        "summary": _untimed({k: summary[k] for k in ("variants", "claims")}),
-    }
+    out = study_outcome(run)
+    assert out.pop("complete")
+    return out
 
 
 def _files(folder: Path, skip: Path | None = None) -> set[str]:

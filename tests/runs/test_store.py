@@ -38,3 +38,27 @@ def test_atomic_write_json_leaves_no_temp_and_replaces(tmp_path):
     atomic_write_json(p, {"a": float("inf")})
     assert json.loads(p.read_text()) == {"a": None}
     assert os.listdir(tmp_path) == ["s.json"]
+
+
+def test_untimed_drops_only_timing_fields():
+    from poise.runs.store import untimed
+
+    got = untimed({"acc": 0.5, "wall_seconds": 3.0, "metrics": {"eval_seconds": 1.0, "forgetting": 0.1},
+                   "curve": [{"time": 2, "loss": 1.0}], "seconds_per_step": 0.1})
+    assert got == {"acc": 0.5, "metrics": {"forgetting": 0.1}, "curve": [{"loss": 1.0}]}
+
+
+def test_study_outcome_holds_every_result_and_metric_line(tmp_path):
+    from poise.runs.config import load_recipe
+    from poise.runs.engine import execute
+    from poise.runs.store import study_outcome
+
+    cfg = load_recipe("tiny", ["seeds=[0]", "train.steps_per_task=3", "workload.n_tasks=2",
+                               "variants=[{strategy='finetune'}]"])
+    run = execute(cfg, tmp_path / "r", progress=False, report=False)
+    out = study_outcome(run)
+    assert out["complete"] is True
+    assert list(out["results"]) == ["finetune-s0.json"] and out["results"]["finetune-s0.json"]["metrics"]["acc"] >= 0
+    assert len(out["metrics"]["finetune-s0.jsonl"]) >= 6  # one line per step at least
+    assert "finetune" in out["summary"]["variants"]
+    assert not any("second" in k for k in out["results"]["finetune-s0.json"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = ["JsonlWriter", "atomic_write_json", "atomic_write_text", "check_inside", "new_run_dir", "read_jsonl",
-           "truncate_jsonl", "writing_into"]
+           "study_outcome", "truncate_jsonl", "untimed", "writing_into"]
 
 # The run directory a study writes into (set by the engine for the study's duration): every file the
 # store and the checkpoints write is checked to lie inside it, so no name or path can write elsewhere.
@@ -159,3 +160,31 @@ def truncate_jsonl(path: str | Path, max_step: int,
             if r.get("step", 0) < max_step
             or (r.get("step", 0) == max_step and not (drop_at_max is not None and drop_at_max(r)))]
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+_TIMING = re.compile(r"second|wall|^time")
+
+
+def untimed(obj: Any) -> Any:
+    """``obj`` (nested dicts and lists) without its timing fields, every key matching ``second``, ``wall``
+    or a leading ``time``: they differ between any two runs of one config."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if not _TIMING.search(k)}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
+def study_outcome(run: str | Path) -> dict[str, Any]:
+    """What a study wrote into ``run``, timing aside (:func:`untimed`): ``complete`` (the summary's flag),
+    every result, every metric line, and the summary's variants and claims. Two runs of one config
+    (interrupted and resumed, in parallel or in turn) must give equal outcomes."""
+    run = Path(run)
+    summary = json.loads((run / "summary.json").read_text())
+    return {
+        "complete": summary.get("complete"),
+        "results": {p.name: untimed(json.loads(p.read_text())) for p in sorted((run / "results").glob("*.json"))},
+        "metrics": {p.name: [untimed(json.loads(line)) for line in p.read_text().splitlines()]
+                    for p in sorted((run / "metrics").glob("*.jsonl"))},
+        "summary": untimed({k: summary.get(k) for k in ("variants", "claims")}),
+    }
