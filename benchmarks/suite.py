@@ -328,8 +328,21 @@ def implementations(families: Iterable[str]) -> tuple[dict[str, dict[str, Factor
             raise ValueError(f"family={fam!r}; valid choices: {', '.join(FAMILIES)}")
         d = build(fam, HYPER[fam])
         if d is not None:
+            if "poise" in d:  # the same work as the peers: no finiteness check (no peer makes one)
+                d = {"poise": d["poise"], "poise_unchecked": _unchecked(d["poise"]),
+                     **{k: v for k, v in d.items() if k != "poise"}}
             out[fam] = d
     return out, skipped
+
+
+def _unchecked(factory: Factory) -> Factory:
+    """poise's optimizer with ``nonfinite="ignore"``: its default checks every gradient for NaN/Inf
+    each step (one more read of the gradients and a host sync), which no peer does."""
+    def make(nm: Named, c: Context) -> Any:
+        opt = factory(nm, c)
+        opt.nonfinite = "ignore"
+        return opt
+    return make
 
 
 # ---- state bytes ----------------------------------------------------------------------------------------------------
@@ -609,7 +622,8 @@ def summarise(rows: list[dict[str, Any]], floors: dict[str, dict[str, Any]]) -> 
     for fam, shape, size in keys:
         rs = [r for r in rows if (r["family"], r["shape"], r["size"]) == (fam, shape, size)]
         ours = next((r for r in rs if r["impl"] == "poise"), None)
-        peers = [r for r in rs if r["impl"] != "poise" and r["median_ms"] is not None]
+        bare = next((r for r in rs if r["impl"] == "poise_unchecked" and r["median_ms"] is not None), None)
+        peers = [r for r in rs if not r["impl"].startswith("poise") and r["median_ms"] is not None]
         best = min(peers, key=lambda r: r["median_ms"]) if peers else None
         fl = floors[f"{fam}/{shape}/{size}"]
         pm = ours["median_ms"] if ours else None
@@ -619,6 +633,8 @@ def summarise(rows: list[dict[str, Any]], floors: dict[str, dict[str, Any]]) -> 
             "poise_q3_ms": ours["q3_ms"] if ours else None, "poise_error": ours["error"] if ours else "not run",
             "fastest_peer": best["impl"] if best else None, "peer_ms": best["median_ms"] if best else None,
             "poise_over_peer": pm / best["median_ms"] if (pm and best) else None,
+            "unchecked_ms": bare["median_ms"] if bare else None,
+            "unchecked_over_peer": bare["median_ms"] / best["median_ms"] if (bare and best) else None,
             "floor_ms": fl["floor_ms"], "bound": fl["bound"],
             "poise_over_floor": pm / fl["floor_ms"] if (pm and fl["floor_ms"] > 0) else None,
             "state_bpp": ours["state_bpp"] if ours else None, "theory_state_bpp": fl["theory_state_bpp"],
@@ -641,10 +657,12 @@ def markdown(meta: dict[str, Any], summary: list[dict[str, Any]], rows: list[dic
         "", f"Command: `{meta['command']}`", "",
         "Times are medians of one `step()` in ms; IQR in brackets. poise/peer < 1: poise is faster "
         "(the issue-18 goal is <= 0.83, i.e. 1.2x faster). floor = max(bandwidth floor, matmul floor); "
-        "poise/floor >= 1 (goal <= 1.3). State B/param: measured for poise (from the algorithm).", "",
-        "| family | shape | size | params | poise ms [IQR] | fastest peer | peer ms | poise/peer | floor ms "
-        "(bound) | poise/floor | state B/param |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "poise/floor >= 1 (goal <= 1.3). State B/param: measured for poise (from the algorithm). "
+        "unchecked/peer: poise with nonfinite=\"ignore\", the same work as the peers (poise's default "
+        "checks every gradient for NaN/Inf each step; no peer does).", "",
+        "| family | shape | size | params | poise ms [IQR] | fastest peer | peer ms | poise/peer | "
+        "unchecked/peer | floor ms (bound) | poise/floor | state B/param |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
         pm = "failed" if s["poise_ms"] is None else \
@@ -652,7 +670,8 @@ def markdown(meta: dict[str, Any], summary: list[dict[str, Any]], rows: list[dic
         lines.append(
             f"| {s['family']} | {s['shape']} | {s['size']} | {s['n_params'] / 1e6:.3f}M | {pm} | "
             f"{s['fastest_peer'] or '-'} | {_f(s['peer_ms'], '.3g')} | {_f(s['poise_over_peer'])} | "
-            f"{s['floor_ms']:.3g} ({s['bound'][:2]}) | {_f(s['poise_over_floor'])} | "
+            f"{_f(s.get('unchecked_over_peer'))} | {s['floor_ms']:.3g} ({s['bound'][:2]}) | "
+            f"{_f(s['poise_over_floor'])} | "
             f"{_f(s['state_bpp'], '.1f')} ({s['theory_state_bpp']:.1f}) |")
     lines += ["", "## Every implementation", "",
               "| family | shape | size | implementation | median ms | IQR ms | min–max ms | vs poise | "
@@ -693,9 +712,9 @@ def plot(rows: list[dict[str, Any]], floors: dict[str, dict[str, Any]], path: Pa
 
     fams = list(dict.fromkeys(r["family"] for r in rows))
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    peers = sorted({r["impl"] for r in rows} - {"poise"})
+    peers = sorted({r["impl"] for r in rows} - {"poise", "poise_unchecked"})
     palette = plt.get_cmap("tab10")
-    colors = {"poise": "black", **{name: palette(i % 10) for i, name in enumerate(peers)}}
+    colors = {"poise": "black", "poise_unchecked": "black", **{name: palette(i % 10) for i, name in enumerate(peers)}}
     fig, axes = plt.subplots(len(shapes), len(fams), figsize=(3.2 * len(fams), 2.8 * len(shapes)), squeeze=False)
     for i, shape in enumerate(shapes):
         for j, fam in enumerate(fams):
@@ -704,8 +723,8 @@ def plot(rows: list[dict[str, Any]], floors: dict[str, dict[str, Any]], path: Pa
             for impl in dict.fromkeys(r["impl"] for r in rs):
                 pts = sorted((r["n_params"], r["median_ms"]) for r in rs if r["impl"] == impl and r["median_ms"])
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", lw=2.2 if impl == "poise" else 1.2,
-                            label=impl, color=colors[impl])
+                    ax.plot(*zip(*pts, strict=True), marker="o", lw=2.2 if impl.startswith("poise") else 1.2,
+                            ls=":" if impl == "poise_unchecked" else "-", label=impl, color=colors[impl])
             fl = sorted((r["n_params"], floors[f"{fam}/{shape}/{r['size']}"]["floor_ms"]) for r in rs
                         if r["impl"] == "poise")
             if fl:

@@ -153,6 +153,9 @@ def test_tiny_poise_ran_in_every_family_shape_and_size(tiny):
             assert s[key] is not None and math.isfinite(s[key]) and s[key] > 0, (where, key, s[key])
         if s["fastest_peer"] is not None:
             assert math.isfinite(s["poise_over_peer"]) and s["poise_over_peer"] > 0, where
+            # poise without its finiteness check, timed beside it, is never taken for a peer
+            assert not s["fastest_peer"].startswith("poise"), where
+            assert math.isfinite(s["unchecked_over_peer"]) and s["unchecked_over_peer"] > 0, where
     # torch's AdamW is always there: every AdamW cell has a peer and a ratio
     assert all(s["fastest_peer"] in ("torch_fused", "torch_foreach") for s in res["summary"] if s["family"] == "adamw")
     # poise's rows time exactly `repeats` steps; the sizes span about 10x in parameters per shape

@@ -48,17 +48,18 @@ def gradient_stream(shapes, steps: int, seed: int = 0, spikes=((7, 0, 50.0),)):
     return out
 
 
-def replay_pair(shapes, make_a, make_b, steps: int = 25, seed: int = 0, spikes=((7, 0, 50.0),)):
-    """Worst relative error between two optimizers fed the same gradients."""
+def replay_pair(shapes, make_a, make_b, steps: int = 25, seed: int = 0, spikes=((7, 0, 50.0),), dtype=torch.float32):
+    """Worst relative error between two optimizers fed the same gradients (parameters and
+    gradients in ``dtype``)."""
     torch.manual_seed(seed)
-    init = [torch.randn(s) for s in shapes]
+    init = [torch.randn(s, dtype=dtype) for s in shapes]
     pa = [torch.nn.Parameter(x.clone()) for x in init]
     pb = [torch.nn.Parameter(x.clone()) for x in init]
     oa, ob = make_a(pa), make_b(pb)
     worst = 0.0
     for gs in gradient_stream(shapes, steps, seed, spikes):
         for p, q, g in zip(pa, pb, gs, strict=True):
-            p.grad, q.grad = g.clone(), g.clone()
+            p.grad, q.grad = g.to(dtype, copy=True), g.to(dtype, copy=True)
         oa.step()
         ob.step()
         for p, q in zip(pa, pb, strict=True):

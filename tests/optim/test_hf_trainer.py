@@ -51,9 +51,10 @@ def _train(tmp_path, opt_cls, kwargs):
 
 @pytest.fixture(scope="module")
 def adamw_run(tmp_path_factory):
-    # the AdamW that GaLore used to be here: HF convention, the authors' eps, no decay
+    # the AdamW that GaLore used to be here: HF convention, the authors' eps, no decay (fused: the kernel
+    # unprojected GaLore uses)
     return _train(tmp_path_factory.mktemp("adamw"), AdamW,
-                  {"lr": LR, "eps": 1e-6, "weight_decay": 0.0, "convention": "hf", "fused": False})[1]
+                  {"lr": LR, "eps": 1e-6, "weight_decay": 0.0, "convention": "hf"})[1]
 
 
 @pytest.mark.parametrize("cls", [GaLoreAdamW, QGaLoreAdamW])

@@ -111,8 +111,11 @@ def test_allow_unprojected_galore_is_exactly_hf_adamw():
     a, b = Tiny(), Tiny()
     with pytest.warns(UserWarning):
         ga = _train(a, GaLoreAdamW(a.parameters(), lr=1e-2, allow_unprojected=True))
-    ad = _train(b, AdamW(b.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.0, convention="hf", fused=False))
-    assert torch.equal(ga, ad)
+    ad = _train(b, AdamW(b.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.0, convention="hf"))
+    assert torch.equal(ga, ad)  # the same kernel, bit for bit
+    c = Tiny()
+    chain = _train(c, AdamW(c.parameters(), lr=1e-2, eps=1e-6, weight_decay=0.0, convention="hf", fused=False))
+    torch.testing.assert_close(ga, chain, rtol=1e-5, atol=1e-6)  # and the chain, to rounding
 
 
 @pytest.mark.parametrize("cls", LOW_RANK)

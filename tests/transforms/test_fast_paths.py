@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from poise.optim import AdamW, GaLoreAdamW, StableSPAM, TransformOptimizer
-from poise.transforms import chain, scale_by_adam, scale_by_learning_rate
+from poise.transforms import add_decayed_weights, chain, fused_adamw, scale_by_adam, scale_by_learning_rate
 from tests.optim._replay import replay_pair
 
 SHAPES = [(24, 16), (16,), (8, 24), (8, 4, 3, 3)]
@@ -20,6 +20,24 @@ def test_fused_adamw_equals_chain_and_torch(wd):
     err = replay_pair(SHAPES, lambda ps: AdamW(ps, lr=1e-2, weight_decay=wd),
                       lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=wd))
     assert err <= TOL
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_hf_adamw_equals_chain(wd, dtype):
+    """HF AdamW (eps inside sqrt(bc2), decay after the update) through torch's kernel."""
+    err = replay_pair(SHAPES, lambda ps: AdamW(ps, lr=1e-2, weight_decay=wd, convention="hf", fused=True),
+                      lambda ps: AdamW(ps, lr=1e-2, weight_decay=wd, convention="hf", fused=False), dtype=dtype)
+    assert err <= (TOL if dtype == torch.float32 else 1e-12)
+
+
+def test_fused_hf_adamw_without_bias_correction_takes_the_chain():
+    def opt(fused):
+        return lambda ps: TransformOptimizer(ps, dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, correct_bias=False),
+                                             chain(fused_adamw("hf")) if fused else
+                                             chain(scale_by_adam("hf"), scale_by_learning_rate(),
+                                                   add_decayed_weights("after")))
+    assert replay_pair(SHAPES, opt(True), opt(False)) <= TOL
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(total_T=15, update_proj_gap=6), dict(weight_decay=0.1, update_proj_gap=5,

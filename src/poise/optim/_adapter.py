@@ -16,6 +16,10 @@ __all__ = ["COMPLEX_DTYPES", "FLOAT_DTYPES", "NONFINITE_POLICIES", "ConsecutiveS
 NONFINITE_POLICIES = ("raise", "skip", "ignore", "raise_async")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+# gradients up to this many entries are checked for NaN/Inf by one multi-tensor call on CPU; larger
+# ones by a parallel sum each (see TransformOptimizer._screen_finite)
+_SERIAL_CHECK_MAX = 1 << 17  # the crossover measured on 2 cores (benchmarks/suite.py)
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -71,7 +75,9 @@ class TransformOptimizer(torch.optim.Optimizer):
     ``self.skipped_steps``, and after ``max_consecutive_skips`` skips in a row raises
     :class:`NonFiniteGradientError` naming the parameters and the step (None: never);
     ``"ignore"`` checks nothing (fastest; a NaN then spreads into the
-    state). The check costs one sum per gradient and one host sync per step.
+    state). The check reads every gradient once (small ones in one multi-tensor call, torch's
+    AMP finiteness check at a scale of exactly 1, which writes each entry back unchanged) and
+    syncs the host once per step.
     ``"raise_async"`` checks without a host sync: each step records a device-side flag per
     gradient (its ``aminmax`` is finite: exact, one read of the gradient; on CUDA copied to pinned
     host memory behind an event) and the *next* ``step()`` (or :meth:`check_nonfinite`,
@@ -216,14 +222,44 @@ class TransformOptimizer(torch.optim.Optimizer):
             if not bool(flag.any()):
                 return True
             return self._nonfinite_found(flag.bool())
-        # fast screen, one read per tensor: a NaN or Inf anywhere makes the sum non-finite; a
-        # sum that overflows on finite values is a false alarm the exact check below clears
-        if bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
+        if self._screen_finite(grads):
             return True
         bad = torch.stack([torch.logical_not(torch.isfinite(g)).any() for g in grads])
         if not bool(bad.any()):
             return True
         return self._nonfinite_found(bad)
+
+    def _screen_finite(self, grads: list[Tensor]) -> bool:
+        """True when no gradient holds a NaN or Inf (False may be a false alarm, cleared by the
+        exact per-tensor check that follows it). Small contiguous CPU gradients (all contiguous
+        ones on an accelerator) are checked by one multi-tensor call, torch's AMP check
+        (``_amp_foreach_non_finite_check_and_unscale_`` with a scale of exactly 1, which writes
+        every entry back unchanged: ``x * 1 == x`` bit for bit): one dispatch instead of one per
+        tensor. Larger CPU gradients are summed, one read each on every core (the AMP kernel is
+        serial on CPU): a NaN or Inf anywhere makes the sum non-finite, and a sum that overflows
+        on finite values is a false alarm."""
+        batched: dict[torch.device, list[Tensor]] = {}
+        summed: list[Tensor] = []
+        for g in grads:
+            n = g.numel()
+            if g.dtype in _FLOAT_SET and 0 < n and (n <= _SERIAL_CHECK_MAX or not g.is_cpu) and g.is_contiguous():
+                batched.setdefault(g.device, []).append(g)
+            else:
+                summed.append(g)
+        for dev, gs in batched.items():
+            bufs = self.__dict__.setdefault("_amp_check", {})
+            if dev not in bufs:
+                bufs[dev] = (torch.zeros(1, device=dev), torch.ones(1, device=dev))
+            found, one = bufs[dev]
+            found.zero_()
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(gs, found, one)
+            except RuntimeError:  # a gradient it cannot write (an inference tensor, a shared view): sum it
+                summed.extend(gs)
+                continue
+            if bool(found):
+                return False
+        return not summed or bool(torch.isfinite(torch.stack([g.sum() for g in summed])).all())
 
     def _record_nonfinite(self) -> None:
         """``"raise_async"``: this step's per-gradient flags on the device, no host sync; CUDA
@@ -308,29 +344,55 @@ class TransformOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.steps_called += 1
+        # one pass: each group's parameters a step updates (a gradient and at least one entry:
+        # zero-size parameters get no state and no update) and their gradients
+        plan = []
+        every_plain = True
+        for gi, group in enumerate(self.param_groups):
+            params, grads, plain = [], [], True
+            for p in group["params"]:
+                g = p.grad
+                if g is None or p.numel() == 0:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                params.append(p)
+                grads.append(g)
+                if plain and (p.is_complex() or _is_dtensor(p)):
+                    plain = False
+            plan.append((gi, group, params, grads, plain))
+            every_plain = every_plain and plain
         if self.nonfinite in ("raise", "raise_async") and compiling():
             self._assert_finite()
         elif self.nonfinite == "raise_async":
             self.check_nonfinite()  # the previous step's flags: raises before anything changes
             self._record_nonfinite()
-        elif self.nonfinite != "ignore" and not self._finite():
-            return loss
+        elif self.nonfinite != "ignore":
+            # the screen over the gradients just gathered; on an alarm (or complex / DTensor
+            # gradients) the full check, which clears a false alarm and names the parameters
+            screened = every_plain and self._screen_finite([g for *_, grads, _ in plan for g in grads])
+            if not screened and not self._finite():
+                return loss
         self.consecutive_skips = 0
-        before = ([p.detach().clone() for g in self.param_groups for p in self._stepped(g)]
+        before = ([p.detach().clone() for *_, params, _, _ in plan for p in params]
                   if self.diagnostics else None)
-        for group in self.param_groups:
-            params = self._stepped(group)  # zero-size parameters: nothing to update, no state
+        state = self.state
+        for gi, group, params, grads, plain in plan:
             if not params:
                 continue
             states = []
             for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                st = self.state[p]
+                st = state[p]
                 if "step" not in st:
                     st.update(init_state(self.transform, _real(_view(p, self.shard_safe)), group))
                 states.append(st)
-            tick(states)
+            self._tick(gi, states)
+            if plain:
+                updates = self.transform.update(grads, states, params, group)
+                for p, u in zip(params, updates, strict=True):
+                    if u is not None:
+                        p.add_(u.to(p.dtype))
+                continue
             dt = [_is_dtensor(p) for p in params]
             if not any(dt):
                 reals = [_real(p) for p in params]  # complex (where param_dtypes allow it): pairs of reals
@@ -354,6 +416,41 @@ class TransformOptimizer(torch.optim.Optimizer):
         if before is not None:
             self.last_diagnostics = self._diagnose(before)
         return loss
+
+    def _tick(self, gi: int, states: list[dict[str, Any]]) -> None:
+        """Advance the ``step`` and ``clock`` counters of group ``gi``'s stepped parameters by one.
+
+        The counters are 0-d tensors, one pair per parameter (as in torch.optim); adding one to
+        each is a dispatch per tensor, which costs more than the whole fused AdamW kernel on a
+        model of many small tensors. So the first step of a group stores them as 0-d views of
+        one buffer (the same values, still one ``step`` and one ``clock`` tensor per parameter)
+        and later steps add one to the buffer. Anything that replaces a counter tensor (loading
+        a state dict, a transform that resets by assignment) or steps another set of parameters
+        is seen by identity and re-banks; counters that are not plain float32 CPU scalars, and
+        compiled steps, take the per-tensor path."""
+        if not states:
+            return
+        steps = [s["step"] for s in states]
+        clocks = [s["clock"] for s in states]
+        banks = self.__dict__.setdefault("_banks", {})
+        bank = banks.get(gi)
+        if (bank is not None and len(bank[1]) == 2 * len(states)
+                and all(a is b for a, b in zip(bank[1], steps + clocks, strict=True))):
+            bank[0].add_(1.0)
+            return
+        counters = steps + clocks
+        if compiling() or not all(type(c) is Tensor and c.dim() == 0 and c.dtype == torch.float32
+                                  and c.device.type == "cpu" for c in counters):
+            banks.pop(gi, None)
+            tick(states)
+            return
+        buf = torch.stack(counters)
+        views = list(buf.unbind(0))
+        n = len(states)
+        for i, s in enumerate(states):
+            s["step"], s["clock"] = views[i], views[n + i]
+        banks[gi] = (buf, views)
+        buf.add_(1.0)
 
     def _diagnose(self, before: list[Tensor]) -> dict[str, Tensor]:
         params = [p for g in self.param_groups for p in self._stepped(g)]
@@ -398,3 +495,9 @@ class TransformOptimizer(torch.optim.Optimizer):
                 v = self.state[p].get(k)
                 if isinstance(v, Tensor) and v.dtype != dt:
                     self.state[p][k] = v.to(dt)
+                elif k in ("step", "clock") and isinstance(v, Tensor):
+                    # torch keeps the given step tensors: loading another live optimizer's state
+                    # would share its counters (and its counter buffer), so each step of one
+                    # would advance the other's
+                    self.state[p][k] = v.clone()
+        self.__dict__.pop("_banks", None)

@@ -25,9 +25,10 @@ class AdamW(TransformOptimizer):
     ``p <- p (1 - lr wd) - lr (m/bc1) / (sqrt(v/bc2) + eps)``.
     ``convention="hf"`` matches the transformers AdamW that SOAP, SPAM and GaLore build on:
     ``p <- p - lr sqrt(bc2)/bc1 m/(sqrt(v)+eps)``, then ``p <- p (1 - lr wd)``.
-    Arguments as torch's: ``lr, betas, eps, weight_decay``. ``fused=True`` (default for
-    the torch convention) runs ``fused_adamw()``, torch's one-pass kernel, in place of the
-    three-stage chain it is tested equal to; ``fused=False`` runs the chain.
+    Arguments as torch's: ``lr, betas, eps, weight_decay``. ``fused=True`` (default) runs
+    ``fused_adamw(convention)``, torch's one-pass kernel (for ``"hf"`` with its eps and decay
+    placement mapped onto the kernel's arguments), in place of the three-stage chain it is
+    tested equal to; ``fused=False`` runs the chain.
 
     Complex parameters are stepped as pairs of reals (``torch.view_as_real``), as
     ``torch.optim.AdamW`` does (tested equal to it); integer and bool parameters are refused
@@ -47,11 +48,9 @@ class AdamW(TransformOptimizer):
         if convention not in ("torch", "hf"):
             raise ValueError(f"convention={convention!r}; valid choices: torch, hf")
         if fused is None:
-            fused = convention == "torch"
-        if fused and convention != "torch":
-            raise ValueError("fused=True needs convention='torch' (torch's kernel); use fused=False for 'hf'")
+            fused = True
         if fused:
-            t = chain(fused_adamw(), name="adamw")
+            t = chain(fused_adamw(convention), name="adamw")
         else:
             t = chain(scale_by_adam(convention), scale_by_learning_rate(),
                       add_decayed_weights("before" if convention == "torch" else "after"), name="adamw")

@@ -13,6 +13,7 @@ from poise._registry import register
 from poise.optim import _check
 from poise.optim._lowrank import LowRankOptimizer
 from poise.transforms import add_decayed_weights, chain, project_low_rank, scale_by_adam, scale_by_learning_rate
+from poise.transforms._adam import hf_adamw_step, kernel_ok
 from poise.transforms._base import Hyper, State, Transform, Updates, compiling
 from poise.transforms._lowrank import PROJ_TYPES, _side
 
@@ -32,12 +33,14 @@ def fused_galore_adamw() -> Transform:
     The full-rank update is never formed (the back projection is accumulated into the weight by
     ``addmm_``, the bias correction and ``-lr * scale`` ride in its ``alpha``), the moments of all
     projected matrices of a group are updated by ``torch._foreach_*`` kernels, and nothing of full
-    rank is allocated. Same state keys (``proj``, ``refreshed``, ``inner.exp_avg``,
-    ``inner.exp_avg_sq``), same refresh schedule and hyperparameters as ``project_low_rank`` (to
-    which it hands anything else: ``full`` projections, Q-GaLore's quantized projectors, 1-D
-    tensors, a parameter whose dtype differs from its gradient's, a compiled step), so checkpoints
-    move between the two. Tested equal to the chain to float32 rounding (the bias correction
-    folded into ``alpha`` rounds once less) and replaying the authors' trajectory.
+    rank is allocated. Tensors that are not projected (1-D tensors, groups without ``rank``) take
+    HF AdamW in torch's one-pass kernel (:func:`poise.transforms._adam.hf_adamw_step`). Same state
+    keys (``proj``, ``refreshed``, ``inner.exp_avg``, ``inner.exp_avg_sq``), same refresh schedule
+    and hyperparameters as ``project_low_rank`` (to which it hands anything else: ``full``
+    projections, Q-GaLore's quantized projectors, a parameter whose dtype differs from its
+    gradient's, ``correct_bias=False``, a compiled step), so checkpoints move between the two.
+    Tested equal to the chain to float32 rounding (the bias correction folded into ``alpha`` rounds
+    once less) and replaying the authors' trajectory.
     """
     reference = project_low_rank(scale_by_adam("hf"), apply=True)
 
@@ -48,14 +51,41 @@ def fused_galore_adamw() -> Transform:
             return False
         return _side((u.shape[0], u.numel() // u.shape[0]), proj_type) in ("right", "left")
 
+    def plain_ok(u: Tensor, s: State, p: Tensor, hyper: Hyper) -> bool:
+        return hyper.get("correct_bias", True) and "momentum_scale" not in s and kernel_ok(u, p, s["step"])
+
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
         proj_type = hyper.get("proj_type", "std")
-        if hyper.get("rank") is None or hyper.get("proj_bits") is not None or compiling() \
-                or proj_type not in PROJ_TYPES:
+        if hyper.get("proj_bits") is not None or compiling() or proj_type not in PROJ_TYPES:
             return reference.update(updates, states, params, hyper)
-        idx = [i for i, (u, s, p) in enumerate(zip(updates, states, params, strict=True)) if fast(u, s, p, proj_type)]
+        projected = hyper.get("rank") is not None
+        idx, plain, rest = [], [], []
+        for i, (u, s, p) in enumerate(zip(updates, states, params, strict=True)):
+            if u is None:
+                continue
+            if projected and fast(u, s, p, proj_type):
+                idx.append(i)
+            elif (not projected or u.dim() < 2) and plain_ok(u, s, p, hyper):
+                plain.append(i)  # not projected: HF AdamW, in torch's fused kernel
+            else:
+                rest.append(i)
         out: Updates = list(updates)
-        rest = [i for i in range(len(updates)) if i not in set(idx)]
+        lr = float(hyper["lr"]) if isinstance(hyper["lr"], Tensor) else hyper["lr"]
+        if plain:
+            b1, b2 = hyper["betas"]
+            for i in plain:
+                if "inner.exp_avg" not in states[i]:
+                    states[i]["inner.exp_avg"] = torch.zeros_like(updates[i])
+                    states[i]["inner.exp_avg_sq"] = torch.zeros_like(updates[i])
+            ms = [states[i]["inner.exp_avg"] for i in plain]
+            vs = [states[i]["inner.exp_avg_sq"] for i in plain]
+            if hf_adamw_step([params[i] for i in plain], [updates[i] for i in plain], ms, vs,
+                             [states[i]["step"] for i in plain], lr=lr, beta1=b1, beta2=b2, eps=hyper["eps"],
+                             weight_decay=hyper.get("weight_decay", 0.0)):
+                for i in plain:
+                    out[i] = None
+            else:
+                rest = sorted(rest + plain)
         if rest:
             sub = reference.update([updates[i] for i in rest], [states[i] for i in rest], [params[i] for i in rest],
                                    hyper)
@@ -66,7 +96,6 @@ def fused_galore_adamw() -> Transform:
         rank, gap, scale = hyper["rank"], hyper["update_proj_gap"], hyper["scale"]
         b1, b2 = hyper["betas"]
         eps, correct = hyper["eps"], hyper.get("correct_bias", True)
-        lr = float(hyper["lr"]) if isinstance(hyper["lr"], Tensor) else hyper["lr"]
         decay = lr * hyper.get("weight_decay", 0.0)
         lows, sides, projs = [], [], []
         for i in idx:

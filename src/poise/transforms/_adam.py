@@ -20,6 +20,7 @@ from poise.transforms._base import (
     compiling,
     declare,
 )
+from poise.transforms._base import state_roots as _roots
 
 __all__ = [
     "add_decayed_weights", "fused_adamw", "scale_by_adam", "scale_by_bias_correction", "scale_by_learning_rate",
@@ -193,19 +194,71 @@ def add_decayed_weights(when: str = "before") -> Transform:
                      declare("weight_decay", lr=LR, weight_decay=WEIGHT_DECAY))
 
 
-def fused_adamw() -> Transform:
-    r"""Terminal fast path of ``chain(scale_by_adam("torch"), scale_by_learning_rate(),
-    add_decayed_weights("before"))``: applies the AdamW step to the parameters itself with
-    torch's fused kernel (``torch._fused_adamw_``, one pass over each tensor) and returns
-    ``None`` for every parameter it updated. Same state (``exp_avg``, ``exp_avg_sq``, the
-    shared ``step``), same hyperparameters (``lr, betas, eps, weight_decay`` and the shared
-    ``momentum_scale``). Parameters the kernel cannot take (a dtype other than the update's,
-    sparse) go through the per-tensor reference arithmetic instead. Tested equal to the
-    chain it replaces (tests/transforms/test_fast_paths.py). Under torch.compile every
-    parameter takes the reference arithmetic with tensor coefficients (Inductor generates the
-    fused kernel; ``torch._fused_adamw_`` does not trace), so a compiled step has no graph break.
+_KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
+
+
+def kernel_ok(u: Tensor, p: Tensor, step: Tensor) -> bool:
+    """Whether torch's fused AdamW kernel can step ``p`` with update ``u``: same dtype (a float
+    type), dense, a CPU step counter (the kernel reads it on the host)."""
+    dt = u.dtype
+    return dt is p.dtype and dt in _KERNEL_DTYPES and not u.is_sparse and step.is_cpu
+
+
+def hf_adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                  steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float) -> bool:
+    r"""The Hugging Face AdamW step (``scale_by_adam("hf")``, ``-lr``, then ``add_decayed_weights("after")``)
+    in torch's one-pass fused kernel, on parameters whose counters already count this step::
+
+        p <- (p - lr sqrt(bc2)/bc1 m / (sqrt(v) + eps)) (1 - lr wd)
+
+    is torch's ``p <- p (1 - lr' wd') - lr'/bc1 m / (sqrt(v)/sqrt(bc2) + eps')`` with
+    ``lr' = lr (1 - lr wd)``, ``wd' = wd / (1 - lr wd)`` and ``eps' = eps / sqrt(bc2)`` (so one call
+    per distinct step count). Equal to the chain up to float rounding (tested). Returns False, doing
+    nothing, when ``lr wd >= 1`` (no such ``lr'``)."""
+    keep = 1.0 - lr * weight_decay
+    if keep <= 0.0:
+        return False
+    by_step: dict[float, list[int]] = {}
+    for i, st in enumerate(steps):
+        by_step.setdefault(float(st), []).append(i)
+    for t, idx in by_step.items():
+        torch._fused_adamw_([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                            [exp_avg_sqs[i] for i in idx], [], [steps[i] for i in idx], amsgrad=False,
+                            lr=lr * keep, beta1=beta1, beta2=beta2, weight_decay=weight_decay / keep,
+                            eps=eps / math.sqrt(1.0 - beta2**t), maximize=False, grad_scale=None, found_inf=None)
+    return True
+
+
+def fused_adamw(convention: str = "torch") -> Transform:
+    r"""Terminal fast path of ``chain(scale_by_adam(convention), scale_by_learning_rate(),
+    add_decayed_weights("before" for torch, "after" for hf))``: applies the AdamW step to the
+    parameters itself with torch's fused kernel (``torch._fused_adamw_``, one pass over each
+    tensor) and returns ``None`` for every parameter it updated. ``convention="hf"`` (the
+    transformers AdamW) maps its eps and decay placement onto the kernel's arguments
+    (:func:`hf_adamw_step`). Same state (``exp_avg``, ``exp_avg_sq``, the shared ``step``),
+    same hyperparameters (``lr, betas, eps, weight_decay`` and the shared ``momentum_scale``;
+    ``correct_bias=False`` under hf takes the reference arithmetic). Parameters the kernel
+    cannot take (a dtype other than the update's, sparse) go through the per-tensor reference
+    arithmetic instead. Tested equal to the chain it replaces (tests/transforms/test_fast_paths.py).
+    Under torch.compile every parameter takes the reference arithmetic with tensor coefficients
+    (Inductor generates the fused kernel; ``torch._fused_adamw_`` does not trace), so a compiled
+    step has no graph break.
     """
-    reference = scale_by_adam("torch", foreach=False)
+    _check("convention", convention, CONVENTIONS)
+    reference = scale_by_adam(convention, foreach=False)
+    hf = convention == "hf"
+
+    def apply(p: Tensor, u: Tensor, lr: Scalar, wd: float) -> None:
+        """``p`` after the update ``u`` (the direction, before ``-lr``) and the decoupled decay."""
+        if wd and not hf:
+            p.mul_(1 - lr * wd)
+        if isinstance(lr, Tensor):  # compiled: a 0-d tensor learning rate cannot be an alpha
+            p.add_(u.to(p.dtype).mul_(-lr))
+        else:
+            p.add_(u.to(p.dtype), alpha=-lr)
+        if wd and hf:
+            p.mul_(1 - lr * wd)
 
     def compiled(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper, lr: Scalar,
                  wd: float) -> Updates:
@@ -214,10 +267,7 @@ def fused_adamw() -> Transform:
                                hyper)
         out: Updates = list(updates)
         for i, u in zip(live, sub, strict=True):
-            p = params[i]
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(u.to(p.dtype).mul_(-lr))
+            apply(params[i], u, lr, wd)
             out[i] = None
         return out
 
@@ -228,34 +278,49 @@ def fused_adamw() -> Transform:
         if compiling():
             return compiled(updates, states, params, hyper, lr, wd)
         lr_f = float(lr) if isinstance(lr, Tensor) else lr
-        groups: dict[tuple, list[int]] = {}
+        # one pass per parameter, reading the state dicts directly (through a Scoped view every
+        # read is a Python call; on a model of many small tensors that costs more than the kernel)
+        roots, pre = _roots(states)
+        k_m, k_v = pre + "exp_avg", pre + "exp_avg_sq"
+        kernel_hf = not hf or hyper.get("correct_bias", True)  # the kernel always corrects the bias
+        groups: dict[tuple, tuple[list[int], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]] = {}
         for i, u in enumerate(updates):
             if u is None:
                 continue
-            s = states[i]
-            if "exp_avg" not in s:
-                s["exp_avg"] = torch.zeros_like(u)
-                s["exp_avg_sq"] = torch.zeros_like(u)
-            b1 = b1_base * float(s["momentum_scale"]) if "momentum_scale" in s else b1_base
-            ok = (u.dtype == params[i].dtype and u.device == params[i].device and not u.is_sparse
-                  and u.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-                  and s["step"].device.type == "cpu")
-            groups.setdefault((b1, ok, u.dtype, u.device), []).append(i)
-        for (b1, ok, _, _), idx in groups.items():
-            if ok:
-                torch._fused_adamw_(
-                    [params[i] for i in idx], [updates[i] for i in idx],
-                    [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx], [],
-                    [states[i]["step"] for i in idx], amsgrad=False, lr=lr_f, beta1=b1, beta2=b2,
-                    weight_decay=wd, eps=eps, maximize=False, grad_scale=None, found_inf=None)
-            else:
-                sub = reference.update([updates[i] for i in idx], [states[i] for i in idx],
-                                       [params[i] for i in idx], hyper)
-                for i, u in zip(idx, sub, strict=True):
-                    params[i].mul_(1 - lr_f * wd).add_(u.to(params[i].dtype), alpha=-lr_f)
+            s = roots[i]
+            m = s.get(k_m)
+            if m is None:
+                m = s[k_m] = torch.zeros_like(u)
+                s[k_v] = torch.zeros_like(u)
+            ms = s.get("momentum_scale")
+            b1 = b1_base if ms is None else b1_base * float(ms)
+            p = params[i]
+            step = s["step"]
+            # the kernel's own checks raise on a device mismatch, as the reference arithmetic would
+            ok = kernel_ok(u, p, step) and kernel_hf
+            key = (b1, ok, u.dtype, u.device)
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = ([], [], [], [], [], [])
+            g[0].append(i)
+            g[1].append(p)
+            g[2].append(u)
+            g[3].append(m)
+            g[4].append(s[k_v])
+            g[5].append(step)
+        for (b1, ok, _, _), (idx, ps, us, ms_, vs, steps) in groups.items():
+            if ok and not hf:
+                torch._fused_adamw_(ps, us, ms_, vs, [], steps, amsgrad=False, lr=lr_f, beta1=b1, beta2=b2,
+                                    weight_decay=wd, eps=eps, maximize=False, grad_scale=None, found_inf=None)
+            elif not (ok and hf_adamw_step(ps, us, ms_, vs, steps, lr=lr_f, beta1=b1, beta2=b2, eps=eps,
+                                           weight_decay=wd)):
+                sub = reference.update(us, [states[i] for i in idx], ps, hyper)
+                for p, u in zip(ps, sub, strict=True):
+                    apply(p, u, lr_f, wd)
             for i in idx:
                 out[i] = None
         return out
 
     return Transform(lambda p, h: {}, update, "adam", True,
-                     declare("fused_adamw", lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY))
+                     declare("fused_adamw", lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                             **({"correct_bias": CORRECT_BIAS} if hf else {})))

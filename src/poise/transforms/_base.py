@@ -290,6 +290,18 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def state_roots(states: Sequence[State]) -> tuple[Sequence[MutableMapping[str, Any]], str]:
+    """The mappings under these states and the key prefix they share, for a hot loop that reads
+    them directly: ``roots[i][prefix + key]`` is ``states[i][key]`` for a non-shared key (shared
+    keys, ``step`` and the like, are read at the roots unprefixed). States that are not all
+    :class:`Scoped` views with one prefix are returned as they are, with prefix ``""``."""
+    if states and all(type(s) is Scoped for s in states):
+        pre = states[0].prefix  # type: ignore[union-attr]
+        if all(s.prefix == pre for s in states):  # type: ignore[union-attr]
+            return [s.root for s in states], pre  # type: ignore[union-attr]
+    return states, ""
+
+
 def scoped(states: Sequence[State], prefix: str) -> list[State]:
     return [Scoped(s, prefix) for s in states]
 
