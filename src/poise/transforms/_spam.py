@@ -103,11 +103,10 @@ def spam(inner: Transform) -> Transform:
                 si["exp_avg"].zero_()
                 si["exp_avg_sq"].zero_()
             if theta and c >= A and c % T >= A and "exp_avg_sq" in si:
-                v = si["exp_avg_sq"]
-                bound = (theta * v).sqrt_()
-                mask = u.abs() > bound
-                s["clipped_frac"] = mask.float().mean()
-                u.copy_(torch.where(mask, u.sign() * bound, u))
+                bound = torch.mul(si["exp_avg_sq"], theta).sqrt_()
+                # the count before the clamp; clamping to [-b, b] is sign(g) b where |g| > b, bit for bit
+                s["clipped_frac"] = torch.gt(u.abs(), bound).sum().float().div_(u.numel())
+                u.clamp_(min=bound.neg(), max=bound)
             else:
                 s["clipped_frac"] = torch.zeros(())
             scales.append(spam_warmup_scale(float(s["warmup_step"]), W))
