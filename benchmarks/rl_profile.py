@@ -270,7 +270,7 @@ def main() -> None:
                 table = profile_trl(model, a.steps, a.prompts, a.group, CLOCKS[a.clock])
             else:
                 table = profile_poise(model, a.steps, a.prompts, a.group, CLOCKS[a.clock],
-                                      ("train.share_rows=true",) if impl == "poise_shared" else ())
+                                      ("train.share_rows=false",) if impl == "poise_every_row" else ())
             out["tables"][f"{impl}/{size}"] = table
             print_table(f"{impl}, {size} ({sum(p.numel() for p in model.parameters())} parameters), batch "
                         f"{a.prompts} x {a.group}, {a.steps - 1} timed steps, {a.threads} thread(s), "

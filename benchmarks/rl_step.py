@@ -1,6 +1,6 @@
 """RL step speed, peak memory and sample efficiency: poise's loop against TRL's GRPOTrainer, side by side.
 
-    python benchmarks/rl_step.py [--sizes small,medium] [--impls poise,poise_shared,trl] [--steps 6]
+    python benchmarks/rl_step.py [--sizes small,medium] [--impls poise,poise_every_row,trl] [--steps 6]
                                  [--prompts 32] [--group 8] [--repeats 2] [--threads 2] [--json out.json]
 
 Both train the same Hugging Face Qwen2 policy (built from a config, warm-started on 1-digit
@@ -8,9 +8,10 @@ additions by poise's supervised warm start in the parent process, then handed to
 same state dict), on the same task and reward, with the same batch (prompts x group
 completions), learning rate, temperature and completion length, one optimizer step per rollout
 batch. poise runs its RL loop (``run_one_rl``, variant ppo_clip of the rl-stability recipe,
-float32 sampler so that both sample alike); ``poise_shared`` is the same with
-``train.share_rows=true`` (the training forward once per distinct completion: same loss, other
-rounding of the gradient); TRL runs ``GRPOTrainer`` (loss dapo, beta 0) offline on CPU.
+float32 sampler so that both sample alike; its default ``train.share_rows=auto`` runs the training
+forward once per distinct completion: same loss, other rounding of the gradient);
+``poise_every_row`` is the same with ``train.share_rows=false`` (every row); TRL runs ``GRPOTrainer``
+(loss dapo, beta 0) offline on CPU.
 
 Sizes: ``small`` = hidden 48, MLP 192, 1 layer, 2 heads (38,784 parameters); ``medium`` =
 hidden 128, MLP 384, 2 layers, 4 heads (431,744 parameters, 11.1x).
@@ -60,7 +61,7 @@ SIZES: dict[str, dict[str, int]] = {
     "small": {"hidden_size": 48, "intermediate_size": 192, "num_hidden_layers": 1, "num_attention_heads": 2},
     "medium": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4},
 }
-IMPLS = ("poise", "poise_shared", "trl")  # poise_shared: poise with train.share_rows=true
+IMPLS = ("poise", "poise_every_row", "trl")  # poise_every_row: poise with train.share_rows=false
 
 
 def hf_char_tokenizer(tok: CharTokenizer):
@@ -239,7 +240,8 @@ def child(impl: str, size: str, state_path: str, steps: int, prompts: int, group
     if impl == "trl":
         r = run_trl(model, steps, prompts, group)
     else:
-        r = run_poise(model, steps, prompts, group, extra=("train.share_rows=true",) if impl == "poise_shared" else ())
+        every_row = ("train.share_rows=false",) if impl == "poise_every_row" else ()
+        r = run_poise(model, steps, prompts, group, extra=every_row)
     peak = _maxrss_mb()
     return {"impl": impl, "size": size, "params": sum(p.numel() for p in model.parameters()),
             "s_per_step": step_seconds(r["step_ends"]), "cpu_s_per_step": step_seconds(r["cpu_ends"]),

@@ -2,8 +2,9 @@
 :func:`poise.rl.trainer_logprobs` / :func:`poise.rl.completion_batch`, the shared pi_old forward) changes
 no number: each is compared here with a verbatim copy of the function as it was before (the
 ``reference_*`` functions below), bitwise, and a short RL run with the references patched in
-gives the same results, key for key. ``train.share_rows`` (opt-in) gives the same forward values
-and, up to rounding, the same gradient."""
+gives the same results, key for key (with ``train.share_rows=false``). ``train.share_rows`` (on by
+default for a training forward without dropout) gives the same forward values and, up to rounding,
+the same gradient."""
 
 # ruff: noqa: E501 - the reference functions are verbatim copies
 
@@ -307,6 +308,7 @@ def test_a_short_run_equals_the_run_with_the_functions_before(recipe, variant, e
     if "train.model=qwen2" in extra:
         pytest.importorskip("transformers")
     torch.set_num_threads(1)
+    extra = (*extra, "train.share_rows=false")  # every row in the training forward, as before
     new = _short_run(recipe, variant, extra)
     monkeypatch.setattr(R, "generate", reference_generate)  # what collect samples with
     monkeypatch.setattr(rs, "generate", reference_generate)  # evaluation
@@ -326,19 +328,43 @@ def test_share_rows_run_starts_identically_and_stays_close():
     torch.set_num_threads(1)
     extra = ("train.model=qwen2", "train.sampler_dtype=float32", "train.sampler_bits=0")
     pytest.importorskip("transformers")
-    a = _short_run("rl-stability", "ppo_clip", extra)
+    a = _short_run("rl-stability", "ppo_clip", (*extra, "train.share_rows=false"))
     b = _short_run("rl-stability", "ppo_clip", (*extra, "train.share_rows=true"))
     assert a["curves"]["reward"][0] == b["curves"]["reward"][0]  # the same first batch
     assert a["curves"]["entropy"][0] == b["curves"]["entropy"][0]  # the same forward values
     assert b["curves"]["grad_norm"][0] == pytest.approx(a["curves"]["grad_norm"][0], rel=1e-5)
+    assert a["curves"]["grad_norm"][0] != b["curves"]["grad_norm"][0]  # other rounding: the rows were shared
+    # the default ("auto") shares rows for this model, which has no dropout
+    assert _short_run("rl-stability", "ppo_clip", extra) == b
 
 
-def test_share_rows_must_be_a_bool():
+def test_share_rows_is_auto_true_or_false():
     from poise.runs.config import ConfigError, load_recipe
     from poise.runs.kinds.rl import validate_rl
 
-    with pytest.raises(ConfigError, match="share_rows"):
+    assert load_recipe("rl-stability", []).train.share_rows == "auto"
+    for ok in ("auto", "true", "false"):
+        validate_rl(load_recipe("rl-stability", [f"train.share_rows={ok}"]))
+    with pytest.raises(ConfigError, match="share_rows=1; valid choices: auto, true, false"):
         validate_rl(load_recipe("rl-stability", ["train.share_rows=1"]))
+
+
+def test_auto_does_not_share_the_rows_of_a_random_forward():
+    from torch import nn
+
+    from poise.rl import stochastic_forward
+
+    assert stochastic_forward(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0))) is None
+    assert "dropout with p=0.1" in stochastic_forward(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=1, vocab_size=20)
+    assert stochastic_forward(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))) is None
+    dropped = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(attention_dropout=0.1, **cfg))
+    assert stochastic_forward(dropped) == "its config sets attention_dropout=0.1"
+    wrapped = nn.Module()
+    wrapped.module = dropped  # DDP's layout
+    assert stochastic_forward(wrapped) == "its config sets attention_dropout=0.1"
 
 
 _ = (F, Tensor, logits_of)  # used by the verbatim references

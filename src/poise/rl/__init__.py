@@ -94,6 +94,7 @@ from poise.rl.rollout import (
     quantised_copy,
     score_rollouts,
     sft_warmup,
+    stochastic_forward,
     trainer_logprobs,
 )
 from poise.rl.rollout_correction import (
@@ -232,6 +233,7 @@ __all__ = [
     "sft_warmup",
     "steer_weights",
     "token_whiten",
+    "stochastic_forward",
     "trainer_logprobs",
     "vespo_loss",
 ]

@@ -45,6 +45,7 @@ from poise.rl import (
     rollout_diagnostics,
     score_rollouts,
     sft_warmup,
+    stochastic_forward,
     trainer_logprobs,
 )
 from poise.rl.acereason import length_stage, overlong_filter, truncated_rows, validate_stages
@@ -141,12 +142,13 @@ class RLTrainConfig:
                            default=0)
     async_backend: str = _help("where asynchronous generation runs: 'thread' (this process) or 'ray' (a Ray "
                                "actor, the 'ray' extra; for rollouts on other machines)", default="thread")
-    share_rows: bool = _help("the training forward runs once per distinct (prompt, completion) of the batch and "
-                             "copies the result to its repeats (groups often repeat short completions): the same "
-                             "loss and, in exact arithmetic, the same gradient, with other rounding of the weight "
-                             "gradient; a faster step. false = every row (bitwise as before); the no-grad "
-                             "forwards (sampling, pi_old) always share, their values are unchanged",
-                             default=False)
+    share_rows: bool | str = _help(
+        "the training forward runs once per distinct (prompt, completion) of the batch and copies the result to "
+        "its repeats (groups often repeat short completions): the same loss and, in exact arithmetic, the same "
+        "gradient, with other rounding of the weight gradient (~1e-7 relative); a faster step. 'auto' (default): "
+        "on unless the training forward is random (a dropout with p > 0, whose masks repeats would share); "
+        "false = every row (bitwise the numbers of poise before 2026-12); the no-grad forwards (sampling, "
+        "pi_old) always share, their values are unchanged", default="auto")
     checkpoint_every: int = _help("write a checkpoint (safetensors + JSON, atomically) every this many steps; "
                                   "poise run --resume RUN_DIR continues from it (0 = never)", default=10)
 
@@ -250,8 +252,8 @@ def validate_rl(cfg: RLStudyConfig) -> RLStudyConfig:
         raise ConfigError(f"train.eval_pass1_samples={t.eval_pass1_samples} must be >= 0")
     if t.async_eta < 0:
         raise ConfigError(f"train.async_eta={t.async_eta} must be >= 0")
-    if not isinstance(t.share_rows, bool):
-        raise ConfigError(f"train.share_rows={t.share_rows!r} must be true or false")
+    if not (isinstance(t.share_rows, bool) or t.share_rows == "auto"):
+        raise ConfigError(f"train.share_rows={t.share_rows!r}; valid choices: auto, true, false")
     if t.async_backend not in ("thread", "ray"):
         raise ConfigError(f"train.async_backend: {t.async_backend!r}; valid choices: thread, ray")
     if t.async_backend == "ray" and t.async_eta:
@@ -568,6 +570,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                                lambda m: collect(m, tok, task, generator=gen, **kw), start_version=start - 1)
     routed = t.model == "moe"
     trainer_dtype = PRECISIONS[v.trainer_precision]
+    share_rows = t.share_rows if isinstance(t.share_rows, bool) else stochastic_forward(trainer) is None
     scaler = torch.amp.GradScaler("cpu", growth_interval=400) if v.trainer_precision == "float16" else None
     eos_id = int(tok.encode(EOS)[0])
     t0 = time.perf_counter()
@@ -639,7 +642,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                 idx = torch.as_tensor(c)
                 logp, ent, _ = _forward_logprobs(trainer, sub, routed, None if replay is None else
                                                  [replay[i] for i in c], trainer_dtype, with_entropy=True,
-                                                 share_rows=t.share_rows)
+                                                 share_rows=share_rows)
                 m = mask[idx][:, : logp.shape[1]]
                 old_c = logp.detach() if old is None else old[idx][:, : logp.shape[1]]
                 values, agg_mask, metrics = variant_objective(
