@@ -4,7 +4,7 @@ test_foreach_matches_forloop idea): fused kernels vs chains, foreach vs per-tens
 import pytest
 import torch
 
-from poise.optim import AdamW, GaLoreAdamW, StableSPAM, TransformOptimizer
+from poise.optim import SPAM, AdamW, GaLoreAdamW, StableSPAM, TransformOptimizer
 from poise.transforms import add_decayed_weights, chain, fused_adamw, scale_by_adam, scale_by_learning_rate
 from tests.optim._replay import replay_pair
 
@@ -38,6 +38,15 @@ def test_fused_hf_adamw_without_bias_correction_takes_the_chain():
                                              chain(scale_by_adam("hf"), scale_by_learning_rate(),
                                                    add_decayed_weights("after")))
     assert replay_pair(SHAPES, opt(True), opt(False)) <= TOL
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.1, warmup_steps=4, DeltaT=8, grad_accu_steps=2,
+                                              threshold=5.0)])
+def test_fused_spam_equals_chain(kw):
+    """Resets, warm-up factors below 1, clipping and decay all happen inside the 25 steps."""
+    err = replay_pair(SHAPES, lambda ps: SPAM(ps, lr=1e-2, fused=True, **kw),
+                      lambda ps: SPAM(ps, lr=1e-2, fused=False, **kw), steps=25, spikes=((7, 0, 50.0), (11, 2, 80.0)))
+    assert err <= TOL
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(total_T=15, update_proj_gap=6), dict(weight_decay=0.1, update_proj_gap=5,

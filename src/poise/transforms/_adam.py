@@ -206,18 +206,20 @@ def kernel_ok(u: Tensor, p: Tensor, step: Tensor) -> bool:
 
 def hf_adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                   steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float) -> bool:
-    r"""The Hugging Face AdamW step (``scale_by_adam("hf")``, ``-lr``, then ``add_decayed_weights("after")``)
-    in torch's one-pass fused kernel, on parameters whose counters already count this step::
+                  weight_decay: float, update_scale: float = 1.0) -> bool:
+    r"""The Hugging Face AdamW step (``scale_by_adam("hf")``, times ``update_scale`` (SPAM's warm-up),
+    ``-lr``, then ``add_decayed_weights("after")``) in torch's one-pass fused kernel, on parameters
+    whose counters already count this step::
 
-        p <- (p - lr sqrt(bc2)/bc1 m / (sqrt(v) + eps)) (1 - lr wd)
+        p <- (p - lr s sqrt(bc2)/bc1 m / (sqrt(v) + eps)) (1 - lr wd)
 
     is torch's ``p <- p (1 - lr' wd') - lr'/bc1 m / (sqrt(v)/sqrt(bc2) + eps')`` with
-    ``lr' = lr (1 - lr wd)``, ``wd' = wd / (1 - lr wd)`` and ``eps' = eps / sqrt(bc2)`` (so one call
+    ``lr' = lr s (1 - lr wd)``, ``wd' = lr wd / lr'`` and ``eps' = eps / sqrt(bc2)`` (so one call
     per distinct step count). Equal to the chain up to float rounding (tested). Returns False, doing
-    nothing, when ``lr wd >= 1`` (no such ``lr'``)."""
+    nothing, when ``lr' <= 0`` (``lr wd >= 1``, or a zero learning rate or scale: no such ``lr'``)."""
     keep = 1.0 - lr * weight_decay
-    if keep <= 0.0:
+    lr_k = lr * update_scale * keep
+    if keep <= 0.0 or lr_k <= 0.0:
         return False
     by_step: dict[float, list[int]] = {}
     for i, st in enumerate(steps):
@@ -225,7 +227,7 @@ def hf_adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     for t, idx in by_step.items():
         torch._fused_adamw_([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
                             [exp_avg_sqs[i] for i in idx], [], [steps[i] for i in idx], amsgrad=False,
-                            lr=lr * keep, beta1=beta1, beta2=beta2, weight_decay=weight_decay / keep,
+                            lr=lr_k, beta1=beta1, beta2=beta2, weight_decay=lr * weight_decay / lr_k,
                             eps=eps / math.sqrt(1.0 - beta2**t), maximize=False, grad_scale=None, found_inf=None)
     return True
 

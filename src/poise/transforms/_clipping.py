@@ -68,7 +68,7 @@ def clip_spikes_by_max_ema() -> Transform:
             return updates
         us = [updates[i] for i in live]
         sts = [states[i] for i in live]
-        gmax = torch.stack(torch._foreach_norm(us, float("inf")))  # max|g| per tensor
+        gmax = _max_abs(us)  # max|g| per tensor
         m = _scalars(sts, "m_max_t", us[0].device).mul_(theta).add_(gmax, alpha=1 - theta)
         _store(sts, "m_max_t", m)
         steps = torch.stack([s["step"] for s in sts]).to(m.device)
@@ -82,6 +82,7 @@ def clip_spikes_by_max_ema() -> Transform:
                 out[i] = u.copy_(torch.where(a, u * (m_hat[j] / gmax[j]), u))
             return out
         spikes = (gmax > m_hat).tolist()  # one host sync for the group (the authors sync per tensor)
+        zeros = torch.zeros(len(live), device=us[0].device).unbind()  # one allocation for the spike-free tensors
         for j, i in enumerate(live):
             u, s = us[j], sts[j]
             if spikes[j]:
@@ -90,11 +91,21 @@ def clip_spikes_by_max_ema() -> Transform:
                 # spikes become g / max|g| * M_hat: multiply by 1 + mask * (M_hat / max|g| - 1)
                 out[i] = u.mul_(a.mul_(m_hat[j] / gmax[j] - 1).add_(1))
             else:
-                s["clipped_frac"] = torch.zeros((), device=u.device)
+                s["clipped_frac"] = zeros[j]
         return out
 
     return Transform(lambda p, h: {}, update, "spike_clip",
                      reads=declare("clip_spikes_by_max_ema", gamma3=(REQUIRED, "Stable-SPAM max|g| EMA rate theta")))
+
+
+def _max_abs(us: list[Tensor]) -> Tensor:
+    """``max|g|`` of each tensor, as one vector (exact: a max rounds nothing). On CPU from each
+    tensor's ``aminmax`` (one read; ``torch._foreach_norm(ord=inf)`` is 4-10x slower there, measured
+    on 52 tensors of 0.3M-3M parameters); elsewhere and under torch.compile, ``_foreach_norm``."""
+    if compiling() or not us[0].is_cpu or any(u.numel() == 0 for u in us):  # aminmax refuses an empty tensor
+        return torch.stack(torch._foreach_norm(us, float("inf")))
+    lo, hi = zip(*(torch.aminmax(u) for u in us), strict=True)
+    return torch.maximum(torch.stack(lo).abs(), torch.stack(hi).abs())
 
 
 def normalize_by_norm_ema() -> Transform:

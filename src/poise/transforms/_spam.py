@@ -8,7 +8,19 @@ import math
 import torch
 from torch import Tensor
 
-from poise.transforms._base import Hyper, State, Transform, Updates, compiling, declare, merge_reads, scoped
+from poise.transforms._adam import hf_adamw_step, kernel_ok
+from poise.transforms._base import (
+    LR,
+    WEIGHT_DECAY,
+    Hyper,
+    State,
+    Transform,
+    Updates,
+    compiling,
+    declare,
+    merge_reads,
+    scoped,
+)
 
 __all__ = ["spam", "spam_warmup_scale"]
 
@@ -28,7 +40,7 @@ def _warmup_scale_tensor(warmup_step: Tensor, warmup_steps: int) -> Tensor:
     return torch.where(warmup_step >= warmup_steps, torch.ones_like(ramp), ramp)
 
 
-def spam(inner: Transform) -> Transform:
+def spam(inner: Transform, apply_hf: bool = False) -> Transform:
     r"""SPAM around an Adam transform ``inner`` (Huang et al., "SPAM: Spike-Aware Adam with
     Momentum Reset for Stable LLM Training", arXiv 2501.06842; TianjinYellow/SPAM-Optimizer).
 
@@ -49,6 +61,13 @@ def spam(inner: Transform) -> Transform:
     warmup_steps=150``). ``threshold`` is also CLASSP's gate: to chain both, alias one with
     :func:`poise.transforms.rename`. Under torch.compile the same rules run as 0-d tensor
     arithmetic and masks (no host sync, no graph break).
+
+    ``apply_hf=True`` (with ``inner = scale_by_adam("hf")``) is the fast path of ``chain(spam(inner),
+    scale_by_learning_rate(), add_decayed_weights("after"))``: the clipped gradient, the moments,
+    the warm-up factor, ``-lr`` and the decay go through torch's one-pass fused AdamW kernel
+    (:func:`poise.transforms._adam.hf_adamw_step`, one call per warm-up factor) and those
+    parameters yield ``None``; the rest (``correct_bias=False``, a dtype the kernel refuses, a
+    compiled step) take the chain. Same state. Tested equal to the chain to float rounding.
     """
 
     def update_compiled(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
@@ -91,11 +110,11 @@ def spam(inner: Transform) -> Transform:
         T, theta = hyper["DeltaT"], hyper["threshold"]
         A, W = hyper["grad_accu_steps"], hyper["warmup_steps"]
         inner_states = scoped(states, "inner.")
-        scales: list[float] = []
-        for u, s, si in zip(updates, states, inner_states, strict=True):
-            if u is None:
-                scales.append(1.0)
-                continue
+        scales = [1.0] * len(updates)
+        live = [i for i, u in enumerate(updates) if u is not None]
+        zeros = torch.zeros(len(live), device=updates[live[0]].device).unbind() if live else ()
+        for j, i in enumerate(live):
+            u, s, si = updates[i], states[i], inner_states[i]
             c = int(s["clock"])
             if "warmup_step" not in s:
                 s["warmup_step"] = torch.tensor(float(W + 1))
@@ -108,21 +127,43 @@ def spam(inner: Transform) -> Transform:
                 s["clipped_frac"] = torch.gt(u.abs(), bound).sum().float().div_(u.numel())
                 u.clamp_(min=bound.neg(), max=bound)
             else:
-                s["clipped_frac"] = torch.zeros(())
-            scales.append(spam_warmup_scale(float(s["warmup_step"]), W))
-        out = inner.update(updates, inner_states, params, hyper)
-        for i, (u, s) in enumerate(zip(out, states, strict=True)):
-            if updates[i] is None:
-                continue
-            if u is not None:
-                u.mul_(scales[i])
-            s["warmup_step"] += 1
-            if (int(s["clock"]) + 1) % T == 0:
-                s["warmup_step"].zero_()
+                s["clipped_frac"] = zeros[j]  # one allocation for every tensor that was not clipped
+            scales[i] = spam_warmup_scale(float(s["warmup_step"]), W)
+        applied: set[int] = set()
+        if apply_hf and live and hyper.get("correct_bias", True):
+            lr = float(hyper["lr"]) if isinstance(hyper["lr"], Tensor) else hyper["lr"]
+            b1, b2 = hyper["betas"]
+            by_scale: dict[float, list[int]] = {}
+            for i in live:
+                u, s, si = updates[i], states[i], inner_states[i]
+                if "momentum_scale" in s or not kernel_ok(u, params[i], s["step"]):
+                    continue
+                if "exp_avg" not in si:
+                    si["exp_avg"] = torch.zeros_like(u)
+                    si["exp_avg_sq"] = torch.zeros_like(u)
+                by_scale.setdefault(scales[i], []).append(i)
+            for scale, idx in by_scale.items():
+                ms = [inner_states[i]["exp_avg"] for i in idx]
+                vs = [inner_states[i]["exp_avg_sq"] for i in idx]
+                if hf_adamw_step([params[i] for i in idx], [updates[i] for i in idx], ms, vs,
+                                 [states[i]["step"] for i in idx], lr=lr, beta1=b1, beta2=b2, eps=hyper["eps"],
+                                 weight_decay=hyper.get("weight_decay", 0.0), update_scale=scale):
+                    applied.update(idx)
+        pending = [None if i in applied else u for i, u in enumerate(updates)] if applied else updates
+        out = inner.update(pending, inner_states, params, hyper)
+        scaled = [i for i in live if out[i] is not None]
+        if scaled:  # the warm-up factor and the counters of the group in one call each
+            torch._foreach_mul_([out[i] for i in scaled], [scales[i] for i in scaled])
+        if live:
+            torch._foreach_add_([states[i]["warmup_step"] for i in live], 1.0)
+        for i in live:
+            if (int(states[i]["clock"]) + 1) % T == 0:
+                states[i]["warmup_step"].zero_()
         return out
 
     own = declare("spam", DeltaT=(500, "SPAM momentum-reset interval"),
                   threshold=(5000, "SPAM spike bound theta (g^2 > theta v)"),
                   grad_accu_steps=(20, "SPAM steps without clipping after a reset"),
-                  warmup_steps=(150, "SPAM warm-up length after a reset"))
+                  warmup_steps=(150, "SPAM warm-up length after a reset"),
+                  **({"lr": LR, "weight_decay": WEIGHT_DECAY} if apply_hf else {}))
     return Transform(lambda p, h: {}, update, "spam", inner.shard_safe, merge_reads(inner.reads, own))
