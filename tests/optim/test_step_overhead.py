@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from poise.optim import AdamW, NonFiniteGradientError, StableSPAM
+from poise.optim import SPAM, AdamW, GaLoreAdamW, NonFiniteGradientError, StableSPAM
 from poise.optim._adapter import _SERIAL_CHECK_MAX
 
 
@@ -155,3 +155,79 @@ def test_in_place_resets_of_a_banked_counter_are_kept():
         opt.step()
     st = opt.state[ps[0]]
     assert float(st["clock"]) == 5 and float(st["step"]) < 5  # a reset happened and the clock ran on
+
+
+@pytest.mark.parametrize("layout", ["column-major", "broadcast", "sliced"])
+@pytest.mark.parametrize("make", [
+    lambda ps, f: AdamW(ps, lr=1e-2, weight_decay=0.1, fused=f),
+    lambda ps, f: AdamW(ps, lr=1e-2, weight_decay=0.1, convention="hf", fused=f),
+    lambda ps, f: SPAM(ps, lr=1e-2, weight_decay=0.1, fused=f),
+    lambda ps, f: GaLoreAdamW(ps, lr=1e-2, weight_decay=0.1, fused=f, allow_unprojected=True),
+], ids=["adamw", "adamw_hf", "spam", "galore_unprojected"])
+def test_fused_kernels_never_pair_a_gradient_by_memory_when_its_layout_differs(make, layout):
+    """torch's CPU fused AdamW kernel pairs entries by their place in memory: a gradient set by hand
+    with other strides than its parameter's must take the reference arithmetic."""
+    def run(fused):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(6, 4))
+        opt = make([p], fused)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(8):
+            x = torch.randn(6, 8, generator=g)
+            p.grad = {"column-major": x[:, :4].t().contiguous().t(), "broadcast": x[:1, :4].expand(6, 4),
+                      "sliced": x[:, ::2]}[layout]
+            opt.step()
+        return p.detach()
+
+    a, b = run(True), run(False)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-6
+
+
+def test_a_parameter_listed_twice_counts_two_steps_as_in_torch():
+    import warnings
+
+    p, q = _params([3, 3])
+    q2 = nn.Parameter(q.detach().clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = AdamW([p, p], lr=0.1)
+        ref = torch.optim.AdamW([q2, q2], lr=0.1)
+    for _ in range(3):
+        p.grad, q2.grad = torch.ones(3), torch.ones(3)
+        ours.step()
+        ref.step()
+    # the count only: torch's CPU loop counts and applies one copy after the other, poise counts
+    # both then applies both (as before the counters were banked), so the values differ
+    assert float(ours.state[p]["step"]) == float(ref.state[q2]["step"]) == 6.0
+
+
+def test_a_deep_copy_steps_on_its_own():
+    import copy
+
+    p = _params([4])[0]
+    opt = AdamW([p], lr=0.1)
+    p.grad = torch.ones(4)
+    opt.step()
+    twin = copy.deepcopy(opt)
+    q = twin.param_groups[0]["params"][0]
+    q.grad = torch.ones(4)
+    twin.step()
+    twin.step()
+    assert float(twin.state[q]["step"]) == 3.0 and float(opt.state[p]["step"]) == 1.0
+    opt.step()
+    assert float(opt.state[p]["step"]) == 2.0 and float(twin.state[q]["step"]) == 3.0
+
+
+def test_a_tensor_learning_rate_decays_as_a_float_one():
+    """lr * weight_decay was computed in float32 when lr is a 0-d tensor: at lr = 1, wd = 1 - 1e-7
+    the decay factor 1 - lr wd lost every digit."""
+    def run(lr):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(5, dtype=torch.float64))
+        opt = AdamW([p], lr=lr, weight_decay=0.9999999, convention="hf", fused=False)
+        for _ in range(3):
+            p.grad = torch.ones(5, dtype=torch.float64)
+            opt.step()
+        return p.detach()
+
+    torch.testing.assert_close(run(torch.tensor(1.0)), run(1.0), rtol=1e-12, atol=0)

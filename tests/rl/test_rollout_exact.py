@@ -365,6 +365,14 @@ def test_auto_does_not_share_the_rows_of_a_random_forward():
     wrapped = nn.Module()
     wrapped.module = dropped  # DDP's layout
     assert stochastic_forward(wrapped) == "its config sets attention_dropout=0.1"
+    # Mixtral's router jitter is random too; GPT-2's summary_first_dropout is not the LM's
+    mx = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=17, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.5))
+    assert stochastic_forward(mx) == "its config sets router_jitter_noise=0.5"
+    g2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20,
+                                                              resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    assert stochastic_forward(g2) is None
 
 
 _ = (F, Tensor, logits_of)  # used by the verbatim references

@@ -156,3 +156,22 @@ def test_qgalore_quantized_projector_int8_weights_and_adaptive_gap():
     assert int(st["galore.gap"]) > 2  # the refresh interval grew
     groups = w.detach().reshape(-1)[:192].view(3, 64)
     assert all(len(torch.unique(row)) <= 256 for row in groups)  # on an 8-bit grid per group
+
+
+@pytest.mark.parametrize("mode", ["block", "rows"])
+def test_frugal_takes_a_tensor_whose_first_gradient_comes_between_draws(mode):
+    """It used to raise KeyError('frugal.active'): the draw covers the tensors with a gradient."""
+    from poise._registry import get
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    opt = get("optimizer", "frugal")([a, b], lr=1e-2, weight_decay=0.0, mode=mode, update_gap=3,
+                                     inactive_update_rule="sgd", inactive_lr_scale=1.0)
+    a.grad = torch.randn(4, 4)
+    opt.step()  # the draw: b has no gradient yet
+    before = b.detach().clone()
+    g = torch.randn(4, 4)
+    a.grad, b.grad = torch.randn(4, 4), g.clone()
+    opt.step()
+    assert float(opt.state[b]["frugal.active"]) == 0.0  # the state-free rule until the next draw
+    torch.testing.assert_close(b.detach(), before - 1e-2 * g)

@@ -143,6 +143,14 @@ class TransformOptimizer(torch.optim.Optimizer):
         self.diagnostics = diagnostics
         self.last_diagnostics: dict[str, Tensor] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's ``Optimizer.__getstate__`` keeps only ``defaults``, ``state`` and ``param_groups``;
+        a poise optimizer also needs its transform and policies (``copy.deepcopy`` of it failed). The
+        counter bank and the check's buffers are caches, rebuilt at the next step."""
+        out = dict(super().__getstate__())
+        out.update({k: v for k, v in self.__dict__.items() if k not in out and k not in ("_banks", "_amp_check")})
+        return out
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, then the transform's declared defaults are filled in;
         a required key missing from the group and the defaults raises ``ValueError``, a
@@ -426,8 +434,9 @@ class TransformOptimizer(torch.optim.Optimizer):
         one buffer (the same values, still one ``step`` and one ``clock`` tensor per parameter)
         and later steps add one to the buffer. Anything that replaces a counter tensor (loading
         a state dict, a transform that resets by assignment) or steps another set of parameters
-        is seen by identity and re-banks; counters that are not plain float32 CPU scalars, and
-        compiled steps, take the per-tensor path."""
+        is seen by identity and re-banks; counters that are not plain float32 CPU scalars, a group
+        that lists a parameter twice (torch warns, and counts its step twice), and compiled steps
+        take the per-tensor path."""
         if not states:
             return
         steps = [s["step"] for s in states]
@@ -439,8 +448,9 @@ class TransformOptimizer(torch.optim.Optimizer):
             bank[0].add_(1.0)
             return
         counters = steps + clocks
-        if compiling() or not all(type(c) is Tensor and c.dim() == 0 and c.dtype == torch.float32
-                                  and c.device.type == "cpu" for c in counters):
+        if compiling() or len({id(s) for s in states}) < len(states) or not all(
+                type(c) is Tensor and c.dim() == 0 and c.dtype == torch.float32 and c.device.type == "cpu"
+                for c in counters):  # a parameter listed twice counts two steps, as torch.optim's
             banks.pop(gi, None)
             tick(states)
             return

@@ -52,7 +52,8 @@ def fused_galore_adamw() -> Transform:
         return _side((u.shape[0], u.numel() // u.shape[0]), proj_type) in ("right", "left")
 
     def plain_ok(u: Tensor, s: State, p: Tensor, hyper: Hyper) -> bool:
-        return hyper.get("correct_bias", True) and "momentum_scale" not in s and kernel_ok(u, p, s["step"])
+        moments = (s["inner.exp_avg"], s["inner.exp_avg_sq"]) if "inner.exp_avg" in s else ()
+        return hyper.get("correct_bias", True) and "momentum_scale" not in s and kernel_ok(u, p, s["step"], *moments)
 
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
         proj_type = hyper.get("proj_type", "std")

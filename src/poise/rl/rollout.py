@@ -224,17 +224,19 @@ def _distinct_rollouts(rollouts: Sequence[Rollout]) -> tuple[list[Rollout], Tens
 
 def stochastic_forward(model: nn.Module) -> str | None:
     """Why a training forward of ``model`` is random, or None: a dropout module with ``p > 0``, or a
-    Hugging Face config with a dropout probability above 0 (attention dropout is functional there,
-    not a module). Rows that share a forward then share their dropout masks, which changes the
-    distribution of the update, not only its rounding: ``train.share_rows="auto"`` is off for such
-    a model."""
+    Hugging Face config with a dropout probability, a jitter or a noise level above 0 (attention
+    dropout and Mixtral's ``router_jitter_noise`` are functional there, not modules; ``summary_*``
+    keys, used only by sequence-classification and double-heads models, are not the LM's). Rows that
+    share a forward then share their random draws, which changes the distribution of the update, not
+    only its rounding: ``train.share_rows="auto"`` is off for such a model."""
     inner = getattr(model, "module", model)  # DDP / FSDP wrappers
     for name, m in inner.named_modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             return f"{name or type(m).__name__} is a dropout with p={m.p}"
     cfg = getattr(inner, "config", None)
     for k, v in (cfg.to_dict().items() if hasattr(cfg, "to_dict") else vars(cfg).items() if cfg is not None else ()):
-        if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+        if (any(w in k for w in ("dropout", "pdrop", "jitter", "noise")) and not k.startswith("summary_")
+                and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
             return f"its config sets {k}={v}"
     return None
 

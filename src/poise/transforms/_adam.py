@@ -183,9 +183,8 @@ def add_decayed_weights(when: str = "before") -> Transform:
         wd = hyper.get("weight_decay", 0.0)
         if not wd:
             return updates
-        c = hyper["lr"] * wd
-        if isinstance(c, Tensor):
-            c = float(c)
+        lr = hyper["lr"]
+        c = (float(lr) if isinstance(lr, Tensor) else lr) * wd  # in double: a float32 lr * wd loses digits
         if when == "before":
             return [None if u is None else u.add_(p, alpha=-c) for u, p in zip(updates, params, strict=True)]
         return [None if u is None else u.mul_(1 - c).add_(p, alpha=-c) for u, p in zip(updates, params, strict=True)]
@@ -197,11 +196,21 @@ def add_decayed_weights(when: str = "before") -> Transform:
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 
 
-def kernel_ok(u: Tensor, p: Tensor, step: Tensor) -> bool:
-    """Whether torch's fused AdamW kernel can step ``p`` with update ``u``: same dtype (a float
-    type), dense, a CPU step counter (the kernel reads it on the host)."""
+def kernel_ok(u: Tensor, p: Tensor, step: Tensor, *moments: Tensor) -> bool:
+    """Whether torch's fused AdamW kernel can step ``p`` with update ``u`` (and the moments, when
+    they exist): same dtype (a float type), a CPU step counter (the kernel reads it on the host), and
+    one memory layout: the CPU kernel pairs entries by their place in memory, ignoring strides, so a
+    gradient laid out otherwise than its parameter (transposed, broadcast with ``expand``, sliced: any
+    gradient set by hand) would be paired with the wrong weights. ``p`` must be dense (contiguous, or
+    channels-last for a 4-D tensor) and ``u`` and the moments must have its strides; anything else
+    takes the reference arithmetic."""
     dt = u.dtype
-    return dt is p.dtype and dt in _KERNEL_DTYPES and not u.is_sparse and step.is_cpu
+    if not (dt is p.dtype and dt in _KERNEL_DTYPES and not u.is_sparse and step.is_cpu):
+        return False
+    st = p.stride()
+    if u.stride() != st or any(m.stride() != st for m in moments):
+        return False
+    return p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
 
 
 def hf_adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -299,7 +308,8 @@ def fused_adamw(convention: str = "torch") -> Transform:
             p = params[i]
             step = s["step"]
             # the kernel's own checks raise on a device mismatch, as the reference arithmetic would
-            ok = kernel_ok(u, p, step) and kernel_hf
+            v = s[k_v]
+            ok = kernel_ok(u, p, step, m, v) and kernel_hf
             key = (b1, ok, u.dtype, u.device)
             g = groups.get(key)
             if g is None:
@@ -308,7 +318,7 @@ def fused_adamw(convention: str = "torch") -> Transform:
             g[1].append(p)
             g[2].append(u)
             g[3].append(m)
-            g[4].append(s[k_v])
+            g[4].append(v)
             g[5].append(step)
         for (b1, ok, _, _), (idx, ps, us, ms_, vs, steps) in groups.items():
             if ok and not hf:

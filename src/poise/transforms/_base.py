@@ -132,6 +132,10 @@ class Transform(NamedTuple):
     shard_safe: bool = False
     reads: Mapping[str, Read] = _NO_READS
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Transform:
+        """A transform holds no state (that lives in the states it is given): copies share it."""
+        return self
+
 
 def declare(stage: str, **keys: tuple[Any, str] | tuple[Any, str, str | None]) -> Mapping[str, Read]:
     """``reads`` for a stage: ``declare("clip_global_norm", max_norm=(REQUIRED, "global-norm bound"))``;

@@ -34,8 +34,10 @@ def split_frugal(inner: Transform) -> Transform:
 
     With ``reset_statistics`` the ``inner`` state is dropped and the step restarts at each
     new subspace. The draw uses a generator seeded by ``hyper["seed"]`` and the draw index,
-    so every process of a distributed run draws the same subspace. State per tensor:
-    ``active`` (1.0/0.0) and, in row mode, ``rows`` (the active row indices).
+    so every process of a distributed run draws the same subspace; it covers the tensors that have
+    a gradient at that step, and a tensor whose first gradient comes between two draws takes the
+    state-free rule until the next one. State per tensor: ``active`` (1.0/0.0) and, in row mode,
+    ``rows`` (the active row indices).
     """
 
     def draw(states: list[State], params: list[Tensor], hyper: Hyper, k: int) -> None:
@@ -77,6 +79,9 @@ def split_frugal(inner: Transform) -> Transform:
                     clear(inner_states[i])
                     if hyper.get("reset_statistics", True):
                         states[i]["step"].fill_(1)
+        for i in live:  # first gradient between two draws: the state-free rule until the next draw
+            if "active" not in states[i]:
+                states[i]["active"] = torch.tensor(0.0)
         a_scale, i_scale = hyper["proj_params_lr_scale"], hyper["inactive_lr_scale"]
 
         def inactive(r: Tensor) -> Tensor:

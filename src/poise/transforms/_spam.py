@@ -136,7 +136,8 @@ def spam(inner: Transform, apply_hf: bool = False) -> Transform:
             by_scale: dict[float, list[int]] = {}
             for i in live:
                 u, s, si = updates[i], states[i], inner_states[i]
-                if "momentum_scale" in s or not kernel_ok(u, params[i], s["step"]):
+                moments = (si["exp_avg"], si["exp_avg_sq"]) if "exp_avg" in si else ()
+                if "momentum_scale" in s or not kernel_ok(u, params[i], s["step"], *moments):
                     continue
                 if "exp_avg" not in si:
                     si["exp_avg"] = torch.zeros_like(u)
