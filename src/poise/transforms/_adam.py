@@ -207,10 +207,17 @@ def kernel_ok(u: Tensor, p: Tensor, step: Tensor, *moments: Tensor) -> bool:
     dt = u.dtype
     if not (dt is p.dtype and dt in _KERNEL_DTYPES and not u.is_sparse and step.is_cpu):
         return False
+    return _one_layout(u, p, *moments)
+
+
+def _one_layout(u: Tensor, p: Tensor, *moments: Tensor) -> bool:
+    """``p`` dense and ``u`` and the moments laid out as it is (see :func:`kernel_ok`)."""
+    if p.is_contiguous() and u.is_contiguous() and all(m.is_contiguous() for m in moments):
+        return True  # the common case, without building stride tuples
     st = p.stride()
     if u.stride() != st or any(m.stride() != st for m in moments):
         return False
-    return p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+    return p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
 
 
 def hf_adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -309,7 +316,10 @@ def fused_adamw(convention: str = "torch") -> Transform:
             step = s["step"]
             # the kernel's own checks raise on a device mismatch, as the reference arithmetic would
             v = s[k_v]
-            ok = kernel_ok(u, p, step, m, v) and kernel_hf
+            dt = u.dtype  # kernel_ok, inlined: this loop runs once per parameter per step
+            ok = (kernel_hf and dt is p.dtype and dt in _KERNEL_DTYPES and step.is_cpu and not u.is_sparse
+                  and ((p.is_contiguous() and u.is_contiguous() and m.is_contiguous() and v.is_contiguous())
+                       or _one_layout(u, p, m, v)))
             key = (b1, ok, u.dtype, u.device)
             g = groups.get(key)
             if g is None:
