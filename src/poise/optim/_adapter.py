@@ -254,8 +254,8 @@ class TransformOptimizer(torch.optim.Optimizer):
                 batched.setdefault(g.device, []).append(g)
             else:
                 summed.append(g)
+        bufs = self.__dict__.setdefault("_amp_check", {})
         for dev, gs in batched.items():
-            bufs = self.__dict__.setdefault("_amp_check", {})
             if dev not in bufs:
                 bufs[dev] = (torch.zeros(1, device=dev), torch.ones(1, device=dev))
             found, one = bufs[dev]
@@ -395,17 +395,12 @@ class TransformOptimizer(torch.optim.Optimizer):
                     st.update(init_state(self.transform, _real(_view(p, self.shard_safe)), group))
                 states.append(st)
             self._tick(gi, states)
-            if plain:
+            dt = None if plain else [_is_dtensor(p) for p in params]
+            if dt is None or not any(dt):
+                if dt is not None:  # complex (where param_dtypes allow it): pairs of reals
+                    params, grads = [_real(p) for p in params], [_real(g) for g in grads]
                 updates = self.transform.update(grads, states, params, group)
                 for p, u in zip(params, updates, strict=True):
-                    if u is not None:
-                        p.add_(u.to(p.dtype))
-                continue
-            dt = [_is_dtensor(p) for p in params]
-            if not any(dt):
-                reals = [_real(p) for p in params]  # complex (where param_dtypes allow it): pairs of reals
-                updates = self.transform.update([_real(p.grad) for p in params], states, reals, group)
-                for p, u in zip(reals, updates, strict=True):
                     if u is not None:
                         p.add_(u.to(p.dtype))
                 continue
@@ -439,15 +434,13 @@ class TransformOptimizer(torch.optim.Optimizer):
         take the per-tensor path."""
         if not states:
             return
-        steps = [s["step"] for s in states]
-        clocks = [s["clock"] for s in states]
+        counters = [s["step"] for s in states] + [s["clock"] for s in states]
         banks = self.__dict__.setdefault("_banks", {})
         bank = banks.get(gi)
-        if (bank is not None and len(bank[1]) == 2 * len(states)
-                and all(a is b for a, b in zip(bank[1], steps + clocks, strict=True))):
+        if bank is not None and len(bank[1]) == len(counters) and all(
+                a is b for a, b in zip(bank[1], counters, strict=True)):
             bank[0].add_(1.0)
             return
-        counters = steps + clocks
         if compiling() or len({id(s) for s in states}) < len(states) or not all(
                 type(c) is Tensor and c.dim() == 0 and c.dtype == torch.float32 and c.device.type == "cpu"
                 for c in counters):  # a parameter listed twice counts two steps, as torch.optim's

@@ -13,8 +13,8 @@ from poise._registry import register
 from poise.optim import _check
 from poise.optim._lowrank import LowRankOptimizer
 from poise.transforms import add_decayed_weights, chain, project_low_rank, scale_by_adam, scale_by_learning_rate
-from poise.transforms._adam import hf_adamw_step, kernel_ok
-from poise.transforms._base import Hyper, State, Transform, Updates, compiling
+from poise.transforms._adam import apply_hf_adamw
+from poise.transforms._base import Hyper, State, Transform, Updates, compiling, scoped
 from poise.transforms._lowrank import PROJ_TYPES, _side
 
 __all__ = ["GaLoreAdamW", "fused_galore_adamw"]
@@ -34,7 +34,7 @@ def fused_galore_adamw() -> Transform:
     ``addmm_``, the bias correction and ``-lr * scale`` ride in its ``alpha``), the moments of all
     projected matrices of a group are updated by ``torch._foreach_*`` kernels, and nothing of full
     rank is allocated. Tensors that are not projected (1-D tensors, groups without ``rank``) take
-    HF AdamW in torch's one-pass kernel (:func:`poise.transforms._adam.hf_adamw_step`). Same state
+    HF AdamW in torch's one-pass kernel (:func:`poise.transforms._adam.apply_hf_adamw`). Same state
     keys (``proj``, ``refreshed``, ``inner.exp_avg``, ``inner.exp_avg_sq``), same refresh schedule
     and hyperparameters as ``project_low_rank`` (to which it hands anything else: ``full``
     projections, Q-GaLore's quantized projectors, a parameter whose dtype differs from its
@@ -51,10 +51,6 @@ def fused_galore_adamw() -> Transform:
             return False
         return _side((u.shape[0], u.numel() // u.shape[0]), proj_type) in ("right", "left")
 
-    def plain_ok(u: Tensor, s: State, p: Tensor, hyper: Hyper) -> bool:
-        moments = (s["inner.exp_avg"], s["inner.exp_avg_sq"]) if "inner.exp_avg" in s else ()
-        return hyper.get("correct_bias", True) and "momentum_scale" not in s and kernel_ok(u, p, s["step"], *moments)
-
     def update(updates: Updates, states: list[State], params: list[Tensor], hyper: Hyper) -> Updates:
         proj_type = hyper.get("proj_type", "std")
         if hyper.get("proj_bits") is not None or compiling() or proj_type not in PROJ_TYPES:
@@ -66,27 +62,19 @@ def fused_galore_adamw() -> Transform:
                 continue
             if projected and fast(u, s, p, proj_type):
                 idx.append(i)
-            elif (not projected or u.dim() < 2) and plain_ok(u, s, p, hyper):
-                plain.append(i)  # not projected: HF AdamW, in torch's fused kernel
+            elif not projected or u.dim() < 2:
+                plain.append(i)  # not projected: HF AdamW, in torch's fused kernel where it takes them
             else:
                 rest.append(i)
         out: Updates = list(updates)
         lr = float(hyper["lr"]) if isinstance(hyper["lr"], Tensor) else hyper["lr"]
-        if plain:
-            b1, b2 = hyper["betas"]
-            for i in plain:
-                if "inner.exp_avg" not in states[i]:
-                    states[i]["inner.exp_avg"] = torch.zeros_like(updates[i])
-                    states[i]["inner.exp_avg_sq"] = torch.zeros_like(updates[i])
-            ms = [states[i]["inner.exp_avg"] for i in plain]
-            vs = [states[i]["inner.exp_avg_sq"] for i in plain]
-            if hf_adamw_step([params[i] for i in plain], [updates[i] for i in plain], ms, vs,
-                             [states[i]["step"] for i in plain], lr=lr, beta1=b1, beta2=b2, eps=hyper["eps"],
-                             weight_decay=hyper.get("weight_decay", 0.0)):
-                for i in plain:
-                    out[i] = None
+        applied = apply_hf_adamw(updates, scoped(states, "inner."), params, plain, hyper) if plain else set()
+        for i in plain:
+            if i in applied:
+                out[i] = None
             else:
-                rest = sorted(rest + plain)
+                rest.append(i)
+        rest.sort()
         if rest:
             sub = reference.update([updates[i] for i in rest], [states[i] for i in rest], [params[i] for i in rest],
                                    hyper)

@@ -248,6 +248,36 @@ def hf_adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     return True
 
 
+def apply_hf_adamw(updates: Updates, states: list[State], params: list[Tensor], idx: list[int], hyper: Hyper,
+                   scales: list[float] | None = None) -> set[int]:
+    """:func:`hf_adamw_step` for the parameters ``idx`` the kernel can take (:func:`kernel_ok`, no
+    ``momentum_scale``, ``correct_bias`` on), with their moments at ``states[i]["exp_avg"]`` and
+    ``["exp_avg_sq"]`` (zeros when missing) and ``scales[i]`` multiplying the update (SPAM's warm-up;
+    one kernel call per distinct scale). Returns the indices it applied; the rest is the caller's."""
+    if not hyper.get("correct_bias", True):  # the kernel always corrects the bias
+        return set()
+    lr = float(hyper["lr"]) if isinstance(hyper["lr"], Tensor) else hyper["lr"]
+    b1, b2 = hyper["betas"]
+    by_scale: dict[float, list[int]] = {}
+    for i in idx:
+        u, s = updates[i], states[i]
+        moments = (s["exp_avg"], s["exp_avg_sq"]) if "exp_avg" in s else ()
+        if "momentum_scale" in s or not kernel_ok(u, params[i], s["step"], *moments):
+            continue
+        if not moments:
+            s["exp_avg"] = torch.zeros_like(u)
+            s["exp_avg_sq"] = torch.zeros_like(u)
+        by_scale.setdefault(1.0 if scales is None else scales[i], []).append(i)
+    applied: set[int] = set()
+    for scale, group in by_scale.items():
+        if hf_adamw_step([params[i] for i in group], [updates[i] for i in group],
+                         [states[i]["exp_avg"] for i in group], [states[i]["exp_avg_sq"] for i in group],
+                         [states[i]["step"] for i in group], lr=lr, beta1=b1, beta2=b2, eps=hyper["eps"],
+                         weight_decay=hyper.get("weight_decay", 0.0), update_scale=scale):
+            applied.update(group)
+    return applied
+
+
 def fused_adamw(convention: str = "torch") -> Transform:
     r"""Terminal fast path of ``chain(scale_by_adam(convention), scale_by_learning_rate(),
     add_decayed_weights("before" for torch, "after" for hf))``: applies the AdamW step to the
@@ -314,13 +344,14 @@ def fused_adamw(convention: str = "torch") -> Transform:
             b1 = b1_base if ms is None else b1_base * float(ms)
             p = params[i]
             step = s["step"]
-            # the kernel's own checks raise on a device mismatch, as the reference arithmetic would
             v = s[k_v]
-            dt = u.dtype  # kernel_ok, inlined: this loop runs once per parameter per step
+            # kernel_ok, inlined (this loop runs once per parameter per step; the call costs ~0.5 us). The
+            # kernel's own checks raise on a device mismatch, as the reference arithmetic would
+            dt = u.dtype
             ok = (kernel_hf and dt is p.dtype and dt in _KERNEL_DTYPES and step.is_cpu and not u.is_sparse
                   and ((p.is_contiguous() and u.is_contiguous() and m.is_contiguous() and v.is_contiguous())
                        or _one_layout(u, p, m, v)))
-            key = (b1, ok, u.dtype, u.device)
+            key = (b1, ok, dt, u.device)
             g = groups.get(key)
             if g is None:
                 g = groups[key] = ([], [], [], [], [], [])

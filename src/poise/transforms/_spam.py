@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from poise.transforms._adam import hf_adamw_step, kernel_ok
+from poise.transforms._adam import apply_hf_adamw
 from poise.transforms._base import (
     LR,
     WEIGHT_DECAY,
@@ -129,27 +129,7 @@ def spam(inner: Transform, apply_hf: bool = False) -> Transform:
             else:
                 s["clipped_frac"] = zeros[j]  # one allocation for every tensor that was not clipped
             scales[i] = spam_warmup_scale(float(s["warmup_step"]), W)
-        applied: set[int] = set()
-        if apply_hf and live and hyper.get("correct_bias", True):
-            lr = float(hyper["lr"]) if isinstance(hyper["lr"], Tensor) else hyper["lr"]
-            b1, b2 = hyper["betas"]
-            by_scale: dict[float, list[int]] = {}
-            for i in live:
-                u, s, si = updates[i], states[i], inner_states[i]
-                moments = (si["exp_avg"], si["exp_avg_sq"]) if "exp_avg" in si else ()
-                if "momentum_scale" in s or not kernel_ok(u, params[i], s["step"], *moments):
-                    continue
-                if "exp_avg" not in si:
-                    si["exp_avg"] = torch.zeros_like(u)
-                    si["exp_avg_sq"] = torch.zeros_like(u)
-                by_scale.setdefault(scales[i], []).append(i)
-            for scale, idx in by_scale.items():
-                ms = [inner_states[i]["exp_avg"] for i in idx]
-                vs = [inner_states[i]["exp_avg_sq"] for i in idx]
-                if hf_adamw_step([params[i] for i in idx], [updates[i] for i in idx], ms, vs,
-                                 [states[i]["step"] for i in idx], lr=lr, beta1=b1, beta2=b2, eps=hyper["eps"],
-                                 weight_decay=hyper.get("weight_decay", 0.0), update_scale=scale):
-                    applied.update(idx)
+        applied = apply_hf_adamw(updates, inner_states, params, live, hyper, scales) if apply_hf else set()
         pending = [None if i in applied else u for i, u in enumerate(updates)] if applied else updates
         out = inner.update(pending, inner_states, params, hyper)
         scaled = [i for i in live if out[i] is not None]
