@@ -347,6 +347,12 @@ def test_share_rows_is_auto_true_or_false():
         validate_rl(load_recipe("rl-stability", [f"train.share_rows={ok}"]))
     with pytest.raises(ConfigError, match="share_rows=1; valid choices: auto, true, false"):
         validate_rl(load_recipe("rl-stability", ["train.share_rows=1"]))
+    from poise.runs.kinds.rl import resolve  # what "auto" came to is written in config.json's "resolved"
+
+    assert resolve(load_recipe("rl-stability", []))["share_rows"] == {
+        "value": True, "why": "auto: the training forward is deterministic"}
+    assert resolve(load_recipe("rl-stability", ["train.share_rows=false"]))["share_rows"] == {"value": False,
+                                                                                            "why": "set"}
 
 
 def test_auto_does_not_share_the_rows_of_a_random_forward():

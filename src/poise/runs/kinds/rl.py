@@ -351,9 +351,21 @@ def _optimizer(t: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def resolve(cfg: RLStudyConfig) -> dict[str, Any]:
-    """What the policy's optimizer was built as (class, groups, projected matrices)."""
+    """What the policy's optimizer was built as (class, groups, projected matrices), and what
+    ``train.share_rows`` came to."""
     model = build_policy(cfg.train, CharTokenizer().vocab_size)
-    return {"optimizer": describe_optimizer(_optimizer(cfg.train, model), model)}
+    share, why = _share_rows(cfg.train, model)
+    return {"optimizer": describe_optimizer(_optimizer(cfg.train, model), model),
+            "share_rows": {"value": share, "why": why}}
+
+
+def _share_rows(t: RLTrainConfig, model: torch.nn.Module) -> tuple[bool, str]:
+    """``train.share_rows`` for ``model``, and why: as set, or ``"auto"``: on unless the training
+    forward is random (:func:`poise.rl.stochastic_forward`)."""
+    if isinstance(t.share_rows, bool):
+        return t.share_rows, "set"
+    why = stochastic_forward(model)
+    return why is None, "auto: the training forward is deterministic" if why is None else f"auto: off, {why}"
 
 
 def _task_kwargs(cfg: RLStudyConfig) -> dict[str, Any]:
@@ -570,7 +582,7 @@ def run_one_rl(cfg: RLStudyConfig, variant_index: int, seed: int, metrics_path: 
                                lambda m: collect(m, tok, task, generator=gen, **kw), start_version=start - 1)
     routed = t.model == "moe"
     trainer_dtype = PRECISIONS[v.trainer_precision]
-    share_rows = t.share_rows if isinstance(t.share_rows, bool) else stochastic_forward(trainer) is None
+    share_rows = _share_rows(t, trainer)[0]
     scaler = torch.amp.GradScaler("cpu", growth_interval=400) if v.trainer_precision == "float16" else None
     eos_id = int(tok.encode(EOS)[0])
     t0 = time.perf_counter()
