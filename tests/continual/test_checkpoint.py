@@ -216,3 +216,20 @@ def test_checkpoints_are_snapshots():
     _fit(parts, checkpoint_every=3, on_checkpoint=lambda s: saved.__setitem__(s["step"], s))
     assert not torch.equal(saved[3]["model"]["0.weight"], parts[0].state_dict()["0.weight"])
     assert saved[3]["strategy"]["buffer"]["seen"] == 24  # 3 steps x 8 samples, unchanged since
+    # the evaluator's part is not copied again (it is built afresh): it must still not move with training
+    ev = saved[3]["evaluator"]
+    assert ev["step"] == 3 and ev["records"] and all(r["step"] <= 3 for r in ev["records"])
+    assert saved[6]["evaluator"]["records"][0] is not ev["records"][0]
+
+
+def test_the_evaluator_state_shares_nothing_with_the_evaluator():
+    from poise.measure import ContinualEvaluator, EvalSchedule
+
+    ev = ContinualEvaluator({0: (torch.randn(5, 3), torch.zeros(5, dtype=torch.long))}, schedule=EvalSchedule(0, 1))
+    ev.begin_task(0)
+    ev.maybe_eval(torch.nn.Linear(3, 2))
+    state = ev.state_dict()
+    state["seen"].append(9)
+    state["records"][0]["acc"][0][1] = -1.0
+    state["records"].clear()
+    assert ev.state_dict() != state and ev.seen == [0] and len(ev.records) == 1 and ev.records[0].acc[0] >= 0

@@ -403,3 +403,33 @@ def test_batched_evaluation_gives_the_task_by_task_numbers():
             ev.end_task(model)
         curves.append([{t: (None if math.isnan(a) else a) for t, a in r.acc.items()} for r in ev.records])
     assert curves[0] == curves[1] and any(r[3] is None for r in curves[0] if 3 in r)
+
+
+@pytest.mark.parametrize("classes", [None, [0, 1]])
+@pytest.mark.parametrize("value,col", [(math.nan, 2), (math.nan, 0), (math.inf, 1), (-math.inf, None), (-math.inf, 2),
+                                       (-math.inf, 0), (1e30, 1), (1e30, 2)])
+def test_one_pass_scoring_flags_what_task_by_task_flags(value, col, classes):
+    # the batched scorer checks finiteness once for all tasks and only then per row: every case of
+    # test_what_counts_as_non_finite_output (and restricted classes), beside a clean task, gives the
+    # per-task numbers and the same NaN flags
+    got = []
+    for batched in (True, False):
+        m = Poisoned()
+        sets = {t: EvalSet(x, y, classes) for t, (x, y) in _sets3(3, n=7).items()}
+        ev = ContinualEvaluator(sets, schedule=EvalSchedule(0, 1), include_unseen=True, batched=batched)
+        ev.begin_task(0)
+        m.poison, m.value, m.col = {1}, value, col
+        accs = ev.maybe_eval(m)
+        got.append(({t: None if math.isnan(a) else a for t, a in accs.items()}, ev.records[-1].nonfinite))
+    assert got[0] == got[1]
+    assert got[0][0][0] == 1.0 and got[0][0][2] == 1.0  # the clean tasks keep their accuracy
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_one_label_per_sample_is_required_in_both_paths(batched):
+    x = torch.randn(6, 3)
+    ev = ContinualEvaluator({0: EvalSet(x, torch.zeros(6, 1, dtype=torch.long))}, schedule=EvalSchedule(0, 1),
+                            batched=batched)
+    ev.begin_task(0)
+    with pytest.raises(ValueError, match=r"one label per sample \(y of shape \(n,\)\)"):
+        ev.maybe_eval(nn.Linear(3, 4))

@@ -336,8 +336,9 @@ class ContinualEvaluator:
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`maybe_eval`, :meth:`end_task` and :meth:`metrics` depend on, as
         plain Python values (counters, the task order, the boundaries and every recorded
-        evaluation); loadable with ``torch.load(weights_only=True)``. The evaluation sets are
-        not in it: a fresh evaluator built with the same arguments (and seed) has the same
+        evaluation), built afresh at each call (no container is shared with the evaluator, so a
+        checkpoint may keep it without copying); loadable with ``torch.load(weights_only=True)``.
+        The evaluation sets are not in it: a fresh evaluator built with the same arguments (and seed) has the same
         subsets, and :meth:`load_state_dict` checks the task ids."""
         return {
             "task_ids": list(self.task_ids),
@@ -446,8 +447,11 @@ class ContinualEvaluator:
 
     def _accuracy_all(self, model: nn.Module, tasks: list[Any]) -> dict[Any, float]:
         """:meth:`_accuracy` of every task in ``tasks`` at once: their inputs concatenated once (cached per
-        task list and device), forwarded in ``batch_size`` chunks, then scored per task with its class mask.
-        The same numbers as task by task (a test checks it), without the per-task set-up of each call."""
+        task list and device, with each row's task index and, when a task restricts its classes, each row's
+        class mask), forwarded in ``batch_size`` chunks, then scored for all tasks together: one masked
+        argmax, one per-task sum of hits and one read back to the host. Logits that are all finite (the
+        usual case, checked in that same read) are scorable everywhere; otherwise each row is checked as
+        :func:`_scorable` does. The same numbers as task by task (a test checks it)."""
         model = getattr(model, "module", model)
         try:
             device = next(model.parameters()).device
@@ -456,39 +460,56 @@ class ContinualEvaluator:
         key = (tuple(tasks), str(device))
         if self._cat_key != key:
             sets = [self.sets[t] for t in tasks]
-            masks = [None if s.classes is None else list(s.classes) for s in sets]  # type: ignore[union-attr]
-            self._cat = (torch.cat([s.x for s in sets]).to(device),  # type: ignore[union-attr]
-                         torch.cat([s.y for s in sets]).to(device),  # type: ignore[union-attr]
-                         [len(s.y) for s in sets], masks)  # type: ignore[union-attr]
+            sizes = torch.tensor([len(s.y) for s in sets])  # type: ignore[union-attr]
+            self._cat = {"x": torch.cat([s.x for s in sets]).to(device),  # type: ignore[union-attr]
+                         "y": torch.cat([s.y for s in sets]).to(device),  # type: ignore[union-attr]
+                         "n": sizes.tolist(),
+                         "row_task": torch.repeat_interleave(torch.arange(len(sets)), sizes).to(device),
+                         "classes": [None if s.classes is None else list(s.classes) for s in sets],  # type: ignore[union-attr]
+                         "keep": None}  # [rows, classes] bool, built at the first forward (when classes is known)
             self._cat_key = key
-        x, y, sizes, masks = self._cat
+        c = self._cat
+        x, y = c["x"], c["y"]
         flags = {m: m.training for m in model.modules()}
         model.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                logits = torch.cat([logits_of(model(x[i : i + self.batch_size]))
-                                    for i in range(0, len(y), self.batch_size)])
+                chunks = [logits_of(model(x[i : i + self.batch_size])) for i in range(0, len(y), self.batch_size)]
         finally:
             for m, f in flags.items():
                 m.training = f
-        out: dict[Any, float] = {}
-        start = 0
-        for t, n, classes in zip(tasks, sizes, masks, strict=True):
-            lg, yt = logits[start : start + n], y[start : start + n]
-            start += n
-            if classes is None:
-                pred, ok = lg.argmax(-1), _scorable(lg)
-            else:
-                keep = torch.zeros(lg.shape[-1], dtype=torch.bool, device=lg.device)
-                keep[classes] = True
-                pred, ok = torch.where(keep, lg, float("-inf")).argmax(-1), _scorable(lg[..., keep])
-            if pred.shape != yt.shape:
-                raise ValueError(
-                    f"predictions compared with labels {tuple(yt.shape)} give shape {tuple(pred.shape)}: an "
-                    "EvalSet takes one label per sample (y of shape (n,)); for a language model give an "
-                    "LMEvalSet (token accuracy, loss and perplexity averaged over tokens)")
-            out[t] = math.nan if not bool(ok.all()) else int((pred == yt).sum()) / n
-        return out
+        logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        if logits.dim() != 2 or y.dim() != 1 or logits.shape[0] != len(y):
+            raise ValueError(
+                f"predictions compared with labels {tuple(y.shape)} give shape {tuple(logits.shape[:-1])}: an "
+                "EvalSet takes one label per sample (y of shape (n,)); for a language model give an "
+                "LMEvalSet (token accuracy, loss and perplexity averaged over tokens)")
+        keep = c["keep"]
+        if keep is None and any(k is not None for k in c["classes"]):
+            keep = torch.ones(len(y), logits.shape[-1], dtype=torch.bool, device=logits.device)
+            start = 0
+            for n, classes in zip(c["n"], c["classes"], strict=True):
+                if classes is not None:
+                    keep[start : start + n] = False
+                    keep[start : start + n, classes] = True
+                start += n
+            c["keep"] = keep
+        # a NaN outside a task's ``classes`` cannot win its argmax
+        scored = logits if keep is None else logits.masked_fill(~keep, float("-inf"))
+        row_task = c["row_task"]
+        hits = torch.zeros(len(c["n"]), dtype=torch.long, device=logits.device)
+        hits.index_add_(0, row_task, (scored.argmax(-1) == y).long())
+        *correct, finite = torch.cat([hits, torch.isfinite(logits).all().long().view(1)]).tolist()
+        if not finite:  # some logit is NaN or +-inf: which tasks have a row that cannot be scored
+            bad_value = torch.isnan(logits) | (logits == math.inf)
+            any_finite = torch.isfinite(logits)
+            if keep is not None:
+                bad_value, any_finite = bad_value & keep, any_finite & keep
+            unscorable = bad_value.any(-1) | ~any_finite.any(-1)
+            bad = torch.zeros_like(hits).index_add_(0, row_task, unscorable.long()).tolist()
+        else:
+            bad = [0] * len(correct)
+        return {t: math.nan if b else k / n for t, k, b, n in zip(tasks, correct, bad, c["n"], strict=True)}
 
     def _accuracy(self, model: nn.Module, s: EvalSet) -> float:
         """The fraction of ``s`` predicted right; NaN when the model's output on any sample is not finite."""
