@@ -44,3 +44,17 @@ def test_bad_stream_arguments_name_the_choices():
 def test_models_shape(name):
     m = build_model(name, 64, 10, hidden=32)
     assert m(torch.randn(5, 8, 8)).shape == (5, 10)
+
+
+def test_the_digits_split_is_parsed_once_and_each_caller_gets_its_own_arrays():
+    import numpy as np
+
+    from poise.tasks.digits import _digits, _digits_split
+
+    a = _digits(0)
+    hits = _digits_split.cache_info().hits
+    b = _digits(0)
+    assert _digits_split.cache_info().hits == hits + 1
+    assert all(np.array_equal(x, y) and not np.shares_memory(x, y) for x, y in zip(a, b, strict=True))
+    a[0][:] = -1.0  # a stream changing its arrays changes no other stream's
+    assert (_digits(0)[0] >= 0).all() and len(_digits(1)[0]) == len(a[0]) and not np.array_equal(_digits(1)[0], b[0])

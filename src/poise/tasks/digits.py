@@ -16,6 +16,7 @@ to [0, 1], and cuts them into tasks:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +52,14 @@ class Stream:
 
 
 def _digits(split_seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_train, x_test, y_train, y_test)``: a stratified 70/30 split, ``split_seed`` its seed. Each call
+    gets its own copies (a stream may change its arrays); the file is parsed and split once per process
+    (a study builds its stream once to check the config and once per run)."""
+    return tuple(a.copy() for a in _digits_split(split_seed))  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=8)
+def _digits_split(split_seed: int) -> tuple[np.ndarray, ...]:
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
