@@ -60,9 +60,37 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     same = json.dumps(curves[True]) == json.dumps(curves[False])  # NaN (a task not yet seen) != NaN in lists
+    floor = _forward_floor(cfg, args.repeats)
+    print(f"the evaluations' forward passes alone (the model on every seen task's inputs, no scoring): {floor:.1f} s; "
+          f"batched evaluation / that: {med[True][1] / floor:.2f}")
     print(f"evaluation time, batched / task by task: {med[True][1] / med[False][1]:.2f}; run time: "
           f"{med[True][0] / med[False][0]:.2f}; same curves: {same}")
     return 0 if same else 1
+
+
+def _forward_floor(cfg, repeats: int) -> float:
+    """Seconds of the bare forward passes one run's evaluations make (after task k, the concatenated
+    inputs of tasks 0..k, once per step), median over ``repeats``: what no scoring can go below."""
+    import time
+
+    import torch
+
+    from poise import _registry
+    from poise.runs.kinds import continual
+
+    w = cfg.workload
+    stream = _registry.get("stream", w.stream)(n_tasks=w.n_tasks, scenario=w.scenario, **w.stream_params)
+    model = continual._model(cfg, stream).eval()
+    xs = [torch.cat([t.x_test for t in stream.tasks[: k + 1]]) for k in range(len(stream.tasks))]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for x in xs:
+                for _ in range(cfg.train.steps_per_task):
+                    model(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":
