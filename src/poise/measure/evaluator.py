@@ -135,7 +135,7 @@ class ContinualEvaluator:
         batch_size: evaluation forward-pass batch size.
         batched: with the default prediction and one process, score every task from one pass over
             their concatenated inputs (cached) instead of task by task: the same numbers, less
-            per-task overhead (the default study's evaluation took 2.6x less time). False: task by task.
+            per-task overhead (in the default study: evaluation 0.7x the time). False: task by task.
         predict: for :class:`EvalSet`: ``predict(model, x, classes) -> labels``; default: argmax
             of the logits, restricted to ``classes``. For :class:`~poise.measure.lm.LMEvalSet`:
             ``predict(model, input_ids, attention_mask) -> logits [B, T, vocab]`` (or an output
