@@ -211,25 +211,43 @@ def test_resume_rejects_another_run():
 
 def test_checkpoints_are_snapshots():
     # later training must not change a checkpoint already handed out
-    saved = {}
+    import copy
+
+    saved, frozen = {}, {}
+
+    def keep(state):
+        saved[state["step"]] = state
+        frozen[state["step"]] = copy.deepcopy(state["evaluator"])  # what it held when it was handed out
+
     parts = _build(lambda: Replay(mem_size=10, batch_size=4))
-    _fit(parts, checkpoint_every=3, on_checkpoint=lambda s: saved.__setitem__(s["step"], s))
+    _fit(parts, checkpoint_every=3, on_checkpoint=keep)
     assert not torch.equal(saved[3]["model"]["0.weight"], parts[0].state_dict()["0.weight"])
     assert saved[3]["strategy"]["buffer"]["seen"] == 24  # 3 steps x 8 samples, unchanged since
-    # the evaluator's part is not copied again (it is built afresh): it must still not move with training
-    ev = saved[3]["evaluator"]
-    assert ev["step"] == 3 and ev["records"] and all(r["step"] <= 3 for r in ev["records"])
-    assert saved[6]["evaluator"]["records"][0] is not ev["records"][0]
+    # the evaluator's part is not copied again (it is built afresh): training on (more evaluations, a new task
+    # seen, boundaries) must still leave every checkpoint's evaluator state as it was handed out
+    assert len(saved) > 1 and all(saved[k]["evaluator"] == frozen[k] for k in saved)
 
 
 def test_the_evaluator_state_shares_nothing_with_the_evaluator():
     from poise.measure import ContinualEvaluator, EvalSchedule
 
-    ev = ContinualEvaluator({0: (torch.randn(5, 3), torch.zeros(5, dtype=torch.long))}, schedule=EvalSchedule(0, 1))
+    sets = {t: (torch.randn(5, 3), torch.zeros(5, dtype=torch.long)) for t in (0, 1)}
+    ev = ContinualEvaluator(sets, schedule=EvalSchedule(0, 1))
+    nan = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        nan.weight.fill_(float("nan"))
     ev.begin_task(0)
     ev.maybe_eval(torch.nn.Linear(3, 2))
+    ev.maybe_eval(nan)  # a record with a non-finite task
+    ev.end_task(nan)
+    import copy
+
+    before = copy.deepcopy(ev.state_dict())  # (its NaN float is the same object: equal to itself in a list)
     state = ev.state_dict()
-    state["seen"].append(9)
-    state["records"][0]["acc"][0][1] = -1.0
-    state["records"].clear()
-    assert ev.state_dict() != state and ev.seen == [0] and len(ev.records) == 1 and ev.records[0].acc[0] >= 0
+    for key in ("task_ids", "seen", "boundaries", "records"):  # every container, at every level
+        for r in state["records"]:
+            r["acc"].append(["x", 0.5])
+            r["acc"][0][1] = -1.0
+            r.setdefault("nonfinite", []).append("x")
+        state[key].append("x")
+    assert ev.state_dict() == before

@@ -433,3 +433,34 @@ def test_one_label_per_sample_is_required_in_both_paths(batched):
     ev.begin_task(0)
     with pytest.raises(ValueError, match=r"one label per sample \(y of shape \(n,\)\)"):
         ev.maybe_eval(nn.Linear(3, 4))
+
+
+class _IntLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return (self.lin(x) * 10).round().long()
+
+
+@pytest.mark.parametrize("case", ["classes as a tensor", "integer logits", "a head that grows"])
+def test_one_pass_scoring_of_unusual_inputs_equals_task_by_task(case):
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    classes = torch.tensor([0, 1, 2]) if case == "classes as a tensor" else (0, 2, 1, 2)
+    models = {"classes as a tensor": [nn.Linear(4, 5)], "integer logits": [_IntLogits()],
+              "a head that grows": [nn.Linear(4, 5), nn.Linear(4, 8), nn.Linear(4, 5)]}[case]
+    got = []
+    for batched in (True, False):
+        ev = ContinualEvaluator({0: EvalSet(x, y, classes), 1: EvalSet(x, y)}, schedule=EvalSchedule(0, 1),
+                                include_unseen=True, batched=batched, batch_size=5)
+        ev.begin_task(0)
+        got.append([ev.maybe_eval(m) for m in models])
+    assert got[0] == got[1]
+
+
+def test_an_empty_class_list_is_refused_naming_the_task():
+    with pytest.raises(ValueError, match=r"task 'b': classes=\[\] restricts the prediction to no class"):
+        ContinualEvaluator({"a": EvalSet(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)),
+                            "b": EvalSet(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), [])})

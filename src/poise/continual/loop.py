@@ -119,7 +119,9 @@ def fit_stream(
             logits = logits_of(model(batch.x))
             task_loss = torch.nn.functional.cross_entropy(masked_logits(logits, batch.mask), batch.y)
             terms = strategy.loss_terms(model, batch, logits)
-            loss = task_loss + sum(terms.values()) if terms else task_loss  # no extra add (and node) without terms
+            # no extra add (and graph node) without terms; with terms, the sum starts from a float32 zero as it
+            # always did (a half-precision loss is promoted, not summed in its own precision)
+            loss = task_loss + sum(terms.values(), torch.zeros(())) if terms else task_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gmetrics = strategy.transform_grads(model)

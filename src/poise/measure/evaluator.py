@@ -76,8 +76,9 @@ class EvalSchedule:
 
 @dataclass
 class EvalSet:
-    """One task's evaluation data. ``classes`` restricts the prediction to those output
-    units (task-incremental evaluation with a shared head); None means all of them."""
+    """One task's evaluation data. ``classes`` restricts the prediction to those output units
+    (task-incremental evaluation with a shared head); None means all of them. Any sequence of ints
+    or a 1-D tensor: :class:`ContinualEvaluator` keeps it as a list of ints and refuses an empty one."""
 
     x: Tensor
     y: Tensor
@@ -225,6 +226,12 @@ class ContinualEvaluator:
             if len(s.y) == 0:
                 raise ValueError(f"task {tid!r}: the evaluation set is empty (0 samples): give every task at least one "
                                  "sample (an empty set has no accuracy, and a 0 would lower every average)")
+            if s.classes is not None:  # a list of ints whatever was given (a tensor, a tuple, numpy ints)
+                classes = [int(c) for c in s.classes]
+                if not classes:
+                    raise ValueError(f"task {tid!r}: classes=[] restricts the prediction to no class, so nothing can "
+                                     "be predicted; give the task's classes, or None for all of them")
+                s = EvalSet(s.x, s.y, classes)
             if subset_size is not None and len(s.y) > subset_size:
                 idx = torch.as_tensor(np.sort(rng.choice(len(s.y), subset_size, replace=False)))
                 s = EvalSet(s.x[idx], s.y[idx], s.classes)
@@ -485,6 +492,8 @@ class ContinualEvaluator:
                 "EvalSet takes one label per sample (y of shape (n,)); for a language model give an "
                 "LMEvalSet (token accuracy, loss and perplexity averaged over tokens)")
         keep = c["keep"]
+        if keep is not None and (keep.shape[-1] != logits.shape[-1] or keep.device != logits.device):
+            keep = None  # another model (a wider head, another device) since the mask was built
         if keep is None and any(k is not None for k in c["classes"]):
             keep = torch.ones(len(y), logits.shape[-1], dtype=torch.bool, device=logits.device)
             start = 0
@@ -495,7 +504,7 @@ class ContinualEvaluator:
                 start += n
             c["keep"] = keep
         # a NaN outside a task's ``classes`` cannot win its argmax
-        scored = logits if keep is None else logits.masked_fill(~keep, float("-inf"))
+        scored = logits if keep is None else torch.where(keep, logits, float("-inf"))  # (integer logits: promoted)
         row_task = c["row_task"]
         hits = torch.zeros(len(c["n"]), dtype=torch.long, device=logits.device)
         hits.index_add_(0, row_task, (scored.argmax(-1) == y).long())
