@@ -464,3 +464,21 @@ def test_an_empty_class_list_is_refused_naming_the_task():
     with pytest.raises(ValueError, match=r"task 'b': classes=\[\] restricts the prediction to no class"):
         ContinualEvaluator({"a": EvalSet(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)),
                             "b": EvalSet(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), [])})
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_one_dimensional_logits_are_refused_in_both_paths(batched):
+    # before, task by task: the 0-d argmax of (n,) logits was compared with every label and scored a number
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.lin(x).squeeze(-1)
+
+    ev = ContinualEvaluator({0: EvalSet(torch.randn(6, 3), torch.zeros(6, dtype=torch.long))},
+                            schedule=EvalSchedule(0, 1), batched=batched)
+    ev.begin_task(0)
+    with pytest.raises(ValueError, match=r"one label per sample"):
+        ev.maybe_eval(Flat())

@@ -544,9 +544,9 @@ class ContinualEvaluator:
                         ok = torch.isfinite(pred) if pred.is_floating_point() else torch.ones_like(y, dtype=torch.bool)
                     nonfinite += int((~ok).sum())
                     hit = pred == y
-                    if hit.dim() != 1 or hit.shape[0] != y.shape[0]:
+                    if y.dim() != 1 or pred.shape != y.shape:  # (1-D logits: a 0-d argmax broadcast to every label)
                         raise ValueError(
-                            f"predictions compared with labels {tuple(y.shape)} give shape {tuple(hit.shape)}: an "
+                            f"predictions compared with labels {tuple(y.shape)} give shape {tuple(pred.shape)}: an "
                             "EvalSet takes one label per sample (y of shape (n,)); for a language model give an "
                             "LMEvalSet (token accuracy, loss and perplexity averaged over tokens)")
                     correct += int(hit.sum())
