@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from poise._nn import logits_of
+from poise._nn import logits_of, scorable
 from poise.edit.editors import Editor, make_editor
 from poise.edit.linear import _number
 from poise.edit.targets import capped_delta_search
@@ -290,11 +290,6 @@ def _capture(model: nn.Module, x: Tensor, am: Tensor, rows: Tensor, pos: Tensor,
 
 
 # -- measurement -------------------------------------------------------------------------------------
-def _scorable(logits: Tensor) -> Tensor:
-    """Per position: no NaN or +inf among the logits and at least one finite one (``-inf`` masks are fine)."""
-    return ~(torch.isnan(logits) | (logits == math.inf)).any(-1) & torch.isfinite(logits).any(-1)
-
-
 @torch.no_grad()
 def _target_accuracy(model: nn.Module, tok: Tokenizer, pairs: Sequence[tuple[str, str]], batch: int) -> list[float]:
     """Teacher-forced token accuracy of each ``target`` after its ``prompt``; NaN where the logits scored
@@ -305,7 +300,7 @@ def _target_accuracy(model: nn.Module, tok: Tokenizer, pairs: Sequence[tuple[str
         chunk = [_split(tok, p, t) for p, t in pairs[s : s + batch]]
         x, am = _pad([p + t for p, t in chunk], dev)
         logits = _logits(model, x, am)
-        pred, ok = logits.argmax(-1), _scorable(logits)
+        pred, ok = logits.argmax(-1), scorable(logits)
         for i, (p, t) in enumerate(chunk):
             span = slice(len(p) - 1, len(p) - 1 + len(t))
             if not bool(ok[i, span].all()):
@@ -325,7 +320,7 @@ def _next_tokens(model: nn.Module, tok: Tokenizer, prompts: Sequence[str], batch
         ids = [_encode(tok, p) for p in prompts[s : s + batch]]
         x, am = _pad(ids, dev)
         logits = _logits(model, x, am)
-        pred, ok = logits.argmax(-1), _scorable(logits)
+        pred, ok = logits.argmax(-1), scorable(logits)
         out.extend(int(pred[i, len(r) - 1]) if bool(ok[i, len(r) - 1]) else None for i, r in enumerate(ids))
     return out
 

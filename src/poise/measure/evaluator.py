@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from poise._nn import logits_of
+from poise._nn import logits_of, scorable
 from poise.distributed import rank_world
 from poise.measure import metrics as M
 from poise.measure.lm import LM_METRICS, LMEvalSet, _as_logits, lm_logits, lm_sums, lm_values
@@ -88,21 +88,15 @@ class EvalSet:
         return len(self.y)
 
 
-def _scorable(logits: Tensor) -> Tensor:
-    """Per row (last dim = classes): no NaN, no ``+inf``, and at least one finite logit. ``-inf`` is a
-    legitimate "impossible class" mask; an argmax over anything else is no prediction."""
-    return ~(torch.isnan(logits) | (logits == math.inf)).any(-1) & torch.isfinite(logits).any(-1)
-
-
 def _checked_predict(model: nn.Module, x: Tensor, classes: Sequence[int] | None) -> tuple[Tensor, Tensor]:
     """The default prediction (argmax of the logits, restricted to ``classes``) and, per sample, whether
-    its scored logits (those of ``classes``, or all) are scorable (:func:`_scorable`)."""
+    its scored logits (those of ``classes``, or all) are scorable (:func:`scorable`)."""
     logits = logits_of(model(x))
     if classes is None:
-        return logits.argmax(-1), _scorable(logits)
+        return logits.argmax(-1), scorable(logits)
     keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     keep[list(classes)] = True
-    ok = _scorable(logits[..., keep])
+    ok = scorable(logits, keep)
     return torch.where(keep, logits, float("-inf")).argmax(-1), ok  # a NaN outside ``classes`` cannot win
 
 
@@ -345,8 +339,8 @@ class ContinualEvaluator:
         plain Python values (counters, the task order, the boundaries and every recorded
         evaluation), built afresh at each call (no container is shared with the evaluator, so a
         checkpoint may keep it without copying); loadable with ``torch.load(weights_only=True)``.
-        The evaluation sets are not in it: a fresh evaluator built with the same arguments (and seed) has the same
-        subsets, and :meth:`load_state_dict` checks the task ids."""
+        The evaluation sets are not in it: a fresh evaluator built with the same arguments (and
+        seed) has the same subsets, and :meth:`load_state_dict` checks the task ids."""
         return {
             "task_ids": list(self.task_ids),
             "step": self.step,
@@ -458,7 +452,7 @@ class ContinualEvaluator:
         class mask), forwarded in ``batch_size`` chunks, then scored for all tasks together: one masked
         argmax, one per-task sum of hits and one read back to the host. Logits that are all finite (the
         usual case, checked in that same read) are scorable everywhere; otherwise each row is checked as
-        :func:`_scorable` does. The same numbers as task by task (a test checks it)."""
+        :func:`scorable` does. The same numbers as task by task (a test checks it)."""
         model = getattr(model, "module", model)
         try:
             device = next(model.parameters()).device
@@ -472,7 +466,7 @@ class ContinualEvaluator:
                          "y": torch.cat([s.y for s in sets]).to(device),  # type: ignore[union-attr]
                          "n": sizes.tolist(),
                          "row_task": torch.repeat_interleave(torch.arange(len(sets)), sizes).to(device),
-                         "classes": [None if s.classes is None else list(s.classes) for s in sets],  # type: ignore[union-attr]
+                         "classes": [s.classes for s in sets],  # type: ignore[union-attr]
                          "keep": None}  # [rows, classes] bool, built at the first forward (when classes is known)
             self._cat_key = key
         c = self._cat
@@ -510,11 +504,7 @@ class ContinualEvaluator:
         hits.index_add_(0, row_task, (scored.argmax(-1) == y).long())
         *correct, finite = torch.cat([hits, torch.isfinite(logits).all().long().view(1)]).tolist()
         if not finite:  # some logit is NaN or +-inf: which tasks have a row that cannot be scored
-            bad_value = torch.isnan(logits) | (logits == math.inf)
-            any_finite = torch.isfinite(logits)
-            if keep is not None:
-                bad_value, any_finite = bad_value & keep, any_finite & keep
-            unscorable = bad_value.any(-1) | ~any_finite.any(-1)
+            unscorable = ~scorable(logits, keep)
             bad = torch.zeros_like(hits).index_add_(0, row_task, unscorable.long()).tolist()
         else:
             bad = [0] * len(correct)
